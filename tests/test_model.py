@@ -1,0 +1,229 @@
+"""model.py against the original implementation's state dicts and the paper's Table 1."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as model_lib
+from model import DiS, DiS_models, thop_style_gflops
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dicts.json"
+TABLE1 = {"S": (28_457_168, 0.43), "B": (119_139_168, 1.86), "M": (229_390_176, 3.70),
+          "L": (404_026_464, 6.58), "H": (900_558_432, 14.79)}
+
+
+def tiny(**kwargs):
+    """A DiS small enough for CPU tests: 8x8 images, width 32, 3 blocks."""
+    kwargs = {"img_size": 8, "patch_size": 2, "channels": 3, "embed_dim": 32, "depth": 2, **kwargs}
+    return DiS(**kwargs)
+
+
+def inputs(m, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, m.in_channels, m.img_size, m.img_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, m.num_classes, (batch,), generator=g) if m.num_classes else None
+    return x, t, y
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="needs ../shared/reference/official_state_dicts.json")
+@pytest.mark.parametrize("entry", list(json.loads(REFERENCE.read_text())) if REFERENCE.exists() else [])
+def test_state_dict_matches_original(entry):
+    ref = json.loads(REFERENCE.read_text())[entry]
+    with torch.device("meta"):
+        m = DiS_models[entry.split()[0]](**ref["kwargs"])
+    ours = {k: list(v.shape) for k, v in m.state_dict().items()}
+    assert list(ours) == list(ref["state_dict"])  # same keys, same order
+    assert ours == ref["state_dict"]
+    assert sum(p.numel() for p in m.parameters()) == ref["n_params"]
+
+
+@pytest.mark.parametrize("size", list(TABLE1))
+def test_table1_parameter_counts(size):
+    with torch.device("meta"):
+        m = DiS_models[f"DiS-{size}/4"](img_size=32)
+    assert sum(p.numel() for p in m.parameters()) == TABLE1[size][0]
+    assert len(m.blocks()) == m.depth + 1
+
+
+@pytest.mark.parametrize("size", ["S", "L", "H"])
+def test_table1_thop_gflops(size):
+    with torch.device("meta"):
+        m = DiS_models[f"DiS-{size}/4"](img_size=32)
+    assert round(thop_style_gflops(m), 2) == TABLE1[size][1]
+
+
+def test_true_gflops_counts_the_mixers():
+    with torch.device("meta"):
+        m = DiS_models["DiS-S/4"](img_size=32)
+    true, thop = model_lib.true_gflops(m), thop_style_gflops(m)
+    # in_proj alone: 25 blocks x 65 tokens x 368 x 1472 multiply-adds, 2 flops each.
+    in_proj = 2 * 25 * 65 * 368 * 1472 / 1e9
+    assert true > thop + in_proj and 6 < true / thop < 12
+
+
+@pytest.mark.parametrize("name", list(DiS_models))
+def test_registry_output_shapes(name):
+    p = int(name.split("/")[1])
+    with torch.device("meta"):  # 2 x 2 patches keep the scans short
+        m = DiS_models[name](img_size=2 * p, channels=4, num_classes=1000)
+        x = torch.empty(2, 4, 2 * p, 2 * p)
+        out = m(x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 8, 2 * p, 2 * p)
+    assert m.patch_size == p
+
+
+@pytest.mark.parametrize("skip", ["concat", "add", "none"])
+@pytest.mark.parametrize("cond", ["token", "adaln"])
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_ablation_variants_forward_backward(skip, cond, num_classes):
+    torch.manual_seed(0)
+    m = tiny(skip=skip, cond=cond, num_classes=num_classes)
+    x, t, y = inputs(m)
+    out = m(x, t, y)
+    assert out.shape == (3, 6, 8, 8) and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
+    assert hasattr(m.out_blocks[0], "skip_linear") == (skip == "concat")
+    assert (m.extras, m.pos_embed.shape[1]) == ((0, 16) if cond == "adaln" else (1 + (num_classes > 0), 16 + 1 + (num_classes > 0)))
+
+
+def test_fixed_sigma_and_other_channel_counts():
+    m = tiny(learn_sigma=False, channels=1, img_size=12, patch_size=4)
+    x, t, _ = inputs(m)
+    assert m(x, t).shape == (3, 1, 12, 12)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_samples_are_independent_of_the_batch(batch):
+    torch.manual_seed(0)
+    m = tiny(num_classes=4).eval()
+    x, t, y = inputs(m, batch=batch)
+    together = m(x, t, y)
+    alone = torch.cat([m(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i in range(batch)])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_mixer_directions_mirror_each_other():
+    """Reversing the tokens and swapping the forward and backward weights reverses the output."""
+    torch.manual_seed(0)
+    mixer = model_lib.BiMamba(16)
+    swapped = model_lib.BiMamba(16)
+    pairs = {"A_log": "A_b_log", "D": "D_b", "conv1d": "conv1d_b", "x_proj": "x_proj_b", "dt_proj": "dt_proj_b"}
+    pairs.update({b: f for f, b in pairs.items()})
+
+    def swap(key):
+        head, dot, tail = key.partition(".")
+        return pairs.get(head, head) + dot + tail
+    swapped.load_state_dict({swap(k): v for k, v in mixer.state_dict().items()})
+    h = torch.randn(2, 9, 16)
+    assert torch.allclose(swapped(h.flip(1)), mixer(h).flip(1), atol=1e-5)
+
+
+def test_cfg_guides_all_noise_channels():
+    torch.manual_seed(0)
+    m = tiny(num_classes=4, channels=4).eval()
+    x, t, y = inputs(m, batch=2)
+    null = torch.full_like(y, m.num_classes)
+    xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
+    cond, uncond = m(x, t, y), m(x, t, null)
+    out = m.forward_with_cfg(xx, tt, yy, cfg_scale=1.5)
+    guided = uncond[:, :4] + 1.5 * (cond[:, :4] - uncond[:, :4])
+    assert torch.allclose(out[:2, :4], guided, atol=1e-5) and torch.allclose(out[2:, :4], guided, atol=1e-5)
+    assert torch.allclose(out[:2, 4:], cond[:, 4:], atol=1e-5)  # variance channels: unguided
+    quirk = m.forward_with_cfg(xx, tt, yy, cfg_scale=1.5, cfg_channels=3)
+    assert torch.allclose(quirk[:2, :3], guided[:, :3], atol=1e-5)
+    assert torch.allclose(quirk[:2, 3], cond[:, 3], atol=1e-5)  # the original left channel 4 unguided
+    assert torch.allclose(m.forward_with_cfg(xx, tt, yy, cfg_scale=1.0)[:2], cond, atol=1e-5)
+
+
+def test_class_dropout_uses_the_null_class():
+    m = tiny(num_classes=4, class_dropout_prob=1.0).train()
+    y = torch.tensor([0, 1, 2])
+    assert torch.equal(m.label_emb(y), m.label_emb.embedding_table.weight[[4, 4, 4]])
+    assert torch.equal(m.label_emb.eval()(y), m.label_emb.embedding_table.weight[[0, 1, 2]])
+
+
+@pytest.mark.parametrize("dt_init", ["symmetric", "original"])
+def test_initialisation(dt_init):
+    torch.manual_seed(0)
+    m = tiny(dt_init=dt_init, depth=4)
+    mixer = m.mid_block.mixer
+    assert torch.allclose(mixer.A_log.exp(), torch.arange(1, 17.0).repeat(64, 1))
+    assert torch.equal(mixer.D, torch.ones(64)) and torch.equal(mixer.D_b, torch.ones(64))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    dt_b = torch.nn.functional.softplus(mixer.dt_proj_b.bias)
+    if dt_init == "symmetric":
+        assert dt_b.min() >= 1e-4 and dt_b.max() <= 0.1 + 1e-6
+    else:  # the original zeroes this bias: softplus(0) = log 2
+        assert torch.allclose(dt_b, torch.full_like(dt_b, math.log(2)))
+    assert torch.equal(m.pos_embed, torch.zeros_like(m.pos_embed))
+    bound = 1 / math.sqrt(64) / math.sqrt(4)  # kaiming_uniform(a=sqrt 5) bound 1/sqrt(fan_in), / sqrt(depth)
+    assert mixer.out_proj.weight.abs().max() <= bound and mixer.out_proj.weight.abs().max() > 0.8 * bound
+    assert torch.equal(m.time_embed[0].bias, torch.zeros(128))
+
+
+def test_drop_path_rates_rise_linearly():
+    m = tiny(depth=4, drop_path_rate=0.3)
+    assert [b.drop_path for b in m.blocks()] == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3])
+
+
+def test_bf16_autocast_keeps_the_residual_in_float32():
+    torch.manual_seed(0)
+    m = tiny(num_classes=4).eval()
+    x, t, y = inputs(m)
+    seen = []
+    m.mid_block.register_forward_hook(lambda mod, args, out: seen.append(out[1].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, t, y)
+    assert seen == [torch.float32]
+    ref = m(x, t, y)
+    assert ((out.float() - ref).norm() / ref.norm()) < 5e-2
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        DiS(img_size=30, patch_size=4, embed_dim=16, depth=2)
+    with pytest.raises(ValueError, match="skip must be"):
+        tiny(skip="sum")
+    m = tiny(num_classes=4)
+    x, t, y = inputs(m)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 8, 8\)"):
+        m(x[:, :1], t, y)
+    with pytest.raises(ValueError, match=r"expected images of shape"):
+        m(torch.randn(3, 3, 16, 16), t, y)
+    with pytest.raises(ValueError, match="need labels"):
+        m(x, t)
+    with pytest.raises(ValueError, match="unconditional models take y=None"):
+        tiny()(x, t, y)
+
+
+def gpu_model(seed=0):
+    torch.manual_seed(seed)
+    return DiS_models["DiS-S/2"](img_size=32, num_classes=10).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["mamba", "triton"])
+def test_fused_dis_matches_reference_under_bf16(backend, monkeypatch):
+    import scan
+    if backend not in scan.available_backends("cuda"):
+        pytest.skip(f"{backend} backend not installed")
+    m = gpu_model()
+    x, t = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 1000, (4,), device="cuda")
+    y = torch.randint(0, 10, (4,), device="cuda")
+    results = {}
+    for name in ("ref", backend):
+        monkeypatch.setenv("DIS_SCAN_BACKEND", name)
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m.eval()(x, t, y)
+        out.float().pow(2).mean().backward()
+        results[name] = (out.float(), [p.grad.float().clone() for p in m.parameters()])
+    (o_ref, g_ref), (o, g) = results["ref"], results[backend]
+    assert ((o - o_ref).norm() / o_ref.norm()) < 2e-2
+    for a, b in zip(g, g_ref):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-12)) < 5e-2
