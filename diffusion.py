@@ -1,0 +1,409 @@
+"""Gaussian diffusion for DiS (paper sections 2.1 and 3.1), following DiT / improved DDPM / ADM.
+
+DiS keeps DiT's diffusion hyper-parameters: T = 1000 steps, linear betas from 1e-4 to 2e-2,
+a model that predicts the noise eps together with a learned-range variance, and the hybrid
+loss L_simple + L_vlb of improved DDPM. References used in the comments:
+  [DDPM]   Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
+  [iDDPM]  Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
+  [DDIM]   Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models".
+
+Usage:
+    diffusion = create_diffusion("")           # training: all 1000 steps
+    terms = diffusion.training_losses(model, x0, t, dict(y=y))   # t: (B,) in [0, num_timesteps)
+    sampler = create_diffusion("250")          # sampling with 250 evenly spaced steps
+    x = sampler.p_sample_loop(model, (B, C, H, W), model_kwargs=dict(y=y), device=device)
+
+Models are callables model(x, t, **model_kwargs) -> (B, 2C, ...) with learned sigma (noise,
+then variance interpolation in [-1, 1]) or (B, C, ...) without. t is always given in the
+ORIGINAL 1000-step indices, also when the process is respaced. Classifier-free guidance needs
+nothing here: pass model.forward_with_cfg as the callable with model_kwargs=dict(y=..., cfg_scale=...)
+and a batch holding the conditional and the null-label halves (DiT convention).
+
+All schedule constants are float64 numpy arrays; per-step values are gathered into float32
+tensors on the data's device by `extract`. Randomness comes only from torch (randn_like), so
+sampling is reproducible under torch.manual_seed.
+"""
+import math
+import re
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def get_named_beta_schedule(name, num_timesteps):
+    """Betas (T,) float64. "linear": [DDPM] section 4, 1e-4 to 2e-2 for T = 1000, scaled by
+    1000/T for other T as in [iDDPM]'s code; "cosine": [iDDPM] eq. 17 (diffusers' squaredcos_cap_v2)."""
+    if name == "linear":
+        scale = 1000 / num_timesteps
+        return np.linspace(scale * 1e-4, scale * 2e-2, num_timesteps, dtype=np.float64)
+    if name == "cosine":
+        # alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2) with s = 0.008, betas capped at 0.999.
+        def alpha_bar(u):
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
+                 for i in range(num_timesteps)]
+        return np.array(betas, dtype=np.float64)
+    raise ValueError(f"unknown noise_schedule {name!r}; use 'linear' or 'cosine'")
+
+
+def space_timesteps(num_timesteps, section_counts):
+    """Set of kept step indices. section_counts: "ddimN" (the smallest integer stride that gives
+    exactly N steps, [DDIM] section 4.2), or ints / a comma string like "10,15,20": split the T
+    steps into equal sections and keep that many evenly spaced steps in each ([iDDPM] section 4)."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            if not section_counts[len("ddim"):].isdigit():
+                raise ValueError(f"timestep_respacing {section_counts!r} must be 'ddim' followed by a step count")
+            wanted = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == wanted:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"no integer stride gives {wanted} steps out of {num_timesteps}; "
+                             f"pick another ddim step count")
+        if not re.fullmatch(r"\d+(,\d+)*", section_counts):
+            raise ValueError(f"timestep_respacing {section_counts!r} is not 'ddimN' or comma-separated step counts")
+        section_counts = [int(n) for n in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    kept, start = set(), 0
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"cannot keep {count} steps from a section of {size}; "
+                             f"ask for 1 to {size} steps per section")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        kept.update(start + round(stride * j) for j in range(count))
+        start += size
+    return kept
+
+
+def respace_betas(betas, use_timesteps):
+    """Betas of the process that visits only `use_timesteps`, and the map respaced index ->
+    original step. Chosen so that alpha_bar at each kept step equals the original ([iDDPM]
+    section 4): beta'_i = 1 - alpha_bar[s_i] / alpha_bar[s_{i-1}]."""
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    timestep_map = sorted(use_timesteps)
+    kept = alphas_cumprod[timestep_map]
+    new_betas = 1.0 - kept / np.append(1.0, kept[:-1])
+    return new_betas, np.array(timestep_map, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- densities
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats; broadcasts."""
+    tensor = next(a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor))
+    logvar1, logvar2 = (torch.as_tensor(v, dtype=tensor.dtype, device=tensor.device) for v in (logvar1, logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Elementwise log-probability (nats) of images x in [-1, 1] with 256 levels under a
+    Gaussian integrated over each pixel's bin of width 2/255 ([DDPM] eq. 13); the edge bins
+    extend to -inf and +inf. x, means, log_scales: same shape."""
+    centered = (x - means) * torch.exp(-log_scales)
+    half_bin = torch.exp(-log_scales) / 255.0
+    upper, lower = centered + half_bin, centered - half_bin
+    log_cdf_upper = torch.special.log_ndtr(upper)               # bin at -1: (-inf, upper]
+    log_sf_lower = torch.special.log_ndtr(-lower)               # bin at +1: [lower, inf)
+    log_delta = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_delta))
+
+
+def mean_flat(x):
+    """(B, ...) -> (B,): mean over all non-batch dimensions."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def extract(arr, t, shape):
+    """arr[t] for a float64 numpy array (T,) and t (B,) long, as float32 on t's device,
+    shaped (B, 1, ..., 1) to broadcast against `shape`."""
+    values = torch.from_numpy(arr).to(device=t.device, dtype=torch.float32)[t]
+    return values.view(-1, *([1] * (len(shape) - 1)))
+
+
+# ----------------------------------------------------------------------------- process
+
+class GaussianDiffusion:
+    """The forward process q and the learned reverse process p over num_timesteps steps.
+
+    betas: (T,) float64, already respaced; timestep_map: (T,) original step of each index.
+    var_type: "learned_range" ([iDDPM] eq. 15), "fixed_large" (beta_t) or "fixed_small" (the
+    posterior variance beta~_t), both fixed choices of [DDPM] section 3.2.
+    """
+
+    def __init__(self, betas, timestep_map=None, predict_xstart=False, var_type="learned_range",
+                 use_kl=False, rescale_learned_sigmas=False):
+        if var_type not in ("learned_range", "fixed_large", "fixed_small"):
+            raise ValueError(f"unknown var_type {var_type!r}; use learned_range, fixed_large or fixed_small")
+        self.betas = np.asarray(betas, dtype=np.float64)
+        if self.betas.ndim != 1 or not ((self.betas > 0) & (self.betas <= 1)).all():
+            raise ValueError("betas must be a 1-D array with values in (0, 1]")
+        self.num_timesteps = len(self.betas)
+        self.timestep_map = (np.arange(self.num_timesteps) if timestep_map is None
+                             else np.asarray(timestep_map, dtype=np.int64))
+        self.predict_xstart = predict_xstart
+        self.var_type = var_type
+        self.learn_sigma = var_type == "learned_range"
+        self.use_kl = use_kl
+        self.rescale_learned_sigmas = rescale_learned_sigmas
+
+        # [DDPM] eq. 4: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
+        alphas = 1.0 - self.betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        # x_0 = x_t / sqrt(alpha_bar_t) - sqrt(1/alpha_bar_t - 1) eps (eq. 4 solved for x_0).
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+
+        # [DDPM] eq. 6-7: q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t I).
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta~_0 = 0, so its log is clipped to beta~_1 ([iDDPM] code).
+        posterior_variance_clipped = np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        self.posterior_log_variance_clipped = np.log(posterior_variance_clipped)
+        self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(self.betas)
+        # Fixed large variance: beta_t, but beta~_1 at t = 0 so the decoder keeps a sensible width ([iDDPM] code).
+        self.log_betas_clipped = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
+
+    # --- forward process
+
+    def q_mean_variance(self, x_start, t):
+        """Mean, variance and log-variance of q(x_t | x_0) ([DDPM] eq. 4), each broadcast to x_start."""
+        mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
+        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        """Draw x_t ~ q(x_t | x_0) by reparameterization ([DDPM] eq. 4). x_start: (B, ...)."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) ([DDPM] eq. 6-7)."""
+        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        variance = extract(self.posterior_variance, t, x_t.shape)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        return mean, variance, log_variance
+
+    def predict_xstart_from_eps(self, x_t, t, eps):
+        """x_0 implied by x_t and a noise estimate ([DDPM] eq. 4 solved for x_0; eq. 15)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+
+    def predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        """Noise implied by x_t and an x_0 estimate (inverse of predict_xstart_from_eps)."""
+        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+
+    # --- reverse process
+
+    def run_model(self, model, x, t, model_kwargs=None):
+        """model(x, original step of t, **model_kwargs) as float32 (bf16 outputs are upcast)."""
+        original_t = torch.from_numpy(self.timestep_map).to(t.device)[t]
+        output = model(x, original_t, **(model_kwargs or {})).float()
+        expected = 2 * x.shape[1] if self.learn_sigma else x.shape[1]
+        if output.shape[1] != expected:
+            raise ValueError(f"model returned {output.shape[1]} channels for a {x.shape[1]}-channel input; "
+                             f"with learn_sigma={self.learn_sigma} it must return {expected}")
+        return output
+
+    def p_mean_variance_from_output(self, model_output, x, t, clip_denoised=True):
+        """Mean, variance, log-variance and predicted x_0 of p(x_{t-1} | x_t) given the raw
+        model output (B, 2C, ...) with learned sigma or (B, C, ...) without; x: (B, C, ...)."""
+        if self.learn_sigma:
+            model_output, var_values = model_output.split(x.shape[1], dim=1)
+            # [iDDPM] eq. 15: Sigma = exp(v log beta_t + (1 - v) log beta~_t), v = (output + 1) / 2.
+            frac = (var_values + 1) / 2
+            min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
+            max_log = extract(self.log_betas, t, x.shape)
+            log_variance = frac * max_log + (1 - frac) * min_log
+        elif self.var_type == "fixed_large":
+            log_variance = extract(self.log_betas_clipped, t, x.shape)
+        else:
+            log_variance = extract(self.posterior_log_variance_clipped, t, x.shape)
+        log_variance = log_variance.expand_as(x)
+
+        pred_xstart = model_output if self.predict_xstart else self.predict_xstart_from_eps(x, t, model_output)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        # [DDPM] eq. 11-12: the model mean is the posterior mean at the predicted x_0.
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
+                "pred_xstart": pred_xstart}
+
+    def p_mean_variance(self, model, x, t, clip_denoised=True, model_kwargs=None):
+        """Run the model on x_t (B, C, ...) at respaced steps t (B,) and return the dict of
+        p_mean_variance_from_output."""
+        return self.p_mean_variance_from_output(self.run_model(model, x, t, model_kwargs), x, t, clip_denoised)
+
+    # --- losses
+
+    def vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised=False):
+        """One term of the variational bound ([DDPM] eq. 5) per sample, in bits per dimension:
+        the decoder NLL -log p(x_0 | x_1) at t = 0, KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) else.
+        Returns {"output": (B,), "pred_xstart": (B, C, ...)}."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x_start, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+        return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        """Per-sample losses at respaced steps t (B,) for clean data x_start (B, C, ...).
+
+        Returns a dict of (B,) tensors: "mse" (||eps - eps_theta||^2 averaged over dims, [DDPM]
+        eq. 14; x_0 error with predict_xstart), "vb" (with learned sigma or use_kl) and "loss".
+        Default: loss = mse + vb with the mean detached inside vb, so the bound trains only the
+        variance ([iDDPM] section 3.1, L_hybrid with lambda = 1/1000 once averaged over t).
+        use_kl: loss = num_timesteps * vb, the full bound with gradients to both outputs."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise)
+        model_output = self.run_model(model, x_t, t, model_kwargs)
+        prediction = model_output[:, :x_start.shape[1]]
+        target = x_start if self.predict_xstart else noise
+        terms = {"mse": mean_flat((target.float() - prediction) ** 2)}
+        if self.use_kl:
+            terms["vb"] = self.vb_terms_bpd(model_output, x_start, x_t, t)["output"]
+            terms["loss"] = terms["vb"] * self.num_timesteps
+            return terms
+        terms["loss"] = terms["mse"]
+        if self.learn_sigma:
+            frozen = torch.cat([prediction.detach(), model_output[:, x_start.shape[1]:]], dim=1)
+            terms["vb"] = self.vb_terms_bpd(frozen, x_start, x_t, t)["output"]
+            if self.rescale_learned_sigmas:
+                # Keep the bound's weight per step as with 1000 steps when training respaced ([iDDPM] code).
+                terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
+            terms["loss"] = terms["loss"] + terms["vb"]
+        return terms
+
+    # --- sampling
+
+    def p_sample(self, model, x, t, clip_denoised=True, model_kwargs=None):
+        """One ancestral step x_{t-1} ~ p(x_{t-1} | x_t) ([DDPM] Algorithm 2); no noise at t = 0.
+        Returns {"sample", "pred_xstart"}, each (B, C, ...)."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+        nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * torch.randn_like(x)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(self, model, x, t, clip_denoised=True, model_kwargs=None, eta=0.0):
+        """One DDIM step ([DDIM] eq. 12, sigma from eq. 16); eta = 0 is deterministic, eta = 1 is
+        DDPM-like. The noise estimate is re-derived from the (clipped) x_0 estimate."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
+        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+        direction = torch.sqrt((1 - alpha_bar_prev - sigma ** 2).clamp(min=0)) * eps   # "direction pointing to x_t"
+        sample = torch.sqrt(alpha_bar_prev) * out["pred_xstart"] + direction
+        if eta > 0:
+            nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+            sample = sample + nonzero * sigma * torch.randn_like(x)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def _sample_loop_progressive(self, step, model, shape, noise, device, progress):
+        device = noise.device if noise is not None else (device or _model_device(model))
+        x = noise if noise is not None else torch.randn(*shape, device=device)
+        indices = range(self.num_timesteps - 1, -1, -1)
+        for i in (tqdm(indices) if progress else indices):
+            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            with torch.no_grad():
+                out = step(model, x, t)
+            yield out
+            x = out["sample"]
+
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
+                                  device=None, progress=False):
+        """Yield {"sample", "pred_xstart"} after each ancestral step, from x_T = noise (or N(0, I))."""
+        step = lambda m, x, t: self.p_sample(m, x, t, clip_denoised, model_kwargs)
+        yield from self._sample_loop_progressive(step, model, shape, noise, device, progress)
+
+    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
+                      device=None, progress=False):
+        """Ancestral sampling over all num_timesteps steps; returns x_0 of `shape` (B, C, ...)."""
+        for out in self.p_sample_loop_progressive(model, shape, noise, clip_denoised, model_kwargs, device, progress):
+            final = out
+        return final["sample"]
+
+    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
+                                     device=None, progress=False, eta=0.0):
+        """Yield {"sample", "pred_xstart"} after each DDIM step, from x_T = noise (or N(0, I))."""
+        step = lambda m, x, t: self.ddim_sample(m, x, t, clip_denoised, model_kwargs, eta)
+        yield from self._sample_loop_progressive(step, model, shape, noise, device, progress)
+
+    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
+                         device=None, progress=False, eta=0.0):
+        """DDIM sampling over all num_timesteps steps; returns x_0 of `shape` (B, C, ...)."""
+        for out in self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised, model_kwargs,
+                                                     device, progress, eta):
+            final = out
+        return final["sample"]
+
+    # --- likelihood
+
+    def prior_bpd(self, x_start):
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, (B,); [DDPM] eq. 5's L_T."""
+        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x_start, t)
+        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
+
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, progress=False):
+        """Negative log-likelihood bound in bits per dimension ([iDDPM] section 2, eq. 4-6) for
+        data x_start (B, C, ...) in [-1, 1]. Returns total_bpd (B,) = prior_bpd (B,) + vb.sum(1),
+        vb (B, T) with column t the term of step t, and per-step xstart_mse and eps mse (B, T)."""
+        B = x_start.shape[0]
+        vb, xstart_mse, mse = [], [], []
+        indices = range(self.num_timesteps - 1, -1, -1)
+        for i in (tqdm(indices) if progress else indices):
+            t = torch.full((B,), i, device=x_start.device, dtype=torch.long)
+            noise = torch.randn_like(x_start)
+            x_t = self.q_sample(x_start, t, noise)
+            with torch.no_grad():
+                model_output = self.run_model(model, x_t, t, model_kwargs)
+                out = self.vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised)
+            vb.append(out["output"])
+            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
+            mse.append(mean_flat((self.predict_eps_from_xstart(x_t, t, out["pred_xstart"]) - noise) ** 2))
+        vb, xstart_mse, mse = (torch.stack(v[::-1], dim=1) for v in (vb, xstart_mse, mse))
+        prior_bpd = self.prior_bpd(x_start)
+        return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
+                "xstart_mse": xstart_mse, "mse": mse}
+
+
+def _model_device(model):
+    """Device of a module or of the module behind a bound method (e.g. forward_with_cfg); CPU otherwise."""
+    owner = getattr(model, "__self__", model)
+    if isinstance(owner, torch.nn.Module):
+        return next(owner.parameters(), torch.empty(0)).device
+    return torch.device("cpu")
+
+
+def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=False, sigma_small=False,
+                     predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=True, diffusion_steps=1000):
+    """The diffusion DiS trains and samples with (DiT's factory and defaults).
+
+    timestep_respacing: "" or None for all steps, "250" for 250 evenly spaced steps, "ddim50"
+    for DDIM's stride rule, or "10,15,20" for per-section counts (see space_timesteps).
+    sigma_small selects the fixed variance used when learn_sigma is False (beta~_t instead of beta_t).
+    rescale_learned_sigmas scales the vb term by num_timesteps / 1000 (for respaced training)."""
+    if timestep_respacing in (None, ""):
+        timestep_respacing = [diffusion_steps]
+    betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+    betas, timestep_map = respace_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))
+    var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
+    return GaussianDiffusion(betas, timestep_map, predict_xstart=predict_xstart, var_type=var_type,
+                             use_kl=use_kl, rescale_learned_sigmas=rescale_learned_sigmas)
