@@ -1,0 +1,640 @@
+"""Triton kernels for DiS's bidirectional Mamba mixer (ARCHITECTURE.md, "The bidirectional
+Mamba mixer"): the selective scan of both directions, forward and backward, and the two
+depthwise convolutions (causal and anti-causal) followed by SiLU.
+
+Everything works in token-major layout, (batch, L, directions, E), so that no transpose or
+flip of the sequence is ever materialised: direction 1 walks the same memory backwards.
+
+Selective scan (Mamba, Gu & Dao 2023, Algorithm 2; mamba-ssm's selective_scan_fn), per
+batch b, channel e, state n and scan step s:
+    delta_s = softplus(delta_raw_s + delta_bias)
+    h_s     = exp(delta_s A) h_{s-1} + delta_s B_s u_s          (h_{-1} = 0)
+    y_s     = (sum_n C_s h_s + D u_s) * silu(z_s)
+One program owns a block of channels of one batch element and runs the directions in turn.
+Time is cut into chunks of T steps: the inputs of a chunk are loaded as (T, channels) tiles
+while the previous chunk is computed, and the T steps of a chunk are unrolled with the state
+(N, channels) in registers. Rows are taken out of and put into tiles with selects on constant
+row indices, which the compiler resolves at compile time wherever a thread holds all rows.
+
+For training the forward pass also stores the state at the start of every chunk, a
+(batch, directions, chunks, N, E) float32 tensor (1/T of the full state history). The backward
+pass walks the chunks last to first: it recomputes the chunk's states from its checkpoint,
+then runs the adjoint recurrence dh_s = C_s g_s + a_{s+1} dh_{s+1} (g = dy silu(z),
+a_s = exp(delta_s A)) backwards through the chunk, and forms the gradients from both.
+
+Set TRITON_INTERPRET=1 before importing this module to run the kernels on CPU tensors.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# Tunables, all in one place. The scan's chunk length is also the spacing of the states the
+# forward pass saves for the backward pass, so forward and backward share it.
+# ---------------------------------------------------------------------------------------------
+SCAN_CHUNK = {"cuda": 4, "cpu": 8}  # time steps per chunk (a power of two)
+SCAN_FWD_CONFIGS = [(16, 1), (32, 1), (8, 1)]  # (BLOCK_E channels, num_warps)
+SCAN_BWD_CONFIGS = [(8, 1), (16, 1)]
+SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
+CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS = 32, 128, 4
+
+
+def _tuned(kernel, configs):
+    """Autotuned version of `kernel` over (BLOCK_E, num_warps), re-tuned per (E, L, dtypes)."""
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_E": be}, num_warps=w) for be, w in configs],
+        key=["E", "L"],
+    )(kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of the scan kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _softplus(x):
+    # torch.nn.functional.softplus with its threshold 20; log1p done by Goldberg's trick.
+    w = tl.exp(x)
+    v = 1.0 + w
+    log1p_w = tl.where(v == 1.0, w, tl.log(v) * (w / (v - 1.0)))
+    return tl.where(x > 20.0, x, log1p_w)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _chunk_rows(c, L, T: tl.constexpr, REV: tl.constexpr):
+    """Time index t of the scan steps of chunk c (reversed for direction 1), and which exist."""
+    s = c * T + tl.arange(0, T)
+    if REV:
+        t = L - 1 - s
+    else:
+        t = s
+    return t, (s < L) & (s >= 0)
+
+
+@triton.jit
+def _tile(base, t, cols, s_t, s_c, mask):
+    """(T, cols) tile of a strided (time, column) array, zero where masked, in its dtype."""
+    return tl.load(base + t[:, None] * s_t + cols[None, :] * s_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(delta, raw + bias): delta = softplus(raw + bias), zero on masked entries (so that
+    exp(delta A) = 1 and the state is left alone there)."""
+    x = raw
+    if HAS_BIAS:
+        x = x + bias[None, :]
+    dt = x
+    if SOFTPLUS:
+        dt = _softplus(x)
+    return tl.where(mask, dt, 0.0), x
+
+
+@triton.jit
+def _row(x, i, T: tl.constexpr):
+    """Row i of a (T, a, b) tile as an (a, b) tile. Where one thread holds all T rows, a
+    constant i makes this a register move (-0.0 is the exact identity of +)."""
+    return tl.sum(tl.where((tl.arange(0, T) == i)[:, None, None], x, -0.0), axis=0)
+
+
+@triton.jit
+def _put(x, i, v, T: tl.constexpr):
+    """x with row i replaced by the (a, b) tile v."""
+    return tl.where((tl.arange(0, T) == i)[:, None, None], v[None, :, :], x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan forward. Grid: (blocks of BLOCK_E channels, batch). The second direction adds its gated
+# output onto the first's.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, hs_ptr,
+    L, E,
+    su_b, su_l, su_d, su_e,
+    sd_b, sd_l, sd_d, sd_e,
+    sB_b, sB_l, sB_d, sB_n,
+    sC_b, sC_l, sC_d, sC_n,
+    sz_b, sz_l, sz_e,
+    sy_b, sy_l, sy_e,
+    ND: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = e < E
+    n = tl.arange(0, NP)  # states padded to a power of two; padded states stay zero
+    nmask = n < N
+    n_chunks = tl.cdiv(L, T)
+    z_base = z_ptr + b * sz_b
+    y_base = y_ptr + b * sy_b
+    for d in tl.static_range(ND):
+        u_base = u_ptr + b * su_b + d * su_d
+        dl_base = dl_ptr + b * sd_b + d * sd_d
+        B_base = B_ptr + b * sB_b + d * sB_d
+        C_base = C_ptr + b * sC_b + d * sC_d
+        hs_base = hs_ptr + ((b * ND + d) * n_chunks) * NP * E
+        A = tl.load(A_ptr + d * E * N + e[None, :] * N + n[:, None],
+                    mask=nmask[:, None] & emask[None, :], other=0.0).to(ACC)  # (NP, BLOCK_E)
+        bias = tl.zeros([BLOCK_E], ACC)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        Dv = tl.zeros([BLOCK_E], ACC)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        h = tl.zeros([NP, BLOCK_E], ACC)
+        # Tiles of chunk 0; every iteration then loads the next chunk's tiles before computing.
+        t, valid = _chunk_rows(0, L, T, d == 1)
+        m_te = valid[:, None] & emask[None, :]
+        m_tn = valid[:, None] & nmask[None, :]
+        u_n = _tile(u_base, t, e, su_l, su_e, m_te)
+        dl_n = _tile(dl_base, t, e, sd_l, sd_e, m_te)
+        B_n = _tile(B_base, t, n, sB_l, sB_n, m_tn)
+        C_n = _tile(C_base, t, n, sC_l, sC_n, m_tn)
+        z_n = u_n
+        if HAS_Z:
+            z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
+        y_n = u_n
+        if d > 0:
+            y_n = _tile(y_base, t, e, sy_l, sy_e, m_te)
+        for c in range(0, n_chunks):
+            u_c, dl_c, B_c, C_c, z_c, y_c = u_n, dl_n, B_n, C_n, z_n, y_n
+            t1, valid1 = _chunk_rows(c + 1, L, T, d == 1)
+            m1_te = valid1[:, None] & emask[None, :]
+            m1_tn = valid1[:, None] & nmask[None, :]
+            u_n = _tile(u_base, t1, e, su_l, su_e, m1_te)
+            dl_n = _tile(dl_base, t1, e, sd_l, sd_e, m1_te)
+            B_n = _tile(B_base, t1, n, sB_l, sB_n, m1_tn)
+            C_n = _tile(C_base, t1, n, sC_l, sC_n, m1_tn)
+            if HAS_Z:
+                z_n = _tile(z_base, t1, e, sz_l, sz_e, m1_te)
+            if d > 0:
+                y_n = _tile(y_base, t1, e, sy_l, sy_e, m1_te)
+
+            t, valid = _chunk_rows(c, L, T, d == 1)
+            mask = valid[:, None] & emask[None, :]
+            if SAVE_STATES:
+                tl.store(hs_base + c * NP * E + n[:, None] * E + e[None, :], h, mask=emask[None, :])
+            u = u_c.to(ACC)
+            dt, _ = _delta(dl_c.to(ACC), bias, mask, HAS_BIAS, SOFTPLUS)
+            dt3 = dt[:, None, :]
+            du3 = (dt * u)[:, None, :]
+            B3 = B_c.to(ACC)[:, :, None]
+            C3 = C_c.to(ACC)[:, :, None]
+            y3 = tl.zeros([T, 1, BLOCK_E], ACC)
+            for i in tl.static_range(T):
+                h = tl.exp(_row(dt3, i, T) * A) * h + _row(du3, i, T) * _row(B3, i, T)
+                y3 = _put(y3, i, tl.sum(h * _row(C3, i, T), axis=0, keep_dims=True), T)
+            y = tl.sum(y3, axis=1) + Dv[None, :] * u
+            if HAS_Z:
+                zt = z_c.to(ACC)
+                y = y * zt * _sigmoid(zt)
+            if d > 0:
+                y += y_c.to(ACC)
+            tl.store(y_base + t[:, None] * sy_l + e[None, :] * sy_e, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan backward: same grid; chunks walked last to first. Gradients of per-channel parameters
+# (A, D, delta_bias) are summed over time in registers and written per batch element; those
+# of B and C are summed over the program's channels and written per block of channels. Both
+# partial sums are finished with torch.sum (deterministic, no atomics).
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, hs_ptr,
+    du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    L, E, NB,
+    su_b, su_l, su_d, su_e,
+    sd_b, sd_l, sd_d, sd_e,
+    sB_b, sB_l, sB_d, sB_n,
+    sC_b, sC_l, sC_d, sC_n,
+    sz_b, sz_l, sz_e,
+    sdy_b, sdy_l, sdy_e,
+    ND: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = e < E
+    n = tl.arange(0, NP)
+    nmask = n < N
+    n_chunks = tl.cdiv(L, T)
+    z_base = z_ptr + b * sz_b
+    dy_base = dy_ptr + b * sdy_b
+    dz_base = dz_ptr + b * L * E  # dz, du, ddelta are contiguous
+    dBC_base = (pid_e.to(tl.int64) * NB + b) * L * ND * N  # dB, dC partials: (E blocks, batch, L, ND, N)
+    for d in tl.static_range(ND):
+        u_base = u_ptr + b * su_b + d * su_d
+        dl_base = dl_ptr + b * sd_b + d * sd_d
+        B_base = B_ptr + b * sB_b + d * sB_d
+        C_base = C_ptr + b * sC_b + d * sC_d
+        hs_base = hs_ptr + ((b * ND + d) * n_chunks) * NP * E
+        dud_base = b * L * ND * E + d * E
+        A = tl.load(A_ptr + d * E * N + e[None, :] * N + n[:, None],
+                    mask=nmask[:, None] & emask[None, :], other=0.0).to(ACC)  # (NP, BLOCK_E)
+        bias = tl.zeros([BLOCK_E], ACC)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        Dv = tl.zeros([BLOCK_E], ACC)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        dh = tl.zeros([NP, BLOCK_E], ACC)  # adjoint state after the current chunk
+        a_next = tl.zeros([NP, BLOCK_E], ACC)  # its decay (first step of the chunk after)
+        dA = tl.zeros([NP, BLOCK_E], ACC)
+        dD = tl.zeros([BLOCK_E], ACC)
+        dbias = tl.zeros([BLOCK_E], ACC)
+        # Tiles of the last chunk; every iteration then loads the previous chunk's tiles first.
+        t, valid = _chunk_rows(n_chunks - 1, L, T, d == 1)
+        m_te = valid[:, None] & emask[None, :]
+        m_tn = valid[:, None] & nmask[None, :]
+        u_n = _tile(u_base, t, e, su_l, su_e, m_te)
+        dl_n = _tile(dl_base, t, e, sd_l, sd_e, m_te)
+        B_n = _tile(B_base, t, n, sB_l, sB_n, m_tn)
+        C_n = _tile(C_base, t, n, sC_l, sC_n, m_tn)
+        dy_n = _tile(dy_base, t, e, sdy_l, sdy_e, m_te)
+        z_n = dy_n
+        if HAS_Z:
+            z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
+        h_n = tl.load(hs_base + (n_chunks - 1) * NP * E + n[:, None] * E + e[None, :],
+                      mask=emask[None, :], other=0.0)
+        for cc in range(0, n_chunks):
+            c = n_chunks - 1 - cc
+            u_c, dl_c, B_c, C_c, dy_c, z_c, h = u_n, dl_n, B_n, C_n, dy_n, z_n, h_n
+            t1, valid1 = _chunk_rows(c - 1, L, T, d == 1)
+            m1_te = valid1[:, None] & emask[None, :]
+            m1_tn = valid1[:, None] & nmask[None, :]
+            u_n = _tile(u_base, t1, e, su_l, su_e, m1_te)
+            dl_n = _tile(dl_base, t1, e, sd_l, sd_e, m1_te)
+            B_n = _tile(B_base, t1, n, sB_l, sB_n, m1_tn)
+            C_n = _tile(C_base, t1, n, sC_l, sC_n, m1_tn)
+            dy_n = _tile(dy_base, t1, e, sdy_l, sdy_e, m1_te)
+            if HAS_Z:
+                z_n = _tile(z_base, t1, e, sz_l, sz_e, m1_te)
+            h_n = tl.load(hs_base + (c - 1) * NP * E + n[:, None] * E + e[None, :],
+                          mask=emask[None, :] & (c > 0), other=0.0)
+
+            t, valid = _chunk_rows(c, L, T, d == 1)
+            mask = valid[:, None] & emask[None, :]
+            u = u_c.to(ACC)
+            dt, x = _delta(dl_c.to(ACC), bias, mask, HAS_BIAS, SOFTPLUS)
+            dy = dy_c.to(ACC)
+            g = dy
+            if HAS_Z:
+                zt = z_c.to(ACC)
+                sig = _sigmoid(zt)
+                g = dy * zt * sig
+            dt3 = dt[:, None, :]
+            du3 = (dt * u)[:, None, :]
+            g3 = g[:, None, :]
+            B3 = B_c.to(ACC)[:, :, None]
+            C3 = C_c.to(ACC)[:, :, None]
+            # Forward through the chunk from its checkpoint, keeping a_s and a_s h_{s-1} per step;
+            # y (for dz) and dC_s = sum_e g_s h_s come out on the way.
+            a3 = tl.zeros([T, NP, BLOCK_E], ACC)
+            ah3 = tl.zeros([T, NP, BLOCK_E], ACC)
+            y3 = tl.zeros([T, 1, BLOCK_E], ACC)
+            dC3 = tl.zeros([T, NP, 1], ACC)
+            for i in tl.static_range(T):
+                a = tl.exp(_row(dt3, i, T) * A)
+                ah = a * h
+                h = ah + _row(du3, i, T) * _row(B3, i, T)
+                a3 = _put(a3, i, a, T)
+                ah3 = _put(ah3, i, ah, T)
+                y3 = _put(y3, i, tl.sum(h * _row(C3, i, T), axis=0, keep_dims=True), T)
+                dC3 = _put(dC3, i, tl.sum(h * _row(g3, i, T), axis=1, keep_dims=True), T)
+            if HAS_Z:
+                y = tl.sum(y3, axis=1) + Dv[None, :] * u
+                dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
+                dz_ptrs = dz_base + t[:, None] * E + e[None, :]
+                if d > 0:
+                    dz += tl.load(dz_ptrs, mask=mask, other=0.0).to(ACC)
+                tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            # Backward through the chunk: dh_s = C_s g_s + a_{s+1} dh_{s+1}.
+            dB3 = tl.zeros([T, NP, 1], ACC)
+            dhB3 = tl.zeros([T, 1, BLOCK_E], ACC)
+            wA3 = tl.zeros([T, 1, BLOCK_E], ACC)
+            for j in tl.static_range(T):
+                i = T - 1 - j
+                dh = a_next * dh + _row(C3, i, T) * _row(g3, i, T)
+                a_next = _row(a3, i, T)
+                w = dh * _row(ah3, i, T)  # gradient w.r.t. a_s, times a_s
+                dA += w * _row(dt3, i, T)
+                wA3 = _put(wA3, i, tl.sum(w * A, axis=0, keep_dims=True), T)
+                dhB3 = _put(dhB3, i, tl.sum(dh * _row(B3, i, T), axis=0, keep_dims=True), T)
+                dB3 = _put(dB3, i, tl.sum(dh * _row(du3, i, T), axis=1, keep_dims=True), T)
+            dhB = tl.sum(dhB3, axis=1)
+            ddt = tl.sum(wA3, axis=1) + dhB * u
+            du = dhB * dt + Dv[None, :] * g
+            dD += tl.sum(g * u, axis=0)
+            if SOFTPLUS:
+                ddt = ddt * tl.where(x > 20.0, 1.0, _sigmoid(x))
+            ddt = tl.where(mask, ddt, 0.0)
+            dbias += tl.sum(ddt, axis=0)
+            te_off = dud_base + t[:, None] * ND * E + e[None, :]
+            tl.store(du_ptr + te_off, du.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddl_ptr + te_off, ddt.to(ddl_ptr.dtype.element_ty), mask=mask)
+            tn_off = dBC_base + t[:, None] * ND * N + d * N + n[None, :]
+            tn_mask = valid[:, None] & nmask[None, :]
+            tl.store(dB_ptr + tn_off, tl.sum(dB3, axis=2), mask=tn_mask)
+            tl.store(dC_ptr + tn_off, tl.sum(dC3, axis=2), mask=tn_mask)
+        pe = (b * ND + d) * E + e
+        tl.store(dA_ptr + pe[None, :] * N + n[:, None], dA, mask=nmask[:, None] & emask[None, :])
+        tl.store(dD_ptr + pe, dD, mask=emask)
+        tl.store(dbias_ptr + pe, dbias, mask=emask)
+
+
+_scan_fwd_tuned = _tuned(_scan_fwd_kernel, SCAN_FWD_CONFIGS)
+_scan_bwd_tuned = _tuned(_scan_bwd_kernel, SCAN_BWD_CONFIGS)
+
+
+def _acc_dtype(x):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _launch(kernel, tuned, grid_args, *args, **meta):
+    """Run `kernel` with the autotuner on CUDA, with the fixed small CPU block on the
+    interpreter. Returns the BLOCK_E that ran."""
+    E, batch = grid_args
+    if args[0].is_cuda:
+        tuned[lambda m: (triton.cdiv(E, m["BLOCK_E"]), batch)](*args, **meta)
+        return tuned.best_config.kwargs["BLOCK_E"]
+    be = SCAN_CPU_BLOCK_E
+    kernel[(triton.cdiv(E, be), batch)](*args, BLOCK_E=be, **meta)
+    return be
+
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 4 or u.shape[2] not in (1, 2):
+        raise ValueError(f"u must be (batch, L, ND, E) with ND in (1, 2), got {tuple(u.shape)}")
+    batch, L, ND, E = u.shape
+    N = A.shape[-1]
+    expect = {"delta": (delta, (batch, L, ND, E)), "A": (A, (ND, E, N)), "B": (B, (batch, L, ND, N)),
+              "C": (C, (batch, L, ND, N)), "D": (D, (ND, E)), "z": (z, (batch, L, E)),
+              "delta_bias": (delta_bias, (ND, E))}
+    for name, (x, shape) in expect.items():
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (from u {tuple(u.shape)} and A), got {tuple(x.shape)}")
+    if N > 256:
+        raise ValueError(f"the state size N must be at most 256 (Mamba uses 16), got {N}")
+    if not all(x.device == u.device for x in (delta, A, B, C)):
+        raise ValueError("all scan inputs must be on the same device")
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
+    batch, L, ND, E = u.shape
+    N = A.shape[-1]
+    T = SCAN_CHUNK["cuda" if u.is_cuda else "cpu"]
+    A = A.contiguous()
+    y = torch.empty(batch, L, E, device=u.device, dtype=u.dtype)
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    states = None
+    if save_states:
+        states = torch.empty(batch, ND, triton.cdiv(L, T), triton.next_power_of_2(N), E, device=u.device, dtype=acc)
+    zz = z if z is not None else y
+    _launch(
+        _scan_fwd_kernel, _scan_fwd_tuned, (E, batch),
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        y, states if save_states else y,
+        L, E,
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
+        ND=ND, N=N, NP=triton.next_power_of_2(N), T=T, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, SAVE_STATES=save_states, ACC=_acc_dtype(u),
+    )
+    return y, states
+
+
+def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states):
+    batch, L, ND, E = u.shape
+    N = A.shape[-1]
+    T = SCAN_CHUNK["cuda" if u.is_cuda else "cpu"]
+    acc = states.dtype
+    dev = u.device
+    du = torch.empty(batch, L, ND, E, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(batch, L, ND, E, device=dev, dtype=delta.dtype)
+    dz = torch.empty(batch, L, E, device=dev, dtype=z.dtype) if z is not None else None
+    min_be = min(be for be, _ in SCAN_BWD_CONFIGS) if u.is_cuda else SCAN_CPU_BLOCK_E
+    dB_part = torch.empty(triton.cdiv(E, min_be), batch, L, ND, N, device=dev, dtype=acc)
+    dC_part = torch.empty_like(dB_part)
+    dA_part = torch.empty(batch, ND, E, N, device=dev, dtype=acc)
+    dD_part = torch.empty(batch, ND, E, device=dev, dtype=acc)
+    dbias_part = torch.empty_like(dD_part)
+    zz = z if z is not None else dy
+    be = _launch(
+        _scan_bwd_kernel, _scan_bwd_tuned, (E, batch),
+        u, delta, A.contiguous(), B, C, D if D is not None else A, zz,
+        delta_bias if delta_bias is not None else A, dy, states,
+        du, ddelta, dz if dz is not None else du, dB_part, dC_part, dA_part, dD_part, dbias_part,
+        L, E, batch,
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zz.stride(), *dy.stride(),
+        ND=ND, N=N, NP=triton.next_power_of_2(N), T=T, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, ACC=_acc_dtype(u),
+    )
+    n_blocks = triton.cdiv(E, be)
+    dB = dB_part[:n_blocks].sum(0).to(B.dtype)
+    dC = dC_part[:n_blocks].sum(0).to(C.dtype)
+    dA = dA_part.sum(0).to(A.dtype)
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+class _BiMambaScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
+        y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states)
+        ctx.softplus = softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states)
+        return (*grads, None, None)
+
+
+def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+    """Selective scan of ND = 1 or 2 directions, summed, token-major layout.
+
+    u, delta: (batch, L, ND, E); A: (ND, E, N) float32 (negative); B, C: (batch, L, ND, N);
+    D, delta_bias: (ND, E) or None; z: (batch, L, E) or None, shared by the directions.
+    Direction 0 scans t = 0..L-1, direction 1 scans t = L-1..0 (scan of the flipped sequence,
+    flipped back). Any strides; fastest when the last dimension is contiguous.
+    Returns y: (batch, L, E) in u's dtype, sum over directions of scan_d(...) * silu(z).
+    """
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    return _BiMambaScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), save_states)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba-ssm's selective_scan_fn layout on the same kernels (one direction).
+
+    u, delta, z: (batch, E, L); A: (E, N); B, C: (batch, N, L), or (batch, G, N, L) with channel
+    e using group e // (E / G); D, delta_bias: (E,) or None. Returns (batch, E, L) in u's dtype.
+    """
+    for name, x in (("B", B), ("C", C)):
+        if x.dim() not in (3, 4) or (x.dim() == 4 and u.shape[1] % x.shape[1]):
+            raise ValueError(f"{name} must be (batch, N, L) or (batch, G, N, L) with G dividing the "
+                             f"{u.shape[1]} channels, got {tuple(x.shape)}")
+    if B.dim() == 4 and B.shape[1] > 1:  # one call per group of channels
+        per = u.shape[1] // B.shape[1]
+        outs = []
+        for i in range(B.shape[1]):
+            ch = slice(i * per, (i + 1) * per)
+            outs.append(selective_scan_triton(
+                u[:, ch], delta[:, ch], A[ch], B[:, i:i + 1], C[:, i:i + 1], None if D is None else D[ch],
+                None if z is None else z[:, ch], None if delta_bias is None else delta_bias[ch], delta_softplus))
+        return torch.cat(outs, 1)
+
+    def token_major_bc(x):  # (batch, [1,] N, L) -> (batch, L, 1, N)
+        return (x[:, 0] if x.dim() == 4 else x).transpose(1, 2).unsqueeze(2)
+
+    def param(x):  # (E, ...) -> (1, E, ...) in float32 (float64 kept, for gradcheck)
+        return None if x is None else (x if x.dtype == torch.float64 else x.float()).unsqueeze(0)
+
+    y = bimamba_scan(
+        u.transpose(1, 2).unsqueeze(2), delta.transpose(1, 2).unsqueeze(2), param(A),
+        token_major_bc(B), token_major_bc(C), param(D),
+        z.transpose(1, 2) if z is not None else None, param(delta_bias), delta_softplus,
+    )
+    return y.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise convolution + SiLU for both directions (the conv1d / conv1d_b of the mixer).
+# Direction 0 is mamba's causal Conv1d(groups=E, padding=W-1)[..., :L]; direction 1 is the
+# same on the time-reversed sequence, reversed back, i.e. anti-causal.
+#   pre0[t] = bias0 + sum_k w0[k] x[t - (W-1) + k]      pre1[t] = bias1 + sum_k w1[k] x[t + (W-1) - k]
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_pre(x_base, t, e, emask, w_ptr, b_ptr, L, E, sx_l, sx_e,
+              D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """Pre-activation of direction D at times t: (BLOCK_T, BLOCK_E)."""
+    acc = tl.zeros([BLOCK_T, BLOCK_E], ACC) + tl.load(b_ptr + D * E + e, mask=emask, other=0.0).to(ACC)[None, :]
+    for k in tl.static_range(W):
+        if D == 0:
+            tk = t - (W - 1) + k
+        else:
+            tk = t + (W - 1) - k
+        m = ((tk >= 0) & (tk < L))[:, None] & emask[None, :]
+        xk = tl.load(x_base + tk[:, None] * sx_l + e[None, :] * sx_e, mask=m, other=0.0).to(ACC)
+        wk = tl.load(w_ptr + (D * E + e) * W + k, mask=emask, other=0.0).to(ACC)
+        acc += wk[None, :] * xk
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, sx_b, sx_l, sx_e,
+                     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(2).to(tl.int64)
+    emask = e < E
+    mask = (t < L)[:, None] & emask[None, :]
+    x_base = x_ptr + b * sx_b
+    for d in tl.static_range(2):
+        pre = _conv_pre(x_base, t, e, emask, w_ptr, b_ptr, L, E, sx_l, sx_e, d, W, BLOCK_T, BLOCK_E, ACC)
+        out = pre * _sigmoid(pre)
+        tl.store(u_ptr + b * L * 2 * E + t[:, None] * 2 * E + d * E + e[None, :],
+                 out.to(u_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E,
+                     sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e,
+                     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """dx for a (time, channel) tile, and this tile's partial sums of dw (W per channel and
+    direction) and dbias, written to (batch, time blocks, 2, E, W) and (batch, time blocks, 2, E)."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pid_t = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(2).to(tl.int64)
+    emask = e < E
+    x_base = x_ptr + b * sx_b
+    du_base = du_ptr + b * sdu_b
+    part = (b * tl.num_programs(1) + pid_t) * 2 * E
+    dx = tl.zeros([BLOCK_T, BLOCK_E], ACC)
+    for d in tl.static_range(2):
+        # dx[t] = sum_j w_d[W-1-j] g_d[t + j] (direction 0) or g_d[t - j] (direction 1)
+        for j in tl.static_range(W):
+            if d == 0:
+                tj = t + j
+            else:
+                tj = t - j
+            mj = ((tj >= 0) & (tj < L))[:, None] & emask[None, :]
+            pre = _conv_pre(x_base, tj, e, emask, w_ptr, b_ptr, L, E, sx_l, sx_e, d, W, BLOCK_T, BLOCK_E, ACC)
+            sig = _sigmoid(pre)
+            dout = tl.load(du_base + tj[:, None] * sdu_l + d * sdu_d + e[None, :] * sdu_e, mask=mj, other=0.0)
+            g = dout.to(ACC) * sig * (1.0 + pre * (1.0 - sig))
+            wj = tl.load(w_ptr + (d * E + e) * W + (W - 1 - j), mask=emask, other=0.0).to(ACC)
+            dx += wj[None, :] * g
+            if j == 0:
+                tl.store(db_ptr + part + d * E + e, tl.sum(g, axis=0), mask=emask)
+                for k in tl.static_range(W):
+                    if d == 0:
+                        tk = t - (W - 1) + k
+                    else:
+                        tk = t + (W - 1) - k
+                    mk = ((tk >= 0) & (tk < L))[:, None] & emask[None, :]
+                    xk = tl.load(x_base + tk[:, None] * sx_l + e[None, :] * sx_e, mask=mk, other=0.0)
+                    tl.store(dw_ptr + (part + d * E + e) * W + k, tl.sum(g * xk.to(ACC), axis=0), mask=emask)
+    mask = (t < L)[:, None] & emask[None, :]
+    tl.store(dx_ptr + b * L * E + t[:, None] * E + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _conv_blocks(x):
+    return (CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS) if x.is_cuda else (8, 8, 1)
+
+
+class _BiConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        batch, L, E = x.shape
+        W = weight.shape[-1]
+        weight, bias = weight.contiguous(), bias.contiguous()
+        u = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
+        bt, be, nw = _conv_blocks(x)
+        _conv_fwd_kernel[(triton.cdiv(E, be), triton.cdiv(L, bt), batch)](
+            x, weight, bias, u, L, E, *x.stride(), W=W, BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x), num_warps=nw)
+        ctx.save_for_backward(x, weight, bias)
+        return u
+
+    @staticmethod
+    def backward(ctx, du):
+        x, weight, bias = ctx.saved_tensors
+        batch, L, E = x.shape
+        W = weight.shape[-1]
+        bt, be, nw = _conv_blocks(x)
+        n_t = triton.cdiv(L, bt)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dx = torch.empty(batch, L, E, device=x.device, dtype=x.dtype)
+        dw = torch.empty(batch, n_t, 2, E, W, device=x.device, dtype=acc)
+        db = torch.empty(batch, n_t, 2, E, device=x.device, dtype=acc)
+        _conv_bwd_kernel[(triton.cdiv(E, be), n_t, batch)](
+            x, weight, bias, du, dx, dw, db, L, E, *x.stride(), *du.stride(),
+            W=W, BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x), num_warps=nw)
+        return dx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype)
+
+
+def biconv_silu(x, weight, bias):
+    """Causal and anti-causal depthwise conv1d, each followed by SiLU.
+
+    x: (batch, L, E), any strides (in DiS the x half of in_proj's output, row stride 2E);
+    weight: (2, E, W); bias: (2, E). Returns u: (batch, L, 2, E) contiguous, direction 0 causal
+    (mamba's conv1d), direction 1 anti-causal (conv1d_b on the flipped sequence, flipped back).
+    """
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[2]) or tuple(bias.shape) != (2, x.shape[2]):
+        raise ValueError(f"biconv_silu needs x (batch, L, E), weight (2, E, W), bias (2, E); got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}")
+    return _BiConvSiLU.apply(x, weight, bias)

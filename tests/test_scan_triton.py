@@ -1,0 +1,288 @@
+"""scan_triton.py against independent references: a float64 loop over time written here from
+the selective-scan definition (Mamba, Algorithm 2) and torch's F.conv1d.
+
+Two modes. With a CUDA GPU the `gpu` tests run the compiled kernels at realistic sizes. Without
+one, `test_interpreter_suite` re-runs this file in a subprocess with TRITON_INTERPRET=1 (it must be
+set before triton is imported), where the `test_interp_*` tests run the same kernels on CPU
+tensors at tiny sizes, in float64 and float32.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scan_triton
+from scan_triton import biconv_silu, bimamba_scan, selective_scan_triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_interpreter_suite's subprocess")
+
+
+# ------------------------------------------------------------------------------------------------
+# References
+# ------------------------------------------------------------------------------------------------
+def loop_scan(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """One direction, token-major, float64: u, delta, z (b, L, E); A (E, N); B, C (b, L, N)."""
+    u, delta, A, B, C = (x.double() for x in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()
+    if softplus:
+        delta = torch.log1p(torch.exp(delta))
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float64, device=u.device)
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
+        y = (h * C[:, t, None, :]).sum(-1)
+        if D is not None:
+            y = y + D.double() * u[:, t]
+        ys.append(y)
+    y = torch.stack(ys, 1)
+    if z is not None:
+        z = z.double()
+        y = y * z * torch.sigmoid(z)
+    return y
+
+
+def loop_bimamba(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=True):
+    """Sum over directions; direction 1 is the scan of the time-flipped inputs, flipped back."""
+    out = 0
+    for d in range(u.shape[2]):
+        args = [u[:, :, d], delta[:, :, d], A[d], B[:, :, d], C[:, :, d], None if D is None else D[d], z,
+                None if delta_bias is None else delta_bias[d]]
+        if d == 0:
+            out = out + loop_scan(*args, softplus)
+        else:
+            flip = [x.flip(1) if i in (0, 1, 3, 4, 6) and x is not None else x for i, x in enumerate(args)]
+            out = out + loop_scan(*flip, softplus).flip(1)
+    return out
+
+
+def conv_reference(x, weight, bias):
+    """(b, L, E) -> (b, L, 2, E): causal conv1d+SiLU, and the same on the flipped sequence."""
+    E, W = weight.shape[1], weight.shape[2]
+    xt = x.transpose(1, 2)
+    fwd = F.conv1d(xt, weight[0][:, None], bias[0], padding=W - 1, groups=E)[..., :x.shape[1]]
+    bwd = F.conv1d(xt.flip(-1), weight[1][:, None], bias[1], padding=W - 1, groups=E)[..., :x.shape[1]].flip(-1)
+    return torch.stack([F.silu(fwd), F.silu(bwd)], 2).permute(0, 3, 2, 1)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(batch, L, ND, E, N, dtype, device, z=True, D=True, delta_bias=True, softplus=True, seed=0):
+    """Inputs laid out as DiS's fast block has them: B, C strided slices of an x_proj output,
+    z the second half of an in_proj output. Without softplus, delta is drawn positive (a negative
+    step makes exp(delta A) > 1 and the state explode, in any implementation)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device)
+    x_proj = r(batch, L, ND, 3 + 2 * N).to(dtype)
+    xz = r(batch, L, 2 * E).to(dtype)
+    inputs = dict(
+        u=r(batch, L, ND, E).to(dtype),
+        delta=(r(batch, L, ND, E, scale=0.5, shift=-1.0) if softplus
+               else torch.rand(batch, L, ND, E, generator=g, dtype=torch.float64).to(device) * 0.3).to(dtype),
+        A=(-torch.rand(ND, E, N, generator=g, dtype=torch.float64) * 3 - 0.2).to(device),
+        B=x_proj[..., 3:3 + N], C=x_proj[..., 3 + N:],
+        D=r(ND, E) if D else None,
+        z=xz[..., E:] if z else None,
+        delta_bias=r(ND, E, scale=0.3) if delta_bias else None,
+    )
+    if dtype != torch.float64:
+        inputs["A"] = inputs["A"].float()
+        for k in ("D", "delta_bias"):
+            inputs[k] = inputs[k].float() if inputs[k] is not None else None
+    return inputs
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make every torch.empty / empty_like NaN, so an output element the kernels skip shows."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+
+
+def check_bimamba(batch, L, ND, E, N, dtype, device, tol, z=True, D=True, delta_bias=True, softplus=True):
+    """Forward and every gradient of bimamba_scan against the loop reference."""
+    inputs = make_inputs(batch, L, ND, E, N, dtype, device, z, D, delta_bias, softplus)
+    names = [k for k, v in inputs.items() if v is not None]
+    leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in names}
+    y = bimamba_scan(**{**inputs, **leaves}, delta_softplus=softplus)
+    assert y.shape == (batch, L, E) and y.dtype == dtype
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    grads = torch.autograd.grad(y, [leaves[k] for k in names], dy)
+
+    ref_leaves = {k: inputs[k].detach().double().requires_grad_(True) for k in names}
+    y_ref = loop_bimamba(**{**inputs, **ref_leaves}, softplus=softplus)
+    ref_grads = torch.autograd.grad(y_ref, [ref_leaves[k] for k in names], dy.double())
+    assert torch.isfinite(y).all()
+    assert rel_err(y, y_ref) < tol, ("y", rel_err(y, y_ref))
+    for k, gr, ref in zip(names, grads, ref_grads):
+        assert gr.shape == leaves[k].shape and torch.isfinite(gr).all(), k
+        assert rel_err(gr, ref) < tol, (k, rel_err(gr, ref))
+
+
+def check_mamba_layout(batch, E, L, N, groups, dtype, device, tol):
+    """selective_scan_triton with selective_scan_fn's layout: (batch, E, L); B, C (batch, N, L) for
+    groups = 0, else (batch, groups, N, L) with channel e reading group e // (E / groups)."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device)
+    bc_shape = (batch, groups, N, L) if groups else (batch, N, L)
+    inputs = dict(u=r(batch, E, L).to(dtype), delta=r(batch, E, L, scale=0.5, shift=-1.0).to(dtype),
+                  A=(-torch.rand(E, N, generator=g, dtype=torch.float64) * 2 - 0.1).to(device),
+                  B=r(*bc_shape).to(dtype), C=r(*bc_shape).to(dtype), D=r(E), z=r(batch, E, L).to(dtype),
+                  delta_bias=r(E, scale=0.3))
+    if dtype != torch.float64:
+        for k in ("A", "D", "delta_bias"):
+            inputs[k] = inputs[k].float()
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    y = selective_scan_triton(**leaves, delta_softplus=True)
+    assert y.shape == (batch, E, L)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device, dtype)
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+
+    ref = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
+    parts = []
+    for gi in range(max(groups, 1)):
+        ch = slice(gi * E // max(groups, 1), (gi + 1) * E // max(groups, 1))
+        Bg, Cg = (ref["B"][:, gi], ref["C"][:, gi]) if groups else (ref["B"], ref["C"])
+        parts.append(loop_scan(ref["u"][:, ch].transpose(1, 2), ref["delta"][:, ch].transpose(1, 2), ref["A"][ch],
+                               Bg.transpose(1, 2), Cg.transpose(1, 2), ref["D"][ch], ref["z"][:, ch].transpose(1, 2),
+                               ref["delta_bias"][ch], True).transpose(1, 2))
+    y_ref = torch.cat(parts, 1)
+    ref_grads = torch.autograd.grad(y_ref, list(ref.values()), dy.double())
+    assert rel_err(y, y_ref) < tol
+    for k, gr, rg in zip(ref, grads, ref_grads):
+        assert rel_err(gr, rg) < tol, (k, rel_err(gr, rg))
+
+
+def check_biconv(batch, L, E, dtype, device, tol):
+    g = torch.Generator().manual_seed(5)
+    xz = torch.randn(batch, L, 2 * E, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+    x = xz[..., :E]  # strided like the x half of in_proj's output
+    weight = (torch.randn(2, E, 4, generator=g, dtype=torch.float64) * 0.5).to(device, dtype).requires_grad_(True)
+    bias = torch.randn(2, E, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+    u = biconv_silu(x, weight, bias)
+    assert u.shape == (batch, L, 2, E) and u.is_contiguous() and u.dtype == dtype
+    du = torch.randn(u.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device, dtype)
+    grads = torch.autograd.grad(u, (xz, weight, bias), du)
+    ref_in = [t.detach().double().requires_grad_(True) for t in (xz, weight, bias)]
+    u_ref = conv_reference(ref_in[0][..., :E], ref_in[1], ref_in[2])
+    ref_grads = torch.autograd.grad(u_ref, ref_in, du.double())
+    assert rel_err(u, u_ref) < tol
+    for name, gr, rg in zip(("x", "weight", "bias"), grads, ref_grads):
+        assert rel_err(gr, rg) < tol, (name, rel_err(gr, rg))
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: the kernels under Triton's interpreter (tiny sizes)
+# ------------------------------------------------------------------------------------------------
+def test_interpreter_suite():
+    if INTERPRETED:
+        pytest.skip("already inside the interpreter subprocess")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
+                          os.path.abspath(__file__)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@interp_only
+@pytest.mark.parametrize("batch, L, ND, E, N, z, D, delta_bias, softplus", [
+    (2, 13, 2, 20, 16, True, True, True, True),      # L and E not multiples of the chunk / block
+    (2, 17, 1, 40, 8, False, True, False, True),     # one direction, three channel blocks
+    (1, 1, 2, 5, 4, True, False, True, False),      # L = 1, no D, no softplus
+    (1, 10, 2, 6, 4, False, False, True, False),    # no softplus over several chunks
+    (2, 6, 2, 9, 3, True, True, True, True),        # N not a power of two
+])
+def test_interp_bimamba_float64(poisoned_empty, batch, L, ND, E, N, z, D, delta_bias, softplus):
+    check_bimamba(batch, L, ND, E, N, torch.float64, "cpu", 1e-10, z, D, delta_bias, softplus)
+
+
+@interp_only
+def test_interp_bimamba_float32(poisoned_empty):
+    check_bimamba(2, 11, 2, 12, 16, torch.float32, "cpu", 2e-5)
+
+
+@interp_only
+def test_interp_gradcheck():
+    inputs = make_inputs(1, 5, 2, 3, 4, torch.float64, "cpu")
+    names = list(inputs)
+    tensors = tuple(inputs[k].detach().clone().requires_grad_(True) for k in names)
+    assert torch.autograd.gradcheck(lambda *t: bimamba_scan(*t), tensors, fast_mode=True)
+    x = torch.randn(1, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(biconv_silu, (x, w, b), fast_mode=True)
+
+
+@interp_only
+@pytest.mark.parametrize("groups", [0, 1, 2])
+def test_interp_mamba_layout(groups):
+    check_mamba_layout(2, 10, 9, 4, groups, torch.float64, "cpu", 1e-10)
+
+
+@interp_only
+def test_interp_biconv(poisoned_empty):
+    check_biconv(2, 11, 13, torch.float64, "cpu", 1e-10)
+
+
+def test_bad_shapes_raise():
+    u = torch.zeros(1, 4, 2, 8)
+    A = torch.zeros(2, 8, 16)
+    B = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="delta must have shape"):
+        bimamba_scan(u, torch.zeros(1, 4, 1, 8), A, B, B)
+    with pytest.raises(ValueError, match="u must be"):
+        bimamba_scan(torch.zeros(1, 4, 3, 8), u, A, B, B)
+    with pytest.raises(ValueError, match="biconv_silu needs"):
+        biconv_silu(torch.zeros(1, 4, 8), torch.zeros(1, 8, 4), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="G dividing"):
+        selective_scan_triton(torch.zeros(1, 8, 4), torch.zeros(1, 8, 4), torch.zeros(8, 16),
+                              torch.zeros(1, 3, 16, 4), torch.zeros(1, 3, 16, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the compiled kernels at realistic sizes
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("batch, L, ND, E", [(2, 259, 2, 200), (3, 130, 1, 96)])
+def test_gpu_bimamba(poisoned_empty, dtype, tol, batch, L, ND, E):
+    check_bimamba(batch, L, ND, E, 16, dtype, "cuda", tol)
+
+
+@pytest.mark.gpu
+def test_gpu_bimamba_options():
+    check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, z=False, D=False, delta_bias=False, softplus=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups", [0, 1, 2])
+def test_gpu_mamba_layout(groups):
+    check_mamba_layout(2, 64, 150, 16, groups, torch.float32, "cuda", 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_gradcheck_float64():
+    inputs = make_inputs(1, 9, 2, 5, 4, torch.float64, "cuda")
+    tensors = tuple(v.detach().clone().requires_grad_(True) for v in inputs.values())
+    assert torch.autograd.gradcheck(lambda *t: bimamba_scan(*t), tensors, fast_mode=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_gpu_biconv(poisoned_empty, dtype, tol):
+    check_biconv(4, 257, 300, dtype, "cuda", tol)
