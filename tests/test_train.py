@@ -1,0 +1,383 @@
+"""train.py end to end on tiny configurations (CPU): data pipeline against numpy/PIL, resume
+equals an uninterrupted run, torchrun with 2 gloo processes equals 1 process, the latent path
+with a random SD-architecture VAE against diffusers' own encoder, stopping, and the errors."""
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
+import diffusion  # noqa: E402
+import model as dis  # noqa: E402
+import train  # noqa: E402
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+# A DiS-S/2 shrunk to D=16 and 2 blocks + mid, on 8x8 images: a training step takes milliseconds.
+TINY = ["--device", "cpu", "--embed-dim", "16", "--depth", "2", "--image-size", "8", "--global-batch-size", "8", "--warmup-steps", "1",
+        "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-download"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, OpenMP's spinning threads oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fashion_arrays(count):
+    """The first `count` Fashion-MNIST training images (count, 28, 28) and labels, read with the
+    IDX layout's fixed header sizes (16 and 8 bytes); random images when the package is absent."""
+    if os.path.isdir(FASHION):
+        with gzip.open(os.path.join(FASHION, "train-images-idx3-ubyte.gz")) as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:count]
+        with gzip.open(os.path.join(FASHION, "train-labels-idx1-ubyte.gz")) as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
+        return images, labels
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), (np.arange(count) % 10).astype(np.uint8)
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_fashion_subset(folder, count=32):
+    """A Fashion-MNIST folder holding only the first `count` training images."""
+    images, labels = fashion_arrays(count)
+    os.makedirs(folder, exist_ok=True)
+    write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), labels)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    return write_fashion_subset(tmp_path_factory.mktemp("fashion"))
+
+
+def run_dir(results):
+    (name,) = os.listdir(results)
+    return os.path.join(results, name)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def poison_step(monkeypatch, call, ranks):
+    """Make the loss of the `call`-th training step NaN on the given ranks ('0' in one process)."""
+    original = diffusion.GaussianDiffusion.training_losses
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == call and os.environ.get("RANK", "0") in ranks:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", poisoned)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_fashion_mnist_pipeline_matches_numpy_and_pil(fashion):
+    images, labels = fashion_arrays(32)
+    args, _ = train.parse_args(["--data-path", fashion, "--image-size", "32", "--no-download"])
+    source, where = train.load_dataset(args, torch.device("cpu"))
+    assert where == fashion and len(source) == 32
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # 28 -> 32 with black
+    np.testing.assert_array_equal(source.images[:, 0].numpy(), padded)
+    np.testing.assert_array_equal(source.labels.numpy(), labels)
+    # Batches: scaled to [-1, 1], mirrored where asked.
+    idx, flip = torch.tensor([3, 0, 7]), torch.tensor([True, False, True])
+    x, y = source.get(idx, flip, torch.device("cpu"))
+    expected = padded[[3, 0, 7]].astype(np.float32) / 127.5 - 1
+    expected[[0, 2]] = expected[[0, 2], :, ::-1]
+    np.testing.assert_allclose(x[:, 0].numpy(), expected, atol=1e-6)
+    np.testing.assert_array_equal(y.numpy(), labels[[3, 0, 7]])
+    # Other sizes: antialiased bilinear like PIL's, to one grey level.
+    args.image_size = 16
+    small = train.load_dataset(args, torch.device("cpu"))[0].images[:, 0].numpy().astype(int)
+    pil = np.stack([np.asarray(Image.fromarray(p).resize((16, 16), Image.BILINEAR)) for p in padded]).astype(int)
+    assert np.abs(small - pil).max() <= 1
+
+
+def test_batch_plan_covers_each_epoch_and_splits_over_ranks():
+    n, batch = 20, 6  # 3 steps per epoch, 2 images dropped
+    single = train.batch_plan(n, batch, 0, 1, seed=5, start_step=0)
+    halves = [train.batch_plan(n, batch, r, 2, seed=5, start_step=0) for r in range(2)]
+    for step in range(7):
+        idx, flip = next(single)
+        parts = [next(h) for h in halves]
+        assert torch.equal(idx, torch.cat([p[0] for p in parts]))
+        assert torch.equal(flip, torch.cat([p[1] for p in parts]))
+        if step % 3 == 0:
+            seen = []
+        seen += idx.tolist()
+        if step % 3 == 2:
+            assert len(set(seen)) == 18  # no image twice in an epoch
+    resumed = train.batch_plan(n, batch, 0, 1, seed=5, start_step=4)
+    fresh = train.batch_plan(n, batch, 0, 1, seed=5, start_step=0)
+    for _ in range(4):
+        next(fresh)
+    assert torch.equal(next(resumed)[0], next(fresh)[0])
+
+
+def test_lr_and_ema_schedules():
+    lrs = [train.lr_factor(s, warmup=4, total=12) for s in range(13)]
+    np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(lrs[4:], 0.5 * (1 + np.cos(np.pi * np.arange(9) / 8)), atol=1e-12)
+    assert train.ema_decay(0, 0.9999) == pytest.approx(0.1) and train.ema_decay(10 ** 6, 0.9999) == 0.9999
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=4, num_classes=10, drop_path_rate=0.2)
+    checkpointed = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=4, num_classes=10,
+                           drop_path_rate=0.2)
+    checkpointed.load_state_dict(plain.state_dict())
+    train.checkpoint_blocks(checkpointed)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 500, 999]), torch.tensor([0, 3, 9, 10])
+    for net in (plain, checkpointed):
+        torch.manual_seed(1)  # the same drop-path masks; the recomputation replays them
+        net(x, t, y).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_resume_equals_uninterrupted_run(fashion, tmp_path):
+    """6 steps in one go vs 3 steps, checkpoint, resume for 3 more: same losses, weights, EMA,
+    optimizer and RNG states, bitwise (drop path and label dropout on, an epoch boundary at 4)."""
+    args = ["--data-path", fashion, *TINY, "--max-steps", "6", "--ckpt-every", "3", "--sample-every", "6"]
+    first = train.main(args + ["--results-dir", str(tmp_path / "a")])
+    assert os.path.basename(first) == "000-DiS-S-2"
+    whole = load(os.path.join(first, "checkpoints", "0000006.pt"))
+    copy_dir = tmp_path / "b" / "000-DiS-S-2" / "checkpoints"
+    copy_dir.mkdir(parents=True)
+    shutil.copy(os.path.join(first, "checkpoints", "0000003.pt"), copy_dir)
+    second = train.main(args + ["--results-dir", str(tmp_path / "b"), "--resume", "auto"])
+    assert second == str(tmp_path / "b" / "000-DiS-S-2")
+    resumed = load(os.path.join(second, "checkpoints", "0000006.pt"))
+
+    assert resumed["step"] == whole["step"] == 6
+    assert [s for s, _ in whole["loss_curve"]] == list(range(1, 7))
+    assert resumed["loss_curve"] == whole["loss_curve"]
+    for key in ("model", "ema"):
+        assert_same_state(resumed[key], whole[key])
+    for a, b in zip(resumed["opt"]["state"].values(), whole["opt"]["state"].values()):
+        assert_same_state(a, b)
+    assert resumed["scheduler"] == whole["scheduler"]
+    assert torch.equal(resumed["rng"][0]["cpu"], whole["rng"][0]["cpu"])
+    assert whole["data"] == dict(seed=0, epoch=1, batch_in_epoch=2, dataset_size=32, global_batch_size=8)
+    assert not torch.equal(whole["ema"]["pos_embed"], whole["model"]["pos_embed"])
+
+    # The run folder: DiT's layout, the log, the loss curve, the final grid, the launch record.
+    assert sorted(os.listdir(os.path.join(first, "checkpoints"))) == ["0000003.pt", "0000006.pt"]
+    log = open(os.path.join(first, "log.txt")).read()
+    for field in ("step=0000006 loss=", "grad_norm=", "lr=", "img/s="):
+        assert field in log
+    assert Image.open(os.path.join(first, "loss.png")).size == (720, 400)
+    grid = Image.open(os.path.join(first, "samples", "0000006.png"))
+    assert grid.mode == "L" and grid.size == (2 + 10 * 10, 2 + 10 * 10)  # 10 classes x 10, 8x8 each
+    (launch,) = json.load(open(os.path.join(first, "run.json")))
+    assert launch["rank_seeds"] == [0] and torch.__version__.startswith(launch["versions"]["torch"])
+    assert len(json.load(open(os.path.join(second, "run.json")))) == 1  # the copied folder had none
+
+
+def test_torchrun_two_processes_match_one(fashion, tmp_path, monkeypatch):
+    """Same global batch of 8: 2 gloo processes x 4 vs 1 x 8 give the same weights after 3 steps.
+    Step 2 has a NaN loss on rank 1 only (on the whole batch in one process): every rank must
+    skip it. Drop path and label dropout draw from per-rank generators, so they are off here
+    (data order, flips, timesteps and noise are shared by construction)."""
+    args = ["--data-path", fashion, *TINY, "--max-steps", "3", "--ckpt-every", "3", "--warmup-steps", "0",
+            "--drop-path-rate", "0", "--class-dropout-prob", "0"]
+    wrapper = tmp_path / "poisoned_train.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"sys.path[:0] = [{REPO!r}, {os.path.dirname(os.path.abspath(__file__))!r}]\n"
+        "import pytest, test_train, train\n"
+        "with pytest.MonkeyPatch.context() as mp:\n"
+        "    test_train.poison_step(mp, 2, ranks={'1'})\n"
+        "    train.main(sys.argv[1:])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(wrapper), *args, "--results-dir", str(tmp_path / "two")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    poison_step(monkeypatch, 2, ranks={"0"})
+    train.main(args + ["--results-dir", str(tmp_path / "one")])
+    two = load(os.path.join(run_dir(tmp_path / "two"), "checkpoints", "0000003.pt"))
+    one = load(os.path.join(run_dir(tmp_path / "one"), "checkpoints", "0000003.pt"))
+    assert one["nonfinite"] == two["nonfinite"] == 1 and len(two["rng"]) == 2
+    assert_same_state(two["model"], one["model"], atol=1e-6)
+    assert_same_state(two["ema"], one["ema"], atol=1e-6)
+    torch.manual_seed(0)
+    initial = dis.DiS(**one["config"]).state_dict()
+    moved = max((one["model"][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-4  # two real updates of lr 1e-4, far above the tolerance
+    assert json.load(open(os.path.join(run_dir(tmp_path / "two"), "run.json")))[0]["rank_seeds"] == [0, 1]
+
+
+def random_vae(folder):
+    """A randomly initialised AutoencoderKL of Stable Diffusion's architecture, tiny: 3 levels
+    (downsampling 4), 4 latent channels."""
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(folder)
+    return vae.eval()
+
+
+def test_latent_space_with_random_vae(fashion, tmp_path):
+    """--cache-latents holds the diffusers posterior means of every image and of its mirror image;
+    training runs from the cache, on the fly, and from the cache folder as --dataset latents."""
+    vae_dir = str(tmp_path / "vae")
+    vae = random_vae(vae_dir)
+    common = ["--data-path", fashion, *TINY, "--image-size", "32", "--vae", vae_dir, "--max-steps", "2",
+              "--ckpt-every", "2"]
+    cache = tmp_path / "cache"
+    cached_run = train.main(common + ["--cache-latents", "--cache-dir", str(cache), "--sample-every", "2",
+                                      "--results-dir", str(tmp_path / "r")])
+    latents = np.load(cache / "latents.npy")
+    assert latents.shape == (32, 2, 4, 8, 8) and latents.dtype == np.float16
+    images, labels = fashion_arrays(32)
+    np.testing.assert_array_equal(np.load(cache / "labels.npy"), labels)
+    x = torch.from_numpy(np.pad(images[:6], ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 127.5 - 1)
+    x = x[:, None].repeat(1, 3, 1, 1)  # grayscale as RGB
+    with torch.no_grad():
+        for mirrored in (0, 1):
+            mean = vae.encode(x.flip(-1) if mirrored else x).latent_dist.mean * vae.config.scaling_factor
+            np.testing.assert_allclose(latents[:6, mirrored].astype(np.float32), mean.numpy(), rtol=2e-3, atol=2e-3)
+    ckpt = load(os.path.join(cached_run, "checkpoints", "0000002.pt"))
+    assert ckpt["config"]["channels"] == 4 and ckpt["config"]["img_size"] == 8 and ckpt["args"]["vae"] == vae_dir
+    grid = Image.open(os.path.join(cached_run, "samples", "0000002.png"))
+    assert grid.mode == "RGB" and grid.size == (2 + 10 * 34, 2 + 10 * 34)  # decoded to 32x32 RGB
+
+    train.main(common + ["--results-dir", str(tmp_path / "fly")])  # encoding each batch
+    latents_run = train.main(["--dataset", "latents", "--data-path", str(cache), *TINY, "--image-size", "32",
+                              "--max-steps", "1", "--results-dir", str(tmp_path / "lat")])  # no VAE needed
+    ckpt = load(os.path.join(latents_run, "checkpoints", "0000001.pt"))
+    assert ckpt["args"]["num_classes"] == 10 and ckpt["config"]["channels"] == 4
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(fashion, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--data-path", fashion, *TINY,
+                             "--max-steps", "100000", "--results-dir", str(tmp_path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "step=0000002" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "stopped by a signal at step" in err
+    (name,) = os.listdir(os.path.join(run_dir(tmp_path), "checkpoints"))
+    step = load(os.path.join(run_dir(tmp_path), "checkpoints", name))["step"]
+    assert 2 <= step < 100000 and name == f"{step:07d}.pt" and f"--resume {run_dir(tmp_path)}" in err
+
+
+def test_max_minutes_stops_cleanly_with_checkpoint_and_grid(fashion, tmp_path):
+    folder = train.main(["--data-path", fashion, *TINY, "--max-steps", "1000", "--max-minutes", "0",
+                         "--sample-every", "500", "--results-dir", str(tmp_path)])
+    assert os.listdir(os.path.join(folder, "checkpoints")) == ["0000001.pt"]
+    assert os.listdir(os.path.join(folder, "samples")) == ["0000001.png"]
+    assert "Time budget of --max-minutes reached at step 1" in open(os.path.join(folder, "log.txt")).read()
+
+
+def test_repeated_nonfinite_losses_stop_with_a_checkpoint(fashion, tmp_path, monkeypatch):
+    for call in range(1, 5):
+        poison_step(monkeypatch, call, ranks={"0"})
+    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row \(more than --max-nonfinite 2\)"):
+        train.main(["--data-path", fashion, *TINY, "--max-steps", "10", "--max-nonfinite", "2",
+                    "--results-dir", str(tmp_path)])
+    ckpt = load(os.path.join(run_dir(tmp_path), "checkpoints", "0000003.pt"))
+    torch.manual_seed(0)
+    assert_same_state(ckpt["model"], dis.DiS(**ckpt["config"]).state_dict())  # no update was applied
+    assert ckpt["nonfinite"] == 3
+
+
+# ----------------------------------------------------------------------------- errors
+
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as error:
+        train.main(argv)
+    message = str(error.value.code)
+    assert "\n" not in message
+    return message
+
+
+def test_error_missing_dataset(tmp_path):
+    message = one_line_error(["--data-path", str(tmp_path / "nowhere"), *TINY, "--results-dir", str(tmp_path)])
+    assert str(tmp_path / "nowhere") in message and "apt-get install dataset-fashion-mnist" in message
+
+
+def test_error_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    message = one_line_error(["--dataset", "folder", "--data-path", str(tmp_path / "empty"), *TINY,
+                              "--results-dir", str(tmp_path / "r")])
+    assert "no images" in message and str(tmp_path / "empty") in message
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(folder / f"{i:06d}.jpg")
+    (folder / "000007.jpg").write_bytes(b"not a jpeg")
+    run = train.main(["--dataset", "celeba", "--data-path", str(folder), *TINY, "--max-steps", "1",
+                      "--results-dir", str(tmp_path / "r")])
+    assert f"skipping unreadable image {folder / '000007.jpg'}" in open(os.path.join(run, "log.txt")).read()
+
+
+def test_error_patch_size_does_not_divide(fashion, tmp_path):
+    message = one_line_error(["--data-path", fashion, *TINY, "--model", "DiS-S/4", "--image-size", "10",
+                              "--results-dir", str(tmp_path)])
+    assert "patch size 4 of DiS-S/4" in message and "10x10" in message
+
+
+def test_error_vae_missing_offline(fashion, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data-path", fashion, *TINY,
+                           "--vae", "ema", "--results-dir", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot load the VAE 'stabilityai/sd-vae-ft-ema'" in done.stderr and "--vae DIR" in done.stderr
+
+
+def test_error_latents_folder_without_latents(tmp_path):
+    message = one_line_error(["--dataset", "latents", "--data-path", str(tmp_path), *TINY, "--sample-every", "0",
+                              "--results-dir", str(tmp_path / "r")])
+    assert "latents.npy" in message
+
+
+def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", out_of_memory)
+    message = one_line_error(["--data-path", fashion, *TINY, "--results-dir", str(tmp_path)])
+    assert "--global-batch-size" in message and "--grad-checkpointing" in message and "bf16" in message
