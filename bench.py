@@ -1,0 +1,452 @@
+"""Benchmarks for BENCHMARKS.md: the selective scan backends and whole-model throughput.
+
+    python bench.py                       # everything, on the first CUDA device
+    python bench.py --only scan           # scan backends only (also: model, fid)
+    python bench.py --device cpu --quick  # a smoke run of the script itself
+
+Every backend is checked against the reference (selective_scan_ref) in the same run before
+it is timed. Times are medians over repeated runs measured with CUDA events after warm-up.
+The DiT below is the yardstick: adaLN-Zero DiT (Peebles & Xie, 2023) with PyTorch's SDPA.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import scan
+from model import DiS_models, timestep_embedding
+
+
+# ----------------------------------------------------------------------------- timing
+
+def measure(fn, device, warmup=3, repeat=20):
+    """Median seconds of fn() after warm-up (CUDA events on GPU, the wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device):
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / measure(lambda: dst.copy_(src), device, repeat=10)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- scan
+
+SCAN_SHAPES = [  # (label, batch, channels E, length L) of one scan direction
+    ("DiS-S/2 32x32, batch 128", 128, 736, 257),
+    ("DiS-S/2 64x64, batch 64", 64, 736, 1025),
+    ("DiS-H/2 256 latent, batch 32", 32, 3072, 258),
+    ("BASELINES.md shape", 32, 768, 1026),
+]
+QUICK_SCAN_SHAPES = [("tiny", 2, 8, 9)]
+
+
+def scan_inputs(batch, E, L, dtype, device, n_dir=1, N=16, seed=0):
+    """Random inputs shaped like DiS's scans, in mamba layout (u: (batch, E, L)) per direction."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+    dt = torch.exp(torch.rand(n_dir, E, generator=g, device=device) * math.log(100) + math.log(1e-3))
+    return dict(u=r(n_dir, batch, E, L), delta=r(n_dir, batch, E, L, scale=0.1),
+                A=-torch.arange(1, N + 1, device=device, dtype=torch.float32).repeat(n_dir, E, 1),
+                B=r(n_dir, batch, N, L), C=r(n_dir, batch, N, L), D=torch.ones(n_dir, E, device=device),
+                z=r(batch, E, L), delta_bias=dt + torch.log(-torch.expm1(-dt)))
+
+
+def single(kw, d=0):
+    """One direction's arguments for selective_scan(...)."""
+    return dict(u=kw["u"][d], delta=kw["delta"][d], A=kw["A"][d], B=kw["B"][d], C=kw["C"][d], D=kw["D"][d],
+                z=kw["z"], delta_bias=kw["delta_bias"][d], delta_softplus=True)
+
+
+def reversed_in_time(args):
+    """The original DiS feeds its backward direction time-reversed tensors (flipped before the conv)."""
+    return {k: v.flip(-1) if k in ("u", "delta", "B", "C", "z") else v for k, v in args.items()}
+
+
+def token_major(kw):
+    """Both directions in the layout DiS's fused block hands to scan_triton.bimamba_scan:
+    u, delta: (batch, L, 2, E); B, C: (batch, L, 2, N); z: a (batch, L, E) slice of in_proj's output."""
+    batch, E, L = kw["z"].shape
+    xz = torch.cat([kw["z"], kw["z"]], dim=1).transpose(1, 2).contiguous()
+    return dict(u=kw["u"].permute(1, 3, 0, 2).contiguous(), delta=kw["delta"].permute(1, 3, 0, 2).contiguous(),
+                A=kw["A"], B=kw["B"].permute(1, 3, 0, 2).contiguous(), C=kw["C"].permute(1, 3, 0, 2).contiguous(),
+                D=kw["D"], z=xz[..., E:], delta_bias=kw["delta_bias"], delta_softplus=True)
+
+
+def bidirectional_ref(kw):
+    """Both directions by the reference, the second on the time-reversed sequence: (batch, E, L)."""
+    return (scan.selective_scan_ref(**single(kw, 0))
+            + scan.selective_scan_ref(**reversed_in_time(single(kw, 1))).flip(-1))
+
+
+def scan_backends(device):
+    """name -> (directions, prepare: mamba-layout inputs -> call arguments, run: arguments -> output,
+    canonical: output -> (batch, E, L)). prepare is differentiable, so gradients reach the inputs."""
+    same = lambda y: y
+    out = {}
+    if "mamba" in scan.available_backends(device):
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        out["mamba"] = (1, single, lambda a: selective_scan_fn(**a), same)
+        out["mamba x2 (original DiS)"] = (
+            2, lambda kw: [single(kw, 0), reversed_in_time(single(kw, 1))],
+            lambda a: selective_scan_fn(**a[0]) + selective_scan_fn(**a[1]).flip(-1), same)
+    if "triton" in scan.available_backends(device):
+        from scan_triton import bimamba_scan, selective_scan_triton
+        out["triton"] = (1, single, lambda a: selective_scan_triton(**a), same)
+        out["triton bidirectional"] = (2, token_major, lambda a: bimamba_scan(**a), lambda y: y.transpose(1, 2))
+    out["reference"] = (1, single, lambda a: scan.selective_scan_ref(**a), same)
+    return out
+
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def check_scan(backend, dtype, device, E, L):
+    """Relative errors of the forward and of every gradient against the reference, 2 sequences."""
+    n_dir, prepare, run, canonical = backend
+    kw = scan_inputs(2, E, L, dtype, device, n_dir=2, seed=1)
+    ours = {k: v.clone().requires_grad_(True) for k, v in kw.items()}
+    ref = {k: v.clone().requires_grad_(True) for k, v in kw.items()}
+    y = canonical(run(prepare(ours)))
+    y_ref = scan.selective_scan_ref(**single(ref)) if n_dir == 1 else bidirectional_ref(ref)
+    g = torch.randn(y_ref.shape, device=device, dtype=torch.float32)
+    (y.float() * g).sum().backward()
+    (y_ref.float() * g).sum().backward()
+    errors = {"y": rel_err(y, y_ref)}
+    errors.update({"d" + k: rel_err(ours[k].grad, ref[k].grad) for k in GRAD_NAMES})
+    return errors
+
+
+def leaves_of(args):
+    """Detached copies of the call arguments' activations (not the parameters A, D, bias) that
+    require grad, as in training."""
+    if isinstance(args, list):
+        return [leaves_of(a) for a in args]
+    return {k: v.detach().requires_grad_(k in ("u", "delta", "B", "C", "z")) if torch.is_tensor(v) else v
+            for k, v in args.items()}
+
+
+def bench_scan(device, quick, dtypes):
+    backends = scan_backends(device)
+    bandwidth = copy_bandwidth(device)
+    rows, checks = [], []
+    for dtype in dtypes:
+        for label, batch, E, L in (QUICK_SCAN_SHAPES if quick else SCAN_SHAPES):
+            size = dtype.itemsize * batch * E * L
+            small = 2 * 16 * batch * L * dtype.itemsize
+            floor_f = (4 * size + small) / bandwidth  # read u, delta, z; write y
+            floor_fb = (11 * size + 3 * small) / bandwidth  # + read u, delta, z, dy; write du, ddelta, dz
+            for name, backend in backends.items():
+                if name == "reference" and not quick:
+                    continue  # a Python loop over time: minutes at these shapes
+                n_dir, prepare, run, _ = backend
+                checks.append({"dtype": str(dtype).replace("torch.", ""), "shape": label, "backend": name,
+                               **check_scan(backend, dtype, device, E, L)})
+                print(checks[-1], flush=True)
+                args = leaves_of(prepare(scan_inputs(batch, E, L, dtype, device, n_dir=2)))
+                with torch.no_grad():
+                    t_fwd = measure(lambda: run(args), device)
+                y = run(args)
+                g = torch.randn_like(y)
+                grads_of = [t for a in (args if isinstance(args, list) else [args]) for t in a.values()
+                            if torch.is_tensor(t) and t.requires_grad]
+                del y
+
+                def fwd_bwd():
+                    for t in grads_of:
+                        t.grad = None
+                    run(args).backward(g)
+                t_fb = measure(fwd_bwd, device)
+                rows.append({"dtype": str(dtype).replace("torch.", ""), "shape": f"{label} ({batch}, {E}, {L})",
+                             "backend": name, "fwd_ms": 1e3 * t_fwd, "fwd_bwd_ms": 1e3 * t_fb,
+                             "floor_fwd_ms": 1e3 * floor_f * n_dir, "floor_fwd_bwd_ms": 1e3 * floor_fb * n_dir})
+                print(rows[-1], flush=True)
+                del args, g, grads_of
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, checks, bandwidth
+
+
+# ----------------------------------------------------------------------------- DiT yardstick
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: attention and MLP, each modulated by c and gated."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + gate1 * self.proj(h)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT with learned sigma: (B, C, H, W), (B,), (B,) -> (B, 2C, H, W)."""
+
+    def __init__(self, img_size, patch_size, channels, dim, depth, heads, num_classes):
+        super().__init__()
+        self.p, self.c = patch_size, channels
+        self.patch = nn.Conv2d(channels, dim, patch_size, patch_size)
+        self.pos = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, dim), requires_grad=False)
+        self.t_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.y_emb = nn.Embedding(num_classes + 1, dim)
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.out = nn.Linear(dim, patch_size * patch_size * 2 * channels)
+
+    def forward(self, x, t, y):
+        n, _, hh, ww = x.shape
+        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        c = self.t_mlp(timestep_embedding(t, 256)) + self.y_emb(y)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_mod(c)[:, None].chunk(2, dim=-1)
+        h = self.out(self.norm(h) * (1 + scale) + shift)
+        p, gh = self.p, hh // self.p
+        h = h.reshape(n, gh, gh, p, p, 2 * self.c)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(n, 2 * self.c, hh, ww)
+
+
+DIT_SIZES = {"DiT-S/2": (384, 12, 6), "DiT-XL/2": (1152, 28, 16), "DiT-tiny": (32, 2, 2)}
+
+
+# ----------------------------------------------------------------------------- whole models
+
+MODEL_CASES = [  # (DiS name, DiT name, image size, channels, classes, batch)
+    ("DiS-S/2", "DiT-S/2", 32, 3, 10, 128),
+    ("DiS-S/2", "DiT-S/2", 64, 3, 10, 64),
+    ("DiS-H/2", "DiT-XL/2", 32, 4, 1000, 32),
+]
+QUICK_MODEL_CASES = [("DiS-tiny", "DiT-tiny", 8, 3, 10, 4)]
+
+
+def build(name, img, ch, classes, device):
+    if name == "DiS-tiny":
+        from model import DiS
+        return DiS(img_size=img, patch_size=2, channels=ch, embed_dim=32, depth=2, num_classes=classes).to(device)
+    if name.startswith("DiT"):
+        dim, depth, heads = DIT_SIZES[name]
+        return DiT(img, 2, ch, dim, depth, heads, classes).to(device)
+    return DiS_models[name](img_size=img, channels=ch, num_classes=classes).to(device)
+
+
+def throughput(model, img, ch, classes, batch, device):
+    """(train img/s, forward img/s, peak GB) with bf16 autocast on CUDA, fused AdamW."""
+    x = torch.randn(batch, ch, img, img, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    def train_step():
+        with autocast:
+            loss = model(x, t, y).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def forward():
+        with torch.no_grad(), autocast:
+            model(x, t, y)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    t_train = measure(train_step, device, warmup=3, repeat=10)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
+    model.eval()
+    t_fwd = measure(forward, device, warmup=2, repeat=10)
+    return batch / t_train, batch / t_fwd, peak
+
+
+def model_parity(model, img, ch, classes, backend, device, batch=2):
+    """Relative error of the output and of all parameter gradients (as one vector) of one
+    bf16-autocast forward+backward with `backend` against the reference scan path."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, ch, img, img, generator=g, device=device)
+    t = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    y = torch.randint(0, classes, (batch,), generator=g, device=device)
+    results = []
+    for name in ("ref", backend):
+        os.environ["DIS_SCAN_BACKEND"] = name
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model.eval()(x, t, y)
+        out.float().pow(2).mean().backward()
+        results.append((out.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
+    model.zero_grad(set_to_none=True)
+    (o_ref, g_ref), (o, g) = results
+    return rel_err(o, o_ref), rel_err(g, g_ref)
+
+
+def bench_models(device, cases):
+    rows, checks = [], []
+    backends = [b for b in ("mamba", "triton") if b in scan.available_backends(device)] or ["ref"]
+    for dis_name, dit_name, img, ch, classes, batch in cases:
+        label = f"{img}x{img}x{ch}, batch {batch}"
+        torch.manual_seed(0)
+        dis = build(dis_name, img, ch, classes, device)
+        for backend in backends:
+            out_err, grad_err = model_parity(dis, img, ch, classes, backend, device)
+            checks.append({"model": dis_name, "input": label, "backend": backend,
+                           "output_rel_err": out_err, "grads_rel_err": grad_err})
+            os.environ["DIS_SCAN_BACKEND"] = backend
+            train, fwd, peak = throughput(dis, img, ch, classes, batch, device)
+            rows.append({"model": f"{dis_name} ({backend} scan)", "input": label, "params_M": params(dis),
+                         "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak})
+        os.environ.pop("DIS_SCAN_BACKEND", None)
+        del dis
+        dit = build(dit_name, img, ch, classes, device)
+        train, fwd, peak = throughput(dit, img, ch, classes, batch, device)
+        rows.append({"model": dit_name, "input": label, "params_M": params(dit),
+                     "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak})
+        del dit
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, checks
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+# ----------------------------------------------------------------------------- FID network
+
+def pytorch_fid_network(state_dict, device):
+    """pytorch-fid's InceptionV3 (pool features) with the given weights instead of a download."""
+    from unittest import mock
+
+    import pytorch_fid.inception as pf
+    with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state_dict):
+        return pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
+
+
+def bench_fid(device, quick):
+    """Feature-extraction images/s of fid.py's network (all five metrics' features in one pass)
+    and of pytorch-fid's (pool features only), same random weights, same uint8 images."""
+    import fid
+    torch.manual_seed(0)
+    ours = fid.FIDInceptionV3().to(device).eval()
+    theirs = pytorch_fid_network(ours.state_dict(), device)
+    count, batch = (8, 4) if quick else (10_000, 500)
+    rows = []
+    for size in (32, 256):
+        images = torch.randint(0, 256, (count, size, size, 3), dtype=torch.uint8, device=device)
+
+        def run_ours():
+            for i in range(0, count, batch):
+                ours(images[i:i + batch])
+
+        def run_theirs():
+            for i in range(0, count, batch):
+                theirs(images[i:i + batch].permute(0, 3, 1, 2).float() / 255)
+        with torch.no_grad():
+            for name, fn in (("fid.py (adm mode; pool, spatial, logits)", run_ours),
+                             ("pytorch-fid InceptionV3 (pool)", run_theirs)):
+                rows.append({"network": name, "images": f"{count} x {size}x{size}",
+                             "img_s": count / measure(fn, device, warmup=1, repeat=2)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(rows):
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="scan,model,fid", help="comma list of: scan, model, fid")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that the script runs")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="scan dtypes, comma list of bf16, fp32")
+    parser.add_argument("--cases", default=None, help="model cases to run, comma list of indices into MODEL_CASES")
+    parser.add_argument("--out", default=None, help="also write the tables (markdown) and raw numbers (JSON) here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        header = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    else:
+        header = f"CPU, torch {torch.__version__}"
+    report, raw = [f"Device: {header}; scan backends: {scan.available_backends(device)}"], {}
+    parts = args.only.split(",")
+    if "scan" in parts:
+        names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+        dtypes = [torch.float32] if args.quick else [names[d] for d in args.dtypes.split(",")]
+        rows, checks, bandwidth = bench_scan(device, args.quick, dtypes)
+        raw.update(scan=rows, scan_checks=checks, copy_bandwidth=bandwidth)
+        report += [f"\n## Selective scan (copy bandwidth {bandwidth / 1e12:.2f} TB/s read+write)\n", table(rows),
+                   "\nRelative error against the reference (forward y and each gradient), 2 sequences:\n",
+                   table(checks)]
+    if "model" in parts:
+        cases = QUICK_MODEL_CASES if args.quick else MODEL_CASES
+        if args.cases:
+            cases = [cases[int(i)] for i in args.cases.split(",")]
+        rows, checks = bench_models(device, cases)
+        raw.update(model=rows, model_checks=checks)
+        report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n", table(rows),
+                   "\nDiS forward+backward (bf16 autocast, batch 2) against the reference scan path:\n", table(checks)]
+    if "fid" in parts:
+        rows = bench_fid(device, args.quick)
+        raw["fid"] = rows
+        report += ["\n## FID feature extraction (random weights, batch 500)\n", table(rows)]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(raw, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
