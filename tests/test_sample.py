@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import REPO, TINY, load, one_thread, write_fashion_subset  # noqa: E402,F401  (one_thread: autouse)
+from test_train import REPO, TINY, load, one_line_error, one_thread, write_fashion_subset  # noqa: E402,F401  (one_thread: autouse)
 
 import model as dis  # noqa: E402
 import sample  # noqa: E402
@@ -109,35 +109,31 @@ def test_latent_checkpoint_decodes_through_the_vae(tmp_path):
         assert json.loads(str(npz["meta"]))["vae"] == vae_dir
 
 
-def one_line_error(argv):
-    with pytest.raises(SystemExit) as error:
-        sample.main(argv)
-    message = str(error.value.code)
-    assert "\n" not in message
-    return message
+def sample_error(argv):
+    return one_line_error(argv, sample.main)
 
 
 def test_error_checkpoint_of_another_model_size(ckpt, tmp_path):
     torch.save({"model": load(ckpt)["model"]}, tmp_path / "original.pth")
-    message = one_line_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--depth", "4",
+    message = sample_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--depth", "4",
                               "--embed-dim", "16", "--image-size", "8", "--num-classes", "10", "--channels", "1"])
     assert "holds DiS (D=16, depth 2) at 8x8 with 1 channels, 10 classes" in message
     assert "ask for DiS (D=16, depth 4)" in message
-    message = one_line_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--image-size", "8",
+    message = sample_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--image-size", "8",
                               "--num-classes", "10", "--channels", "1"])
     assert "ask for DiS-S/2 (D=368, depth 24)" in message
 
 
 def test_errors_on_labels_and_guidance(ckpt, tmp_path):
-    assert "outside the model's classes 0..9" in one_line_error(["--ckpt", ckpt, "--class-labels", "3", "10"])
+    assert "outside the model's classes 0..9" in sample_error(["--ckpt", ckpt, "--class-labels", "3", "10"])
     torch.manual_seed(0)
     unconditional = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=0)
     torch.save(unconditional.state_dict(), tmp_path / "uncond.pth")
-    message = one_line_error(["--ckpt", str(tmp_path / "uncond.pth"), "--embed-dim", "16", "--depth", "2",
+    message = sample_error(["--ckpt", str(tmp_path / "uncond.pth"), "--embed-dim", "16", "--depth", "2",
                               "--model", "DiS-S/2", "--image-size", "8", "--num-classes", "0", "--channels", "1",
                               "--cfg", "1.5"])
     assert "unconditional" in message
-    assert "not found" in one_line_error(["--ckpt", str(tmp_path / "missing.pt")])
+    assert "not found" in sample_error(["--ckpt", str(tmp_path / "missing.pt")])
 
 
 def test_fid_ref_evaluates_the_written_samples(ckpt, tmp_path, monkeypatch):

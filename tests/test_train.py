@@ -322,9 +322,10 @@ def test_repeated_nonfinite_losses_stop_with_a_checkpoint(fashion, tmp_path, mon
 
 # ----------------------------------------------------------------------------- errors
 
-def one_line_error(argv):
+def one_line_error(argv, main=train.main):
+    """The message of the SystemExit that main(argv) raises, checked to be a single line."""
     with pytest.raises(SystemExit) as error:
-        train.main(argv)
+        main(argv)
     message = str(error.value.code)
     assert "\n" not in message
     return message
