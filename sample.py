@@ -270,15 +270,20 @@ def save_grid(images, path, columns, text=None):
     if text:
         info.add_text("dis", text)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(f, format="PNG", pnginfo=info)
-    os.replace(path + ".tmp", path)
+    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def save_npz(path, **arrays):
-    """np.savez written atomically (a temp file, then os.replace)."""
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
+    """np.savez written atomically."""
+    write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def write_atomically(path, write, mode="wb"):
+    """write(f) into path + ".tmp", then rename it over path: an interrupted run never leaves a
+    half-written file, and the previous version stays intact until the new one is complete."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
     os.replace(path + ".tmp", path)
 
 
@@ -331,8 +336,7 @@ def sample_npz(args, model, vae, diffusion, info, rank, world, device):
         if model.num_classes:
             arrays["arr_1"] = np.concatenate([p["labels"] for p in parts]).astype(np.int64)
         save_npz(final, **arrays)
-        with open(os.path.join(args.sample_dir, name + ".json"), "w") as f:
-            f.write(meta + "\n")
+        write_atomically(os.path.join(args.sample_dir, name + ".json"), lambda f: f.write(meta + "\n"), "w")
         save_grid(images[:100], os.path.join(args.sample_dir, name + ".png"), min(10, len(images)), meta)
         shutil.rmtree(batch_dir)
         print(f"Saved {final} [arr_0 {images.dtype} {images.shape}]")
@@ -431,8 +435,7 @@ def main(argv=None):
                 metrics = fid_of(path, args.fid_ref, args.inception_weights)
                 print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None))
                 info["metrics"] = metrics
-                with open(path[: -len(".npz")] + ".json", "w") as f:
-                    f.write(json.dumps(info) + "\n")
+                write_atomically(path[: -len(".npz")] + ".json", lambda f: f.write(json.dumps(info) + "\n"), "w")
             return path
         if rank == 0:
             labels, count = (torch.tensor(args.class_labels), len(args.class_labels)) if args.class_labels \

@@ -99,7 +99,7 @@ import model as dis
 from diffusion import create_diffusion
 from sample import (active_scan_backend, barrier, derived_seed, generate, grid_labels, load_checkpoint, load_vae,
                     model_config, resolve_vae, save_grid, set_scan_backend, setup_distributed, to_uint8,
-                    vae_downsampling)
+                    vae_downsampling, write_atomically)
 
 # name: (default image size, default classes); None: from the data
 DATASETS = {"fashion-mnist": (32, 10), "cifar10": (32, 0), "celeba": (64, 0), "imagenet": (256, None),
@@ -423,7 +423,7 @@ def build_latent_cache(source, vae, folder, args, rank, world, device):
         if source.labels is not None:
             np.save(os.path.join(folder, "labels.npy"), source.labels.numpy())
         os.replace(partial_path, final)
-        write_atomically(meta_path, json.dumps(meta))
+        write_text(meta_path, json.dumps(meta))
         log.info(f"Encoded {len(source):,} images (and their mirror images) into {final}")
     barrier()
     return load_latent_array(folder)
@@ -464,10 +464,8 @@ def read_json(path):
         return json.load(f)
 
 
-def write_atomically(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def write_text(path, text):
+    write_atomically(path, lambda f: f.write(text), "w")
 
 
 def new_run_dir(results_dir, model_name):
@@ -552,7 +550,7 @@ def record_launch(run_dir, args, world, device, backend, step):
                          rank_seeds=[args.global_seed * world + r for r in range(world)], device=str(device),
                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                          scan_backend=backend, versions=library_versions()))
-    write_atomically(path, json.dumps(launches, indent=1))
+    write_text(path, json.dumps(launches, indent=1))
 
 
 def rng_states(world, device):
@@ -569,8 +567,7 @@ def save_checkpoint(path, state, rank, world, device):
     """Write the checkpoint dict (plus every rank's RNG state) atomically from rank 0."""
     state["rng"] = rng_states(world, device)
     if rank == 0:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomically(path, lambda f: torch.save(state, f))
         log.info(f"Saved checkpoint {path}")
     barrier()
 
@@ -597,9 +594,7 @@ def draw_loss_curve(points, path, width=720, height=400):
         draw.text((x_of(s) - 12, height - bottom + 8), str(s), fill="black")
     draw.line([(x_of(s), y_of(v)) for (s, _), v in zip(points, logs)], fill=(31, 119, 180), width=2)
     draw.text((left, 8), "training loss (log scale) against step", fill="black")
-    with open(path + ".tmp", "wb") as f:
-        image.save(f, format="PNG")
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
 class StopSignals:

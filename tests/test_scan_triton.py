@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scan_triton
 from scan_triton import biconv_silu, bimamba_scan, selective_scan_triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
