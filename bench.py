@@ -156,12 +156,17 @@ def leaves_of(args):
             for k, v in args.items()}
 
 
-def bench_scan(device, quick, dtypes):
+def bench_scan(device, quick, dtypes, only_backends=None, shapes=None):
     backends = scan_backends(device)
+    if only_backends:
+        unknown = set(only_backends) - set(backends)
+        if unknown:
+            raise SystemExit(f"--backends: {sorted(unknown)} not available here; available: {sorted(backends)}")
+        backends = {k: v for k, v in backends.items() if k in only_backends}
     bandwidth = copy_bandwidth(device)
     rows, checks = [], []
     for dtype in dtypes:
-        for label, batch, E, L in (QUICK_SCAN_SHAPES if quick else SCAN_SHAPES):
+        for label, batch, E, L in (QUICK_SCAN_SHAPES if quick else shapes or SCAN_SHAPES):
             size = dtype.itemsize * batch * E * L
             small = 2 * 16 * batch * L * dtype.itemsize
             floor_f = (4 * size + small) / bandwidth  # read u, delta, z; write y
@@ -320,7 +325,7 @@ def model_parity(model, img, ch, classes, backend, device, batch=2):
     return rel_err(o, o_ref), rel_err(g, g_ref)
 
 
-def bench_models(device, cases):
+def bench_models(device, cases, compile_too=False):
     rows, checks = [], []
     backends = [b for b in ("mamba", "triton") if b in scan.available_backends(device)] or ["ref"]
     for dis_name, dit_name, img, ch, classes, batch in cases:
@@ -335,6 +340,11 @@ def bench_models(device, cases):
             train, fwd, peak = throughput(dis, img, ch, classes, batch, device)
             rows.append({"model": f"{dis_name} ({backend} scan)", "input": label, "params_M": params(dis),
                          "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak})
+        if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
+            os.environ["DIS_SCAN_BACKEND"] = backends[-1]
+            train, fwd, peak = throughput(torch.compile(dis), img, ch, classes, batch, device)
+            rows.append({"model": f"{dis_name} ({backends[-1]} scan, torch.compile)", "input": label,
+                         "params_M": params(dis), "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak})
         os.environ.pop("DIS_SCAN_BACKEND", None)
         del dis
         dit = build(dit_name, img, ch, classes, device)
@@ -408,6 +418,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that the script runs")
     parser.add_argument("--dtypes", default="bf16,fp32", help="scan dtypes, comma list of bf16, fp32")
     parser.add_argument("--cases", default=None, help="model cases to run, comma list of indices into MODEL_CASES")
+    parser.add_argument("--backends", default=None,
+                        help="scan backends to time, comma list (e.g. 'triton,mamba'); default: all available")
+    parser.add_argument("--compile", action="store_true", help="also time each DiS under torch.compile")
+    parser.add_argument("--shapes", default=None, help="scan shapes to run, comma list of indices into SCAN_SHAPES")
     parser.add_argument("--out", default=None, help="also write the tables (markdown) and raw numbers (JSON) here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -416,12 +430,17 @@ def main(argv=None):
         header = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     else:
         header = f"CPU, torch {torch.__version__}"
-    report, raw = [f"Device: {header}; scan backends: {scan.available_backends(device)}"], {}
+    from scan_triton import SCAN_CHUNK
+    report = [f"Device: {header}; scan backends: {scan.available_backends(device)}; "
+              f"triton chunk length {SCAN_CHUNK[device.type]}"]
+    raw = {"device": header, "scan_chunk": SCAN_CHUNK[device.type]}
     parts = args.only.split(",")
     if "scan" in parts:
         names = {"bf16": torch.bfloat16, "fp32": torch.float32}
         dtypes = [torch.float32] if args.quick else [names[d] for d in args.dtypes.split(",")]
-        rows, checks, bandwidth = bench_scan(device, args.quick, dtypes)
+        shapes = [SCAN_SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else None
+        backends = args.backends.split(",") if args.backends else None
+        rows, checks, bandwidth = bench_scan(device, args.quick, dtypes, backends, shapes)
         raw.update(scan=rows, scan_checks=checks, copy_bandwidth=bandwidth)
         report += [f"\n## Selective scan (copy bandwidth {bandwidth / 1e12:.2f} TB/s read+write)\n", table(rows),
                    "\nRelative error against the reference (forward y and each gradient), 2 sequences:\n",
@@ -430,7 +449,7 @@ def main(argv=None):
         cases = QUICK_MODEL_CASES if args.quick else MODEL_CASES
         if args.cases:
             cases = [cases[int(i)] for i in args.cases.split(",")]
-        rows, checks = bench_models(device, cases)
+        rows, checks = bench_models(device, cases, args.compile)
         raw.update(model=rows, model_checks=checks)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n", table(rows),
                    "\nDiS forward+backward (bf16 autocast, batch 2) against the reference scan path:\n", table(checks)]

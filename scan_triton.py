@@ -24,6 +24,8 @@ a_s = exp(delta_s A)) backwards through the chunk, and forms the gradients from 
 
 Set TRITON_INTERPRET=1 before importing this module to run the kernels on CPU tensors.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,9 +34,13 @@ import triton.language as tl
 # Tunables, all in one place. The scan's chunk length is also the spacing of the states the
 # forward pass saves for the backward pass, so forward and backward share it.
 # ---------------------------------------------------------------------------------------------
-SCAN_CHUNK = {"cuda": 4, "cpu": 8}  # time steps per chunk (a power of two)
+# DIS_SCAN_CHUNK overrides the CUDA chunk length (bench.py sweeps it); longer chunks save fewer
+# states (less memory) but hold more per-step values in registers during the backward pass.
+SCAN_CHUNK = {"cuda": int(os.environ.get("DIS_SCAN_CHUNK", 4)), "cpu": 8}  # a power of two
+if SCAN_CHUNK["cuda"] < 1 or SCAN_CHUNK["cuda"] & (SCAN_CHUNK["cuda"] - 1):
+    raise ValueError(f"DIS_SCAN_CHUNK must be a power of two, got {SCAN_CHUNK['cuda']}")
 SCAN_FWD_CONFIGS = [(16, 1), (32, 1), (8, 1)]  # (BLOCK_E channels, num_warps)
-SCAN_BWD_CONFIGS = [(8, 1), (16, 1)]
+SCAN_BWD_CONFIGS = [(8, 1), (16, 1), (32, 1)]
 SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
 CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS = 32, 128, 4
 
