@@ -140,7 +140,7 @@ def test_fid_ref_evaluates_the_written_samples(ckpt, tmp_path, monkeypatch):
     """fid.evaluate runs on the .npz (grayscale replicated to RGB) with a randomly initialised
     Inception (the real weights are a download): against the same images FID is 0."""
     import fid
-    random_inception = lambda weights=None, mode="adm", device="cpu": fid.FIDInceptionV3(mode).eval()
+    random_inception = lambda weights=None, mode="adm", device="cpu": fid.FIDInceptionV3(mode).eval().to(device)
     monkeypatch.setattr(fid, "load_inception", random_inception)
     args = ["--ckpt", ckpt, *FAST, "--num-samples", "4", "--per-proc-batch-size", "4"]
     first = sample.main(args + ["--sample-dir", str(tmp_path / "a")])
