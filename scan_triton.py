@@ -88,6 +88,33 @@ def _tile(base, t, cols, s_t, s_c, mask):
 
 
 @triton.jit
+def _direction_params(A_ptr, bias_ptr, D_ptr, d, e, n, emask, nmask, E, N, BLOCK_E: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, ACC: tl.constexpr):
+    """Direction d's A (NP, BLOCK_E), delta_bias and D (BLOCK_E,), zero where absent."""
+    A = tl.load(A_ptr + d * E * N + e[None, :] * N + n[:, None],
+                mask=nmask[:, None] & emask[None, :], other=0.0).to(ACC)
+    bias = tl.zeros([BLOCK_E], ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+    Dv = tl.zeros([BLOCK_E], ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+    return A, bias, Dv
+
+
+@triton.jit
+def _chunk_inputs(c, L, T: tl.constexpr, REV: tl.constexpr, e, n, emask, nmask,
+                  u_base, su_l, su_e, dl_base, sd_l, sd_e, B_base, sB_l, sB_n, C_base, sC_l, sC_n):
+    """Chunk c's (T, BLOCK_E) tiles of u and delta, its (T, NP) tiles of B and C, and the
+    (T, BLOCK_E) mask of the steps that exist, for loading other (T, BLOCK_E) tiles alike."""
+    t, valid = _chunk_rows(c, L, T, REV)
+    m_te = valid[:, None] & emask[None, :]
+    m_tn = valid[:, None] & nmask[None, :]
+    return (t, m_te, _tile(u_base, t, e, su_l, su_e, m_te), _tile(dl_base, t, e, sd_l, sd_e, m_te),
+            _tile(B_base, t, n, sB_l, sB_n, m_tn), _tile(C_base, t, n, sC_l, sC_n, m_tn))
+
+
+@triton.jit
 def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(delta, raw + bias): delta = softplus(raw + bias), zero on masked entries (so that
     exp(delta A) = 1 and the state is left alone there)."""
@@ -146,23 +173,12 @@ def _scan_fwd_kernel(
         B_base = B_ptr + b * sB_b + d * sB_d
         C_base = C_ptr + b * sC_b + d * sC_d
         hs_base = hs_ptr + ((b * ND + d) * n_chunks) * NP * E
-        A = tl.load(A_ptr + d * E * N + e[None, :] * N + n[:, None],
-                    mask=nmask[:, None] & emask[None, :], other=0.0).to(ACC)  # (NP, BLOCK_E)
-        bias = tl.zeros([BLOCK_E], ACC)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
-        Dv = tl.zeros([BLOCK_E], ACC)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        A, bias, Dv = _direction_params(A_ptr, bias_ptr, D_ptr, d, e, n, emask, nmask, E, N, BLOCK_E,
+                                        HAS_BIAS, HAS_D, ACC)
         h = tl.zeros([NP, BLOCK_E], ACC)
         # Tiles of chunk 0; every iteration then loads the next chunk's tiles before computing.
-        t, valid = _chunk_rows(0, L, T, d == 1)
-        m_te = valid[:, None] & emask[None, :]
-        m_tn = valid[:, None] & nmask[None, :]
-        u_n = _tile(u_base, t, e, su_l, su_e, m_te)
-        dl_n = _tile(dl_base, t, e, sd_l, sd_e, m_te)
-        B_n = _tile(B_base, t, n, sB_l, sB_n, m_tn)
-        C_n = _tile(C_base, t, n, sC_l, sC_n, m_tn)
+        t, m_te, u_n, dl_n, B_n, C_n = _chunk_inputs(0, L, T, d == 1, e, n, emask, nmask, u_base, su_l, su_e,
+                                                     dl_base, sd_l, sd_e, B_base, sB_l, sB_n, C_base, sC_l, sC_n)
         z_n = u_n
         if HAS_Z:
             z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
@@ -171,13 +187,9 @@ def _scan_fwd_kernel(
             y_n = _tile(y_base, t, e, sy_l, sy_e, m_te)
         for c in range(0, n_chunks):
             u_c, dl_c, B_c, C_c, z_c, y_c = u_n, dl_n, B_n, C_n, z_n, y_n
-            t1, valid1 = _chunk_rows(c + 1, L, T, d == 1)
-            m1_te = valid1[:, None] & emask[None, :]
-            m1_tn = valid1[:, None] & nmask[None, :]
-            u_n = _tile(u_base, t1, e, su_l, su_e, m1_te)
-            dl_n = _tile(dl_base, t1, e, sd_l, sd_e, m1_te)
-            B_n = _tile(B_base, t1, n, sB_l, sB_n, m1_tn)
-            C_n = _tile(C_base, t1, n, sC_l, sC_n, m1_tn)
+            t1, m1_te, u_n, dl_n, B_n, C_n = _chunk_inputs(c + 1, L, T, d == 1, e, n, emask, nmask, u_base, su_l,
+                                                           su_e, dl_base, sd_l, sd_e, B_base, sB_l, sB_n, C_base,
+                                                           sC_l, sC_n)
             if HAS_Z:
                 z_n = _tile(z_base, t1, e, sz_l, sz_e, m1_te)
             if d > 0:
@@ -245,27 +257,17 @@ def _scan_bwd_kernel(
         C_base = C_ptr + b * sC_b + d * sC_d
         hs_base = hs_ptr + ((b * ND + d) * n_chunks) * NP * E
         dud_base = b * L * ND * E + d * E
-        A = tl.load(A_ptr + d * E * N + e[None, :] * N + n[:, None],
-                    mask=nmask[:, None] & emask[None, :], other=0.0).to(ACC)  # (NP, BLOCK_E)
-        bias = tl.zeros([BLOCK_E], ACC)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
-        Dv = tl.zeros([BLOCK_E], ACC)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        A, bias, Dv = _direction_params(A_ptr, bias_ptr, D_ptr, d, e, n, emask, nmask, E, N, BLOCK_E,
+                                        HAS_BIAS, HAS_D, ACC)
         dh = tl.zeros([NP, BLOCK_E], ACC)  # adjoint state after the current chunk
         a_next = tl.zeros([NP, BLOCK_E], ACC)  # its decay (first step of the chunk after)
         dA = tl.zeros([NP, BLOCK_E], ACC)
         dD = tl.zeros([BLOCK_E], ACC)
         dbias = tl.zeros([BLOCK_E], ACC)
         # Tiles of the last chunk; every iteration then loads the previous chunk's tiles first.
-        t, valid = _chunk_rows(n_chunks - 1, L, T, d == 1)
-        m_te = valid[:, None] & emask[None, :]
-        m_tn = valid[:, None] & nmask[None, :]
-        u_n = _tile(u_base, t, e, su_l, su_e, m_te)
-        dl_n = _tile(dl_base, t, e, sd_l, sd_e, m_te)
-        B_n = _tile(B_base, t, n, sB_l, sB_n, m_tn)
-        C_n = _tile(C_base, t, n, sC_l, sC_n, m_tn)
+        t, m_te, u_n, dl_n, B_n, C_n = _chunk_inputs(n_chunks - 1, L, T, d == 1, e, n, emask, nmask, u_base, su_l,
+                                                     su_e, dl_base, sd_l, sd_e, B_base, sB_l, sB_n, C_base, sC_l,
+                                                     sC_n)
         dy_n = _tile(dy_base, t, e, sdy_l, sdy_e, m_te)
         z_n = dy_n
         if HAS_Z:
@@ -275,13 +277,9 @@ def _scan_bwd_kernel(
         for cc in range(0, n_chunks):
             c = n_chunks - 1 - cc
             u_c, dl_c, B_c, C_c, dy_c, z_c, h = u_n, dl_n, B_n, C_n, dy_n, z_n, h_n
-            t1, valid1 = _chunk_rows(c - 1, L, T, d == 1)
-            m1_te = valid1[:, None] & emask[None, :]
-            m1_tn = valid1[:, None] & nmask[None, :]
-            u_n = _tile(u_base, t1, e, su_l, su_e, m1_te)
-            dl_n = _tile(dl_base, t1, e, sd_l, sd_e, m1_te)
-            B_n = _tile(B_base, t1, n, sB_l, sB_n, m1_tn)
-            C_n = _tile(C_base, t1, n, sC_l, sC_n, m1_tn)
+            t1, m1_te, u_n, dl_n, B_n, C_n = _chunk_inputs(c - 1, L, T, d == 1, e, n, emask, nmask, u_base, su_l,
+                                                           su_e, dl_base, sd_l, sd_e, B_base, sB_l, sB_n, C_base,
+                                                           sC_l, sC_n)
             dy_n = _tile(dy_base, t1, e, sdy_l, sdy_e, m1_te)
             if HAS_Z:
                 z_n = _tile(z_base, t1, e, sz_l, sz_e, m1_te)
