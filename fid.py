@@ -525,12 +525,13 @@ def evaluate(samples, reference, net=None, weights=None, mode="adm", batch_size=
     """FID, sFID, IS, precision, recall of `samples` against `reference` (ADM conventions).
 
     samples, reference: (N, H, W, 3) uint8 arrays, image folders, ADM .npz batches or statistics .npz.
-    net: a loaded FIDInceptionV3 to reuse; else loaded from `weights` (see find_weights), raising
-    FIDError when missing. save_stats: path to cache the reference's statistics at.
+    net: a loaded FIDInceptionV3 to reuse (its device is used unless `device` is given); else loaded
+    from `weights` (see find_weights), raising FIDError when missing. save_stats: path to cache the reference's statistics at.
     Returns {fid, sfid, inception_score, precision, recall}; a metric whose inputs a statistics-only
     side lacks is None, with a warning.
     """
-    device = device or default_device()
+    if device is None:  # a given net decides, so that a CPU net works on a machine with a GPU
+        device = next(net.parameters()).device if net is not None else default_device()
     net = net if net is not None else load_inception(weights, mode, device)
     ref = compute_statistics(reference, net, batch_size, device, num_workers, progress)
     if save_stats:

@@ -336,6 +336,17 @@ def test_evaluate_end_to_end_and_from_cache(nets, tmp_path):
     assert cached_run["sfid"] is cached_run["precision"] is cached_run["recall"] is None
 
 
+def test_evaluate_runs_on_the_device_of_a_given_net(nets, monkeypatch):
+    """A CPU net passed to evaluate() on a machine with a GPU: the net's device is used, not the
+    machine's default (here a device nothing can run on, so a wrong choice fails)."""
+    _, adm, _, _ = nets
+    monkeypatch.setattr(fid, "default_device", lambda: "meta")
+    images = random_images(5, 16, 16, seed=13)
+    with pytest.warns(UserWarning, match="biased"):
+        result = fid.evaluate(images, images, net=adm, batch_size=5, progress=False)
+    assert result["precision"] == result["recall"] == 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Weights
 
