@@ -258,6 +258,13 @@ def test_bad_shapes_raise():
                               torch.zeros(1, 3, 16, 4), torch.zeros(1, 3, 16, 4))
 
 
+
+def test_bad_chunk_length_is_a_clear_error():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", "import scan_triton"], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, DIS_SCAN_CHUNK="6"), timeout=120)
+    assert run.returncode != 0 and "DIS_SCAN_CHUNK must be a power of two, got 6" in run.stderr
+
 # ------------------------------------------------------------------------------------------------
 # GPU: the compiled kernels at realistic sizes
 # ------------------------------------------------------------------------------------------------
