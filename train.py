@@ -886,7 +886,7 @@ def train(args, parser, rank, world, device):
                                  f"before them; lower --lr or use --precision fp32, then --resume {ckpt_path()}")
             if step % args.log_every == 0 or step == total_steps:
                 mean_loss, mean_norm, images_per_s = meter.read(step, batch)
-                memory = f" peak_mem={torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f}GB" \
+                memory = f" peak_mem={torch.cuda.max_memory_allocated(device) / 1e9:.2f}GB" \
                     if device.type == "cuda" else ""
                 log.info(f"step={step:07d} loss={mean_loss:.4f} grad_norm={mean_norm:.4f} "
                          f"lr={scheduler.get_last_lr()[0]:.3e} img/s={images_per_s:.1f}{memory} nonfinite={nonfinite}")
