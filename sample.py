@@ -25,6 +25,7 @@ written to `NAME/batch_NNNNNN.npz` as it finishes, and its noise and labels depe
 processes), skips the batches on disk and produces the same .npz as an uninterrupted one.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -53,20 +54,29 @@ def derived_seed(*parts):
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def setup_distributed(kind="auto"):
-    """(rank, world size, device). Under torchrun: one process per GPU with NCCL, or gloo on CPU
-    (an existing process group is reused); otherwise a single process. kind: auto, cpu or cuda."""
+@contextlib.contextmanager
+def process_group(kind="auto"):
+    """Context giving (rank, world size, device). Under torchrun: one process per GPU with NCCL,
+    or gloo on CPU; otherwise a single process. kind: auto, cpu or cuda. A process group created
+    here is destroyed on exit; an existing one is reused and left to its owner."""
     if kind == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
     cuda = torch.cuda.is_available() and kind != "cpu"
+    owns_group = not dist.is_initialized()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return dist.get_rank(), dist.get_world_size(), device
+        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    else:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if owns_group:
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        yield rank, world, device
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def barrier():
@@ -413,9 +423,7 @@ def check_labels(args, model):
 def main(argv=None):
     args = parse_args(argv)
     set_scan_backend(args.scan_backend)
-    owns_group = not dist.is_initialized()
-    rank, world, device = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as (rank, world, device):
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32, as DiT's sampler
         model, vae, info = load_model(args, load_checkpoint(args.ckpt), device)
@@ -447,9 +455,6 @@ def main(argv=None):
             save_grid(to_uint8(images), args.out, min(10, count), json.dumps(info))
             print(f"Saved {args.out}")
         return args.out
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ from tqdm.auto import tqdm
 import model as dis
 from diffusion import create_diffusion
 from sample import (active_scan_backend, barrier, derived_seed, generate, grid_labels, load_checkpoint, load_vae,
-                    model_config, resolve_vae, save_grid, set_scan_backend, setup_distributed, to_uint8,
+                    model_config, process_group, resolve_vae, save_grid, set_scan_backend, to_uint8,
                     vae_downsampling, write_atomically)
 
 # name: (default image size, default classes); None: from the data
@@ -990,13 +990,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    owns_group = not dist.is_initialized()
-    rank, world, device = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as (rank, world, device):
         return train(args, parser, rank, world, device)
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
