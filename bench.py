@@ -325,6 +325,13 @@ def model_parity(model, img, ch, classes, backend, device, batch=2):
     return rel_err(o, o_ref), rel_err(g, g_ref)
 
 
+def throughput_row(name, label, model, img, ch, classes, batch, device):
+    """One table row: parameters (M), train and forward img/s and peak GB of `model`."""
+    train, fwd, peak = throughput(model, img, ch, classes, batch, device)
+    return {"model": name, "input": label, "params_M": params(model),
+            "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak}
+
+
 def bench_models(device, cases, compile_too=False):
     rows, checks = [], []
     backends = [b for b in ("mamba", "triton") if b in scan.available_backends(device)] or ["ref"]
@@ -337,20 +344,15 @@ def bench_models(device, cases, compile_too=False):
             checks.append({"model": dis_name, "input": label, "backend": backend,
                            "output_rel_err": out_err, "grads_rel_err": grad_err})
             os.environ["DIS_SCAN_BACKEND"] = backend
-            train, fwd, peak = throughput(dis, img, ch, classes, batch, device)
-            rows.append({"model": f"{dis_name} ({backend} scan)", "input": label, "params_M": params(dis),
-                         "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak})
+            rows.append(throughput_row(f"{dis_name} ({backend} scan)", label, dis, img, ch, classes, batch, device))
         if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
             os.environ["DIS_SCAN_BACKEND"] = backends[-1]
-            train, fwd, peak = throughput(torch.compile(dis), img, ch, classes, batch, device)
-            rows.append({"model": f"{dis_name} ({backends[-1]} scan, torch.compile)", "input": label,
-                         "params_M": params(dis), "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak})
+            rows.append(throughput_row(f"{dis_name} ({backends[-1]} scan, torch.compile)", label,
+                                       torch.compile(dis), img, ch, classes, batch, device))
         os.environ.pop("DIS_SCAN_BACKEND", None)
         del dis
         dit = build(dit_name, img, ch, classes, device)
-        train, fwd, peak = throughput(dit, img, ch, classes, batch, device)
-        rows.append({"model": dit_name, "input": label, "params_M": params(dit),
-                     "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak})
+        rows.append(throughput_row(dit_name, label, dit, img, ch, classes, batch, device))
         del dit
         if device.type == "cuda":
             torch.cuda.empty_cache()
