@@ -14,13 +14,12 @@ T = 1000
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny; one thread avoids intra-op sync costs on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def diffusers_linear(scheduler, **kwargs):
+    """A diffusers scheduler on DiS's linear schedule (T steps, betas 1e-4..2e-2)."""
+    return scheduler(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, num_train_timesteps=T, **kwargs)
 
 
 def reference_alphas_cumprod():
@@ -55,7 +54,7 @@ class TinyNet(torch.nn.Module):
 
 def test_linear_schedule_matches_diffusers():
     ours = create_diffusion("")
-    ref = diffusers.DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, num_train_timesteps=T)
+    ref = diffusers_linear(diffusers.DDPMScheduler)
     assert ours.num_timesteps == T and ours.betas.dtype == np.float64
     np.testing.assert_allclose(ours.betas, ref.betas.double().numpy(), rtol=1e-6)
     np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.double().numpy(), rtol=1e-5)
@@ -88,7 +87,7 @@ def test_posterior_constants_from_bayes_rule():
 
 def test_q_sample_matches_diffusers_add_noise():
     d = create_diffusion("")
-    ref = diffusers.DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, num_train_timesteps=T)
+    ref = diffusers_linear(diffusers.DDPMScheduler)
     x0, noise = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     t = torch.tensor([0, 10, 500, 999])
     torch.testing.assert_close(d.q_sample(x0, t, noise), ref.add_noise(x0, noise, t), rtol=1e-4, atol=1e-5)
@@ -157,8 +156,7 @@ def test_respaced_ddpm_step_matches_diffusers():
     """One ancestral step of the 10-step process vs diffusers' DDPMScheduler (learned_range,
     leading spacing 900, 800, ..., 0), with the same noise; also checks the model sees original t."""
     d = create_diffusion("ddim10")
-    ref = diffusers.DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
-                                  num_train_timesteps=T, variance_type="learned_range", clip_sample=True)
+    ref = diffusers_linear(diffusers.DDPMScheduler, variance_type="learned_range", clip_sample=True)
     ref.set_timesteps(10)
     B, C = 3, 2
     x = torch.randn(B, C, 4, 4) * 1.5
@@ -181,8 +179,7 @@ def test_respaced_ddpm_step_matches_diffusers():
 
 def test_ddim_loop_matches_diffusers():
     d = create_diffusion("ddim10")
-    ref = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, num_train_timesteps=T,
-                                  clip_sample=True, set_alpha_to_one=True)
+    ref = diffusers_linear(diffusers.DDIMScheduler, clip_sample=True, set_alpha_to_one=True)
     ref.set_timesteps(10)
     torch.manual_seed(0)
     model = TinyNet(channels=1, out_scale=3.0)
@@ -199,8 +196,7 @@ def test_ddim_loop_matches_diffusers():
 def test_ddim_stochastic_step_matches_diffusers():
     """eta = 1: the DDIM step's noise scale sigma_t (DDIM eq. 16) against diffusers with the same noise."""
     d = create_diffusion("ddim10")
-    ref = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, num_train_timesteps=T,
-                                  clip_sample=True, set_alpha_to_one=True)
+    ref = diffusers_linear(diffusers.DDIMScheduler, clip_sample=True, set_alpha_to_one=True)
     ref.set_timesteps(10)
     x = torch.randn(2, 1, 5, 5)
     output = torch.cat([torch.randn(2, 1, 5, 5), torch.zeros(2, 1, 5, 5)], dim=1)

@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import REPO, TINY, load, one_line_error, one_thread, write_fashion_subset  # noqa: E402,F401  (one_thread: autouse)
+from test_train import REPO, TINY, load, one_line_error, write_fashion_subset  # noqa: E402
 
 import model as dis  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
 FAST = ["--device", "cpu", "--num-sampling-steps", "4"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

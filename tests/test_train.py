@@ -26,13 +26,7 @@ TINY = ["--device", "cpu", "--embed-dim", "16", "--depth", "2", "--image-size", 
         "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-download"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 cores shared with other jobs, OpenMP's spinning threads oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fashion_arrays(count):
