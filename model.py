@@ -175,9 +175,15 @@ class Block(nn.Module):
         residual = hidden.float() if residual is None else residual + drop_path(hidden, self.drop_path, self.training)
         normed = self.norm(residual)
         if c is not None:
-            shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
-            normed = normed * (1 + scale) + shift
+            normed = modulate(normed, c, self.adaLN_modulation)
         return self.mixer(normed), residual
+
+
+def modulate(x, c, modulation):
+    """AdaLN (sec. 3.2): x (B, L, D) * (1 + scale) + shift, with shift and scale (B, 1, D) each
+    regressed from the condition c (B, D) by `modulation`."""
+    shift, scale = modulation(c).unsqueeze(1).chunk(2, dim=-1)
+    return x * (1 + scale) + shift
 
 
 def drop_path(x, p, training):
@@ -201,8 +207,7 @@ class FinalLayer(nn.Module):
     def forward(self, x, c=None):
         x = self.norm_final(x)
         if c is not None:
-            shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
-            x = x * (1 + scale) + shift
+            x = modulate(x, c, self.adaLN_modulation)
         return self.linear(x)
 
 
