@@ -360,8 +360,13 @@ _scan_fwd_tuned = _tuned(_scan_fwd_kernel, SCAN_FWD_CONFIGS)
 _scan_bwd_tuned = _tuned(_scan_bwd_kernel, SCAN_BWD_CONFIGS)
 
 
+def _acc_torch_dtype(x):
+    """Accumulation dtype for x's kernels: float64 stays float64 (gradcheck), all else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _acc_dtype(x):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+    return tl.float64 if _acc_torch_dtype(x) == torch.float64 else tl.float32
 
 
 def _launch(kernel, tuned, grid_args, *args, **meta):
@@ -399,10 +404,10 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
     T = SCAN_CHUNK["cuda" if u.is_cuda else "cpu"]
     A = A.contiguous()
     y = torch.empty(batch, L, E, device=u.device, dtype=u.dtype)
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     states = None
     if save_states:
-        states = torch.empty(batch, ND, triton.cdiv(L, T), triton.next_power_of_2(N), E, device=u.device, dtype=acc)
+        states = torch.empty(batch, ND, triton.cdiv(L, T), triton.next_power_of_2(N), E, device=u.device,
+                             dtype=_acc_torch_dtype(u))
     zz = z if z is not None else y
     _launch(
         _scan_fwd_kernel, _scan_fwd_tuned, (E, batch),
@@ -522,15 +527,22 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 #   pre0[t] = bias0 + sum_k w0[k] x[t - (W-1) + k]      pre1[t] = bias1 + sum_k w1[k] x[t + (W-1) - k]
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _tap(t, k, D: tl.constexpr, W: tl.constexpr):
+    """Time index that tap k of direction D's filter reads for outputs at times t."""
+    if D == 0:
+        tk = t - (W - 1) + k
+    else:
+        tk = t + (W - 1) - k
+    return tk
+
+
+@triton.jit
 def _conv_pre(x_base, t, e, emask, w_ptr, b_ptr, L, E, sx_l, sx_e,
               D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     """Pre-activation of direction D at times t: (BLOCK_T, BLOCK_E)."""
     acc = tl.zeros([BLOCK_T, BLOCK_E], ACC) + tl.load(b_ptr + D * E + e, mask=emask, other=0.0).to(ACC)[None, :]
     for k in tl.static_range(W):
-        if D == 0:
-            tk = t - (W - 1) + k
-        else:
-            tk = t + (W - 1) - k
+        tk = _tap(t, k, D, W)
         m = ((tk >= 0) & (tk < L))[:, None] & emask[None, :]
         xk = tl.load(x_base + tk[:, None] * sx_l + e[None, :] * sx_e, mask=m, other=0.0).to(ACC)
         wk = tl.load(w_ptr + (D * E + e) * W + k, mask=emask, other=0.0).to(ACC)
@@ -586,10 +598,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E,
             if j == 0:
                 tl.store(db_ptr + part + d * E + e, tl.sum(g, axis=0), mask=emask)
                 for k in tl.static_range(W):
-                    if d == 0:
-                        tk = t - (W - 1) + k
-                    else:
-                        tk = t + (W - 1) - k
+                    tk = _tap(t, k, d, W)
                     mk = ((tk >= 0) & (tk < L))[:, None] & emask[None, :]
                     xk = tl.load(x_base + tk[:, None] * sx_l + e[None, :] * sx_e, mask=mk, other=0.0)
                     tl.store(dw_ptr + (part + d * E + e) * W + k, tl.sum(g * xk.to(ACC), axis=0), mask=emask)
@@ -621,7 +630,7 @@ class _BiConvSiLU(torch.autograd.Function):
         W = weight.shape[-1]
         bt, be, nw = _conv_blocks(x)
         n_t = triton.cdiv(L, bt)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = _acc_torch_dtype(x)
         dx = torch.empty(batch, L, E, device=x.device, dtype=x.dtype)
         dw = torch.empty(batch, n_t, 2, E, W, device=x.device, dtype=acc)
         db = torch.empty(batch, n_t, 2, E, device=x.device, dtype=acc)
