@@ -547,7 +547,7 @@ def record_launch(run_dir, args, world, device, backend, step):
     launches = read_json(path) if os.path.isfile(path) else []
     launches.append(dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, start_step=step, args=vars(args),
                          world_size=world, model_init_seed=args.global_seed,
-                         rank_seeds=[args.global_seed * world + r for r in range(world)], device=str(device),
+                         rank_seeds=[rank_seed(args.global_seed, r, world) for r in range(world)], device=str(device),
                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                          scan_backend=backend, versions=library_versions()))
     write_text(path, json.dumps(launches, indent=1))
@@ -728,9 +728,14 @@ def build_model(config, ckpt, args, device, world):
     return model, ema, ddp
 
 
+def rank_seed(global_seed, rank, world):
+    """DiT's per-rank seed, global_seed * world_size + rank."""
+    return global_seed * world + rank
+
+
 def restore_rng(ckpt, args, rank, world, device, step):
     """Drop path and label dropout draw from each rank's default generator: restore it from the
-    checkpoint, else seed it with global_seed * world_size + rank (DiT's per-rank seed)."""
+    checkpoint, else seed it with rank_seed (DiT's per-rank seed)."""
     if ckpt is not None and len(ckpt["rng"]) == world:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
@@ -738,8 +743,8 @@ def restore_rng(ckpt, args, rank, world, device, step):
         return
     if ckpt is not None:
         log.warning(f"the run had {len(ckpt['rng'])} processes, now {world}: drop path and label dropout are reseeded")
-    rank_seed = args.global_seed * world + rank
-    torch.manual_seed(rank_seed if step == 0 else derived_seed(rank_seed, step))
+    seed = rank_seed(args.global_seed, rank, world)
+    torch.manual_seed(seed if step == 0 else derived_seed(seed, step))
 
 
 class Meter:
