@@ -339,12 +339,16 @@ def sample_npz(args, model, vae, diffusion, info, rank, world, device):
         save_npz(batch_path(i), **arrays)
     barrier()
     if rank == 0:
-        parts = [np.load(batch_path(i)) for i in range(batches)]
-        images = np.concatenate([p["images"] for p in parts])
-        meta = json.dumps(info)
+        images, labels = [], []
+        for i in range(batches):  # one file open at a time: there can be more batches than file handles
+            with np.load(batch_path(i)) as part:
+                images.append(part["images"])
+                if model.num_classes:
+                    labels.append(part["labels"])
+        images, meta = np.concatenate(images), json.dumps(info)
         arrays = dict(arr_0=images, meta=np.array(meta))
         if model.num_classes:
-            arrays["arr_1"] = np.concatenate([p["labels"] for p in parts]).astype(np.int64)
+            arrays["arr_1"] = np.concatenate(labels).astype(np.int64)
         save_npz(final, **arrays)
         write_atomically(os.path.join(args.sample_dir, name + ".json"), lambda f: f.write(meta + "\n"), "w")
         save_grid(images[:100], os.path.join(args.sample_dir, name + ".png"), min(10, len(images)), meta)
