@@ -297,6 +297,10 @@ def write_atomically(path, write, mode="wb"):
     os.replace(path + ".tmp", path)
 
 
+def write_text(path, text):
+    write_atomically(path, lambda f: f.write(text), "w")
+
+
 def batch_inputs(i, count, shape, num_classes, class_labels, seed, device):
     """Noise (count, *shape) and labels (count,) or None of batch i, seeded by (seed, i) alone.
     The default generator is seeded too, since the DDPM sampler draws its noise from it."""
@@ -350,7 +354,7 @@ def sample_npz(args, model, vae, diffusion, info, rank, world, device):
         if model.num_classes:
             arrays["arr_1"] = np.concatenate(labels).astype(np.int64)
         save_npz(final, **arrays)
-        write_atomically(os.path.join(args.sample_dir, name + ".json"), lambda f: f.write(meta + "\n"), "w")
+        write_text(os.path.join(args.sample_dir, name + ".json"), meta + "\n")
         save_grid(images[:100], os.path.join(args.sample_dir, name + ".png"), min(10, len(images)), meta)
         shutil.rmtree(batch_dir)
         print(f"Saved {final} [arr_0 {images.dtype} {images.shape}]")
@@ -447,7 +451,7 @@ def main(argv=None):
                 metrics = fid_of(path, args.fid_ref, args.inception_weights)
                 print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None))
                 info["metrics"] = metrics
-                write_atomically(path[: -len(".npz")] + ".json", lambda f: f.write(json.dumps(info) + "\n"), "w")
+                write_text(path[: -len(".npz")] + ".json", json.dumps(info) + "\n")
             return path
         if rank == 0:
             labels, count = (torch.tensor(args.class_labels), len(args.class_labels)) if args.class_labels \

@@ -99,7 +99,7 @@ import model as dis
 from diffusion import create_diffusion
 from sample import (active_scan_backend, barrier, derived_seed, generate, grid_labels, load_checkpoint, load_vae,
                     model_config, process_group, resolve_vae, save_grid, set_scan_backend, to_uint8,
-                    vae_downsampling, write_atomically)
+                    vae_downsampling, write_atomically, write_text)
 
 # name: (default image size, default classes); None: from the data
 DATASETS = {"fashion-mnist": (32, 10), "cifar10": (32, 0), "celeba": (64, 0), "imagenet": (256, None),
@@ -462,10 +462,6 @@ def checkpoint_blocks(model):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def write_text(path, text):
-    write_atomically(path, lambda f: f.write(text), "w")
 
 
 def new_run_dir(results_dir, model_name):
