@@ -9,18 +9,20 @@ it is timed. Times are medians over repeated runs measured with CUDA events afte
 The DiT below is the yardstick: adaLN-Zero DiT (Peebles & Xie, 2023) with PyTorch's SDPA.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import scan
-from model import DiS_models, timestep_embedding
+from model import BiMamba, DiS_models, timestep_embedding
 
 
 # ----------------------------------------------------------------------------- timing
@@ -305,9 +307,10 @@ def throughput(model, img, ch, classes, batch, device):
     return batch / t_train, batch / t_fwd, peak
 
 
-def model_parity(model, img, ch, classes, backend, device, batch=2):
+def model_parity(model, img, ch, classes, backend, device, batch=2, mixer_forward=None):
     """Relative error of the output and of all parameter gradients (as one vector) of one
-    bf16-autocast forward+backward with `backend` against the reference scan path."""
+    bf16-autocast forward+backward with `backend` (and BiMamba.forward replaced by
+    `mixer_forward` if given) against the reference scan path."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, ch, img, img, generator=g, device=device)
     t = torch.randint(0, 1000, (batch,), generator=g, device=device)
@@ -316,13 +319,32 @@ def model_parity(model, img, ch, classes, backend, device, batch=2):
     for name in ("ref", backend):
         os.environ["DIS_SCAN_BACKEND"] = name
         model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        patch = mock.patch.object(BiMamba, "forward", mixer_forward) if mixer_forward and name != "ref" else \
+            contextlib.nullcontext()
+        with patch, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model.eval()(x, t, y)
         out.float().pow(2).mean().backward()
         results.append((out.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
     model.zero_grad(set_to_none=True)
     (o_ref, g_ref), (o, g) = results
     return rel_err(o, o_ref), rel_err(g, g_ref)
+
+
+def original_mixer_forward(mixer, h):
+    """model.BiMamba's function computed as the authors' code runs it (BASELINES.md's "original
+    structure"): mamba-ssm's fused mamba_inner_fn (conv1d, x_proj, dt_proj, scan, gate,
+    out_proj) once per direction, the second on the time-reversed sequence. (B, L, D) -> (B, L, D);
+    out_proj(y) + out_proj(y_b) is out_proj(y + y_b), so the function is BiMamba's own."""
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    xz = mixer.in_proj(h).transpose(1, 2)  # (B, 2E, L)
+
+    def direction(xz, conv1d, x_proj, dt_proj, A_log, D):
+        return mamba_inner_fn(xz, conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight, mixer.out_proj.weight,
+                              None, -torch.exp(A_log.float()), D=D.float(), delta_bias=dt_proj.bias.float(),
+                              delta_softplus=True)
+    return (direction(xz, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
+            + direction(xz.flip(-1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log,
+                        mixer.D_b).flip(1))
 
 
 def throughput_row(name, label, model, img, ch, classes, batch, device):
@@ -345,6 +367,14 @@ def bench_models(device, cases, compile_too=False):
                            "output_rel_err": out_err, "grads_rel_err": grad_err})
             os.environ["DIS_SCAN_BACKEND"] = backend
             rows.append(throughput_row(f"{dis_name} ({backend} scan)", label, dis, img, ch, classes, batch, device))
+        if "mamba" in backends:  # the yardstick of the issue's targets, in the same run
+            out_err, grad_err = model_parity(dis, img, ch, classes, "mamba", device, mixer_forward=original_mixer_forward)
+            checks.append({"model": dis_name, "input": label, "backend": "original structure",
+                           "output_rel_err": out_err, "grads_rel_err": grad_err})
+            os.environ["DIS_SCAN_BACKEND"] = "mamba"
+            with mock.patch.object(BiMamba, "forward", original_mixer_forward):
+                rows.append(throughput_row(f"{dis_name} (original structure: mamba_inner_fn x2)", label, dis, img,
+                                           ch, classes, batch, device))
         if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
             os.environ["DIS_SCAN_BACKEND"] = backends[-1]
             rows.append(throughput_row(f"{dis_name} ({backends[-1]} scan, torch.compile)", label,
@@ -367,8 +397,6 @@ def params(model):
 
 def pytorch_fid_network(state_dict, device):
     """pytorch-fid's InceptionV3 (pool features) with the given weights instead of a download."""
-    from unittest import mock
-
     import pytorch_fid.inception as pf
     with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state_dict):
         return pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
