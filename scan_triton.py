@@ -296,47 +296,45 @@ def _scan_bwd_kernel(
                 zt = z_c.to(ACC)
                 sig = _sigmoid(zt)
                 g = dy * zt * sig
-            dt3 = dt[:, None, :]
-            du3 = (dt * u)[:, None, :]
-            g3 = g[:, None, :]
-            B3 = B_c.to(ACC)[:, :, None]
-            C3 = C_c.to(ACC)[:, :, None]
-            # Forward through the chunk from its checkpoint, keeping a_s and a_s h_{s-1} per step;
-            # y (for dz) and dC_s = sum_e g_s h_s come out on the way.
+            dt3 = tl.broadcast_to(dt[:, None, :], (T, NP, BLOCK_E))
+            du3 = tl.broadcast_to((dt * u)[:, None, :], (T, NP, BLOCK_E))
+            g3 = tl.broadcast_to(g[:, None, :], (T, NP, BLOCK_E))
+            B3 = tl.broadcast_to(B_c.to(ACC)[:, :, None], (T, NP, BLOCK_E))
+            C3 = tl.broadcast_to(C_c.to(ACC)[:, :, None], (T, NP, BLOCK_E))
+            # Per-step inputs and results are whole (T, NP, BLOCK_E) tiles, in which each thread holds
+            # all T steps of its elements: rows move in registers, and the sums over states (y, dhB,
+            # wA) and over channels (dB, dC) run once per chunk instead of once per step across threads.
+            # Forward through the chunk from its checkpoint, keeping a_s, a_s h_{s-1} and h_s per step.
             a3 = tl.zeros([T, NP, BLOCK_E], ACC)
             ah3 = tl.zeros([T, NP, BLOCK_E], ACC)
-            y3 = tl.zeros([T, 1, BLOCK_E], ACC)
-            dC3 = tl.zeros([T, NP, 1], ACC)
+            hs3 = tl.zeros([T, NP, BLOCK_E], ACC)
             for i in tl.static_range(T):
                 a = tl.exp(_row(dt3, i, T) * A)
                 ah = a * h
                 h = ah + _row(du3, i, T) * _row(B3, i, T)
                 a3 = _put(a3, i, a, T)
                 ah3 = _put(ah3, i, ah, T)
-                y3 = _put(y3, i, tl.sum(h * _row(C3, i, T), axis=0, keep_dims=True), T)
-                dC3 = _put(dC3, i, tl.sum(h * _row(g3, i, T), axis=1, keep_dims=True), T)
+                hs3 = _put(hs3, i, h, T)
+            dC3 = tl.sum(hs3 * g3, axis=2, keep_dims=True)  # dC_s = sum_e g_s h_s
             if HAS_Z:
-                y = tl.sum(y3, axis=1) + Dv[None, :] * u
+                y = tl.sum(hs3 * C3, axis=1) + Dv[None, :] * u
                 dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
                 dz_ptrs = dz_base + t[:, None] * E + e[None, :]
                 if d > 0:
                     dz += tl.load(dz_ptrs, mask=mask, other=0.0).to(ACC)
                 tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             # Backward through the chunk: dh_s = C_s g_s + a_{s+1} dh_{s+1}.
-            dB3 = tl.zeros([T, NP, 1], ACC)
-            dhB3 = tl.zeros([T, 1, BLOCK_E], ACC)
-            wA3 = tl.zeros([T, 1, BLOCK_E], ACC)
+            dh3 = tl.zeros([T, NP, BLOCK_E], ACC)
             for j in tl.static_range(T):
                 i = T - 1 - j
                 dh = a_next * dh + _row(C3, i, T) * _row(g3, i, T)
                 a_next = _row(a3, i, T)
-                w = dh * _row(ah3, i, T)  # gradient w.r.t. a_s, times a_s
-                dA += w * _row(dt3, i, T)
-                wA3 = _put(wA3, i, tl.sum(w * A, axis=0, keep_dims=True), T)
-                dhB3 = _put(dhB3, i, tl.sum(dh * _row(B3, i, T), axis=0, keep_dims=True), T)
-                dB3 = _put(dB3, i, tl.sum(dh * _row(du3, i, T), axis=1, keep_dims=True), T)
-            dhB = tl.sum(dhB3, axis=1)
-            ddt = tl.sum(wA3, axis=1) + dhB * u
+                dh3 = _put(dh3, i, dh, T)
+            w3 = dh3 * ah3  # gradient w.r.t. a_s, times a_s
+            dA += tl.sum(w3 * dt3, axis=0)
+            dB3 = tl.sum(dh3 * du3, axis=2, keep_dims=True)
+            dhB = tl.sum(dh3 * B3, axis=1)
+            ddt = tl.sum(w3 * A[None, :, :], axis=1) + dhB * u
             du = dhB * dt + Dv[None, :] * g
             dD += tl.sum(g * u, axis=0)
             if SOFTPLUS:

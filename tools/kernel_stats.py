@@ -1,0 +1,61 @@
+"""Compile scan_triton's kernels for the H100 (sm_90a) without a GPU and print, per kernel and
+BLOCK_E, the registers and spills that ptxas reports and counts of the PTX instructions that
+cost a one-warp program most (cross-thread shuffles, barriers, shared-memory traffic).
+
+    python tools/kernel_stats.py                 # T = 4, BLOCK_E 8 and 16
+    T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
+
+Static counts over the whole kernel (both directions unrolled), not timings: a guide for
+kernel work between GPU sessions, which must still measure (bench.py).
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton  # noqa: E402
+import triton.backends.nvidia  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+import scan_triton  # noqa: E402
+
+PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+FP32_ARGS = {"hs_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr", "A_ptr", "D_ptr", "bias_ptr"}
+OPS = ("shfl.sync", "bar.sync", "st.shared", "ld.shared", "ex2.approx", "fma.rn.f32", "ld.global", "st.global")
+
+
+def compile_for_h100(kernel, constants, num_warps=1):
+    signature = {name: "constexpr" if name in constants else ("*fp32" if name in FP32_ARGS else "*bf16")
+                 if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def ptxas_report(ptx):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+    text = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return f"{regs.group(1) if regs else '?'} registers, spills {spills.group(1)}/{spills.group(2)} B"
+
+
+def main():
+    T = int(os.environ.get("T", scan_triton.SCAN_CHUNK["cuda"]))
+    common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32)
+    for name, kernel, extra in (("forward", scan_triton._scan_fwd_kernel, {"SAVE_STATES": True}),
+                                ("backward", scan_triton._scan_bwd_kernel, {})):
+        for block_e in (int(b) for b in os.environ.get("BLOCK_E", "8,16").split(",")):
+            ptx = compile_for_h100(kernel, dict(common, BLOCK_E=block_e, **extra)).asm["ptx"]
+            counts = ", ".join(f"{op} {len(re.findall(re.escape(op), ptx))}" for op in OPS)
+            print(f"{name} T={T} BLOCK_E={block_e}: {ptxas_report(ptx)}; {counts}")
+
+
+if __name__ == "__main__":
+    main()
