@@ -24,13 +24,20 @@ import scan_triton  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
 FP32_ARGS = {"hs_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr", "A_ptr", "D_ptr", "bias_ptr"}
+UNIT_STRIDES = ("su_e", "sd_e", "sB_n", "sC_n", "sz_e", "sy_e", "sdy_e")
 OPS = ("shfl.sync", "bar.sync", "st.shared", "ld.shared", "ex2.approx", "fma.rn.f32", "ld.global", "st.global")
 
 
 def compile_for_h100(kernel, constants, num_warps=1):
+    """Compile as a launch on DiS's 16-byte aligned tensors would be compiled: the unit channel
+    strides specialised to the constant 1 (as Triton does), every pointer and other stride
+    divisible by 16. Without these the counts describe a different kernel (no vector loads)."""
+    constants = dict(constants, **{name: 1 for name in UNIT_STRIDES if name in kernel.arg_names})
     signature = {name: "constexpr" if name in constants else ("*fp32" if name in FP32_ARGS else "*bf16")
                  if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if name not in constants and (name.endswith("_ptr") or name.startswith("s"))}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
