@@ -3,6 +3,10 @@
     python bench.py                       # everything, on the first CUDA device
     python bench.py --only scan           # scan backends only (also: model, fid)
     python bench.py --device cpu --quick  # a smoke run of the script itself
+    python bench.py --only model --cases 0 --profile   # + where a DiS-S/2 training step goes
+
+bench.md and bench.json (--out) are rewritten after each part, so a run stopped by a time
+limit keeps the parts it finished.
 
 Every backend is checked against the reference (selective_scan_ref) in the same run before
 it is timed. Times are medians over repeated runs measured with CUDA events after warm-up.
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 import scan
 from model import BiMamba, DiS_models, timestep_embedding
+from sample import write_text
 
 
 # ----------------------------------------------------------------------------- timing
@@ -278,8 +283,9 @@ def build(name, img, ch, classes, device):
     return DiS_models[name](img_size=img, channels=ch, num_classes=classes).to(device)
 
 
-def throughput(model, img, ch, classes, batch, device):
-    """(train img/s, forward img/s, peak GB) with bf16 autocast on CUDA, fused AdamW."""
+def step_functions(model, img, ch, classes, batch, device):
+    """(train_step, forward) closures over one random batch: a training step (bf16 autocast on
+    CUDA, fused AdamW) and a no-grad forward. The caller sets train or eval mode."""
     x = torch.randn(batch, ch, img, img, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, classes, (batch,), device=device)
@@ -297,11 +303,17 @@ def throughput(model, img, ch, classes, batch, device):
     def forward():
         with torch.no_grad(), autocast:
             model(x, t, y)
-    if cuda:
+    return train_step, forward
+
+
+def throughput(model, img, ch, classes, batch, device):
+    """(train img/s, forward img/s, peak GB) with bf16 autocast on CUDA, fused AdamW."""
+    train_step, forward = step_functions(model, img, ch, classes, batch, device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     t_train = measure(train_step, device, warmup=3, repeat=10)
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     model.eval()
     t_fwd = measure(forward, device, warmup=2, repeat=10)
     return batch / t_train, batch / t_fwd, peak
@@ -354,8 +366,28 @@ def throughput_row(name, label, model, img, ch, classes, batch, device):
             "train_img_s": train, "fwd_img_s": fwd, "peak_GB": peak}
 
 
-def bench_models(device, cases, compile_too=False):
-    rows, checks = [], []
+def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
+    """Where one training step of `model` spends its time: the `top` kernels (CUDA) or operators
+    (CPU) by self time over `steps` profiled steps after warm-up, as table rows."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    train_step, _ = step_functions(model, img, ch, classes, batch, device)
+    model.train()
+    train_step()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            train_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) or 1.0
+    return [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": self_us(e) / steps / 1e3,
+             "share": self_us(e) / total} for e in events[:top]]
+
+
+def bench_models(device, cases, compile_too=False, profile_too=False):
+    rows, checks, profiles = [], [], []
     backends = [b for b in ("mamba", "triton") if b in scan.available_backends(device)] or ["ref"]
     for dis_name, dit_name, img, ch, classes, batch in cases:
         label = f"{img}x{img}x{ch}, batch {batch}"
@@ -375,6 +407,10 @@ def bench_models(device, cases, compile_too=False):
             with mock.patch.object(BiMamba, "forward", original_mixer_forward):
                 rows.append(throughput_row(f"{dis_name} (original structure: mamba_inner_fn x2)", label, dis, img,
                                            ch, classes, batch, device))
+        if profile_too:
+            os.environ["DIS_SCAN_BACKEND"] = backends[-1]
+            for r in profile_step(dis, img, ch, classes, batch, device):
+                profiles.append({"model": f"{dis_name} ({backends[-1]} scan), {label}", **r})
         if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
             os.environ["DIS_SCAN_BACKEND"] = backends[-1]
             rows.append(throughput_row(f"{dis_name} ({backends[-1]} scan, torch.compile)", label,
@@ -386,7 +422,7 @@ def bench_models(device, cases, compile_too=False):
         del dit
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, checks
+    return rows, checks, profiles
 
 
 def params(model):
@@ -451,6 +487,8 @@ def main(argv=None):
     parser.add_argument("--backends", default=None,
                         help="scan backends to time, comma list (e.g. 'triton,mamba'); default: all available")
     parser.add_argument("--compile", action="store_true", help="also time each DiS under torch.compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="also list the kernels a DiS training step spends its time in (torch.profiler)")
     parser.add_argument("--shapes", default=None, help="scan shapes to run, comma list of indices into SCAN_SHAPES")
     parser.add_argument("--out", default=None, help="also write the tables (markdown) and raw numbers (JSON) here")
     args = parser.parse_args(argv)
@@ -475,26 +513,34 @@ def main(argv=None):
         report += [f"\n## Selective scan (copy bandwidth {bandwidth / 1e12:.2f} TB/s read+write)\n", table(rows),
                    "\nRelative error against the reference (forward y and each gradient), 2 sequences:\n",
                    table(checks)]
+        write_report(args.out, report, raw)
     if "model" in parts:
         cases = QUICK_MODEL_CASES if args.quick else MODEL_CASES
         if args.cases:
             cases = [cases[int(i)] for i in args.cases.split(",")]
-        rows, checks = bench_models(device, cases, args.compile)
-        raw.update(model=rows, model_checks=checks)
+        rows, checks, profiles = bench_models(device, cases, args.compile, args.profile)
+        raw.update(model=rows, model_checks=checks, model_profile=profiles)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n", table(rows),
                    "\nDiS forward+backward (bf16 autocast, batch 2) against the reference scan path:\n", table(checks)]
+        if profiles:
+            report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles)]
+        write_report(args.out, report, raw)
     if "fid" in parts:
         rows = bench_fid(device, args.quick)
         raw["fid"] = rows
         report += ["\n## FID feature extraction (random weights, batch 500)\n", table(rows)]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump(raw, f, indent=1, default=str)
+        write_report(args.out, report, raw)
+    print("\n".join(report))
+
+
+def write_report(out, report, raw):
+    """(Re)write bench.md and bench.json under `out` with what has run so far, so that a run
+    stopped by a time limit keeps its finished parts."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    write_text(os.path.join(out, "bench.md"), "\n".join(report) + "\n")
+    write_text(os.path.join(out, "bench.json"), json.dumps(raw, indent=1, default=str))
 
 
 if __name__ == "__main__":

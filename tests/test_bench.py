@@ -1,5 +1,6 @@
-"""bench.py on CPU: its smoke run writes the tables, and the original-structure row computes
-BiMamba's function (checked with a stand-in for mamba-ssm's mamba_inner_fn)."""
+"""bench.py on CPU: its smoke run writes the tables (and the --profile breakdown), and the
+original-structure row computes BiMamba's function (checked with a stand-in for mamba-ssm's
+mamba_inner_fn)."""
 import json
 import math
 import sys
@@ -17,12 +18,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_run_writes_tables(tmp_path):
-    bench.main(["--device", "cpu", "--quick", "--only", "scan,model", "--out", str(tmp_path)])
+    bench.main(["--device", "cpu", "--quick", "--only", "scan,model", "--profile", "--out", str(tmp_path)])
     raw = json.loads((tmp_path / "bench.json").read_text())
     assert raw["scan"] and raw["model"]
     assert all(math.isfinite(r["fwd_bwd_ms"]) for r in raw["scan"])
     assert all(r["train_img_s"] > 0 for r in raw["model"])
-    assert "| model |" in (tmp_path / "bench.md").read_text()
+    shares = [r["share"] for r in raw["model_profile"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    text = (tmp_path / "bench.md").read_text()
+    assert "| model |" in text and "Where a DiS training step goes" in text
 
 
 def inner_fn_standin(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
@@ -56,3 +60,13 @@ def test_original_structure_is_bimamba(monkeypatch):
             p.add_(0.05 * torch.randn_like(p))
     h = torch.randn(2, 9, 16, dtype=torch.float64)
     torch.testing.assert_close(bench.original_mixer_forward(mixer, h), mixer(h), rtol=1e-10, atol=1e-12)
+
+
+def test_a_stopped_run_keeps_its_finished_parts(tmp_path, monkeypatch):
+    def time_limit(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_models", time_limit)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--quick", "--only", "scan,model", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "bench.json").read_text())["scan"]
+    assert "## Selective scan" in (tmp_path / "bench.md").read_text()
