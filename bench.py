@@ -331,15 +331,19 @@ def model_parity(model, img, ch, classes, backend, device, batch=2, mixer_forwar
     for name in ("ref", backend):
         os.environ["DIS_SCAN_BACKEND"] = name
         model.zero_grad(set_to_none=True)
-        patch = mock.patch.object(BiMamba, "forward", mixer_forward) if mixer_forward and name != "ref" else \
-            contextlib.nullcontext()
-        with patch, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixer_replaced(mixer_forward if name != "ref" else None), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model.eval()(x, t, y)
         out.float().pow(2).mean().backward()
         results.append((out.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
     model.zero_grad(set_to_none=True)
     (o_ref, g_ref), (o, g) = results
     return rel_err(o, o_ref), rel_err(g, g_ref)
+
+
+def mixer_replaced(mixer_forward):
+    """Context in which BiMamba.forward is `mixer_forward` (unchanged if None)."""
+    return mock.patch.object(BiMamba, "forward", mixer_forward) if mixer_forward else contextlib.nullcontext()
 
 
 def original_mixer_forward(mixer, h):
@@ -393,20 +397,18 @@ def bench_models(device, cases, compile_too=False, profile_too=False):
         label = f"{img}x{img}x{ch}, batch {batch}"
         torch.manual_seed(0)
         dis = build(dis_name, img, ch, classes, device)
-        for backend in backends:
-            out_err, grad_err = model_parity(dis, img, ch, classes, backend, device)
-            checks.append({"model": dis_name, "input": label, "backend": backend,
+        # (check label, row label, scan backend, replacement of BiMamba.forward)
+        variants = [(backend, f"{backend} scan", backend, None) for backend in backends]
+        if "mamba" in backends:  # the yardstick of the issue's targets, in the same run
+            variants.append(("original structure", "original structure: mamba_inner_fn x2", "mamba",
+                             original_mixer_forward))
+        for check_label, row_label, backend, mixer_forward in variants:
+            out_err, grad_err = model_parity(dis, img, ch, classes, backend, device, mixer_forward=mixer_forward)
+            checks.append({"model": dis_name, "input": label, "backend": check_label,
                            "output_rel_err": out_err, "grads_rel_err": grad_err})
             os.environ["DIS_SCAN_BACKEND"] = backend
-            rows.append(throughput_row(f"{dis_name} ({backend} scan)", label, dis, img, ch, classes, batch, device))
-        if "mamba" in backends:  # the yardstick of the issue's targets, in the same run
-            out_err, grad_err = model_parity(dis, img, ch, classes, "mamba", device, mixer_forward=original_mixer_forward)
-            checks.append({"model": dis_name, "input": label, "backend": "original structure",
-                           "output_rel_err": out_err, "grads_rel_err": grad_err})
-            os.environ["DIS_SCAN_BACKEND"] = "mamba"
-            with mock.patch.object(BiMamba, "forward", original_mixer_forward):
-                rows.append(throughput_row(f"{dis_name} (original structure: mamba_inner_fn x2)", label, dis, img,
-                                           ch, classes, batch, device))
+            with mixer_replaced(mixer_forward):
+                rows.append(throughput_row(f"{dis_name} ({row_label})", label, dis, img, ch, classes, batch, device))
         if profile_too:
             os.environ["DIS_SCAN_BACKEND"] = backends[-1]
             for r in profile_step(dis, img, ch, classes, batch, device):
