@@ -42,7 +42,8 @@ if SCAN_CHUNK["cuda"] < 1 or SCAN_CHUNK["cuda"] & (SCAN_CHUNK["cuda"] - 1):
 SCAN_FWD_CONFIGS = [(16, 1), (32, 1), (8, 1)]  # (BLOCK_E channels, num_warps)
 SCAN_BWD_CONFIGS = [(8, 1), (16, 1), (32, 1)]
 SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
-CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS = 32, 128, 4
+CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS = 8, 128, 4
+CONV_GRAD_SPAN = 64  # time steps per program of the conv's gradient kernel (a multiple of CONV_BLOCK_T)
 
 
 def _tuned(kernel, configs):
@@ -535,22 +536,26 @@ def _tap(t, k, D: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _conv_pre(x_base, t, e, emask, w_ptr, b_ptr, L, E, sx_l, sx_e,
-              D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
-    """Pre-activation of direction D at times t: (BLOCK_T, BLOCK_E)."""
-    acc = tl.zeros([BLOCK_T, BLOCK_E], ACC) + tl.load(b_ptr + D * E + e, mask=emask, other=0.0).to(ACC)[None, :]
-    for k in tl.static_range(W):
-        tk = _tap(t, k, D, W)
-        m = ((tk >= 0) & (tk < L))[:, None] & emask[None, :]
-        xk = tl.load(x_base + tk[:, None] * sx_l + e[None, :] * sx_e, mask=m, other=0.0).to(ACC)
-        wk = tl.load(w_ptr + (D * E + e) * W + k, mask=emask, other=0.0).to(ACC)
-        acc += wk[None, :] * xk
-    return acc
+def _conv_taps(x_base, t, e, emask, L, sx_l, sx_e, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """The inputs that direction D's filter reads for outputs at times t: a (BLOCK_T, WP, BLOCK_E)
+    tile, x[t_k] at [i, k] for t_k = _tap(t[i], k), zero outside the sequence and for the taps
+    k >= W that pad W to a power of two."""
+    k = tl.arange(0, WP)[None, :]
+    tk = _tap(t[:, None], k, D, W)
+    m = ((tk >= 0) & (tk < L) & (k < W))[:, :, None] & emask[None, None, :]
+    return tl.load(x_base + tk[:, :, None] * sx_l + e[None, None, :] * sx_e, mask=m, other=0.0)
+
+
+@triton.jit
+def _conv_filter(w_ptr, e, emask, E, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
+    """Direction D's filter as a (WP, BLOCK_E) tile, zero for the padding taps."""
+    k = tl.arange(0, WP)[:, None]
+    return tl.load(w_ptr + (D * E + e[None, :]) * W + k, mask=(k < W) & emask[None, :], other=0.0).to(ACC)
 
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, sx_b, sx_l, sx_e,
-                     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+                     W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = tl.program_id(2).to(tl.int64)
@@ -558,66 +563,86 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, sx_b, sx_l, sx_e,
     mask = (t < L)[:, None] & emask[None, :]
     x_base = x_ptr + b * sx_b
     for d in tl.static_range(2):
-        pre = _conv_pre(x_base, t, e, emask, w_ptr, b_ptr, L, E, sx_l, sx_e, d, W, BLOCK_T, BLOCK_E, ACC)
+        w = _conv_filter(w_ptr, e, emask, E, d, W, WP, ACC)
+        bias = tl.load(b_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        taps = _conv_taps(x_base, t, e, emask, L, sx_l, sx_e, d, W, WP).to(ACC)
+        pre = bias[None, :] + tl.sum(taps * w[None, :, :], axis=1)
         out = pre * _sigmoid(pre)
         tl.store(u_ptr + b * L * 2 * E + t[:, None] * 2 * E + d * E + e[None, :],
                  out.to(u_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E,
-                     sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e,
-                     W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
-    """dx for a (time, channel) tile, and this tile's partial sums of dw (W per channel and
-    direction) and dbias, written to (batch, time blocks, 2, E, W) and (batch, time blocks, 2, E)."""
+def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, du_ptr, g_ptr, dw_ptr, db_ptr, L, E,
+                      sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e, SPAN: tl.constexpr,
+                      W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """Backward, step 1, for a block of channels of one batch element over SPAN time steps, walked
+    in tiles of BLOCK_T: the gradient at the pre-activations, g_d = du_d silu'(pre_d), written to
+    g (batch, L, 2, E), and the program's sums over time of dw and dbias, written to
+    (batch, spans, 2, E, W) and (batch, spans, 2, E). The sums are kept as whole tiles and
+    reduced across threads once, at the end."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    pid_t = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    span = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     emask = e < E
     x_base = x_ptr + b * sx_b
-    du_base = du_ptr + b * sdu_b
-    part = (b * tl.num_programs(1) + pid_t) * 2 * E
+    for d in tl.static_range(2):
+        w = _conv_filter(w_ptr, e, emask, E, d, W, WP, ACC)
+        bias = tl.load(b_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
+        db = tl.zeros([BLOCK_T, BLOCK_E], ACC)
+        dw = tl.zeros([BLOCK_T, WP, BLOCK_E], ACC)
+        for t0 in range(span * SPAN, tl.minimum(L, span * SPAN + SPAN), BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = (t < L)[:, None] & emask[None, :]
+            taps = _conv_taps(x_base, t, e, emask, L, sx_l, sx_e, d, W, WP).to(ACC)
+            pre = bias[None, :] + tl.sum(taps * w[None, :, :], axis=1)
+            sig = _sigmoid(pre)
+            dout = tl.load(du_ptr + b * sdu_b + t[:, None] * sdu_l + d * sdu_d + e[None, :] * sdu_e, mask=mask,
+                           other=0.0)
+            g = dout.to(ACC) * sig * (1.0 + pre * (1.0 - sig))  # zero past the end (dout masked)
+            tl.store(g_ptr + ((b * L + t[:, None]) * 2 + d) * E + e[None, :], g, mask=mask)
+            db += g
+            dw += g[:, None, :] * taps
+        pe = ((b * tl.num_programs(1) + span) * 2 + d) * E + e
+        tl.store(db_ptr + pe, tl.sum(db, axis=0), mask=emask)
+        k = tl.arange(0, WP)[:, None]
+        tl.store(dw_ptr + pe[None, :] * W + k, tl.sum(dw, axis=0), mask=(k < W) & emask[None, :])
+
+
+@triton.jit
+def _conv_dx_kernel(g_ptr, w_ptr, dx_ptr, L, E,
+                    W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """Backward, step 2: dx = the transposed convolutions of g, for a (time, channel) tile.
+    The transpose of the causal filter reads the future, that of the anti-causal one the past:
+        dx[t] = sum_k w0[k] g0[t + (W-1) - k] + w1[k] g1[t - (W-1) + k]"""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(2).to(tl.int64)
+    emask = e < E
     dx = tl.zeros([BLOCK_T, BLOCK_E], ACC)
     for d in tl.static_range(2):
-        # dx[t] = sum_j w_d[W-1-j] g_d[t + j] (direction 0) or g_d[t - j] (direction 1)
-        for j in tl.static_range(W):
-            if d == 0:
-                tj = t + j
-            else:
-                tj = t - j
-            mj = ((tj >= 0) & (tj < L))[:, None] & emask[None, :]
-            pre = _conv_pre(x_base, tj, e, emask, w_ptr, b_ptr, L, E, sx_l, sx_e, d, W, BLOCK_T, BLOCK_E, ACC)
-            sig = _sigmoid(pre)
-            dout = tl.load(du_base + tj[:, None] * sdu_l + d * sdu_d + e[None, :] * sdu_e, mask=mj, other=0.0)
-            g = dout.to(ACC) * sig * (1.0 + pre * (1.0 - sig))
-            wj = tl.load(w_ptr + (d * E + e) * W + (W - 1 - j), mask=emask, other=0.0).to(ACC)
-            dx += wj[None, :] * g
-            if j == 0:
-                tl.store(db_ptr + part + d * E + e, tl.sum(g, axis=0), mask=emask)
-                for k in tl.static_range(W):
-                    tk = _tap(t, k, d, W)
-                    mk = ((tk >= 0) & (tk < L))[:, None] & emask[None, :]
-                    xk = tl.load(x_base + tk[:, None] * sx_l + e[None, :] * sx_e, mask=mk, other=0.0)
-                    tl.store(dw_ptr + (part + d * E + e) * W + k, tl.sum(g * xk.to(ACC), axis=0), mask=emask)
+        w = _conv_filter(w_ptr, e, emask, E, d, W, WP, ACC)
+        taps = _conv_taps(g_ptr + b * L * 2 * E + d * E, t, e, emask, L, 2 * E, 1, 1 - d, W, WP)
+        dx += tl.sum(taps * w[None, :, :], axis=1)
     mask = (t < L)[:, None] & emask[None, :]
     tl.store(dx_ptr + b * L * E + t[:, None] * E + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _conv_blocks(x):
-    return (CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS) if x.is_cuda else (8, 8, 1)
+def _conv_meta(x, W):
+    """Tile sizes and constants of the conv kernels: (BLOCK_T, BLOCK_E, SPAN), launch keywords."""
+    bt, be, nw, span = (CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS, CONV_GRAD_SPAN) if x.is_cuda else (4, 8, 1, 8)
+    return bt, be, span, dict(W=W, WP=triton.next_power_of_2(W), BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x),
+                              num_warps=nw)
 
 
 class _BiConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         batch, L, E = x.shape
-        W = weight.shape[-1]
         weight, bias = weight.contiguous(), bias.contiguous()
         u = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
-        bt, be, nw = _conv_blocks(x)
-        _conv_fwd_kernel[(triton.cdiv(E, be), triton.cdiv(L, bt), batch)](
-            x, weight, bias, u, L, E, *x.stride(), W=W, BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x), num_warps=nw)
+        bt, be, _, meta = _conv_meta(x, weight.shape[-1])
+        _conv_fwd_kernel[(triton.cdiv(E, be), triton.cdiv(L, bt), batch)](x, weight, bias, u, L, E, *x.stride(), **meta)
         ctx.save_for_backward(x, weight, bias)
         return u
 
@@ -626,15 +651,16 @@ class _BiConvSiLU(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         batch, L, E = x.shape
         W = weight.shape[-1]
-        bt, be, nw = _conv_blocks(x)
-        n_t = triton.cdiv(L, bt)
+        bt, be, span, meta = _conv_meta(x, W)
+        n_spans = triton.cdiv(L, span)
         acc = _acc_torch_dtype(x)
+        g = torch.empty(batch, L, 2, E, device=x.device, dtype=acc)
+        dw = torch.empty(batch, n_spans, 2, E, W, device=x.device, dtype=acc)
+        db = torch.empty(batch, n_spans, 2, E, device=x.device, dtype=acc)
+        _conv_grad_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, du, g, dw, db, L, E, *x.stride(),
+                                                                *du.stride(), SPAN=span, **meta)
         dx = torch.empty(batch, L, E, device=x.device, dtype=x.dtype)
-        dw = torch.empty(batch, n_t, 2, E, W, device=x.device, dtype=acc)
-        db = torch.empty(batch, n_t, 2, E, device=x.device, dtype=acc)
-        _conv_bwd_kernel[(triton.cdiv(E, be), n_t, batch)](
-            x, weight, bias, du, dx, dw, db, L, E, *x.stride(), *du.stride(),
-            W=W, BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x), num_warps=nw)
+        _conv_dx_kernel[(triton.cdiv(E, be), triton.cdiv(L, bt), batch)](g, weight, dx, L, E, **meta)
         return dx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype)
 
 

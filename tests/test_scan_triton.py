@@ -166,11 +166,11 @@ def check_mamba_layout(batch, E, L, N, groups, dtype, device, tol):
         assert rel_err(gr, rg) < tol, (k, rel_err(gr, rg))
 
 
-def check_biconv(batch, L, E, dtype, device, tol):
+def check_biconv(batch, L, E, dtype, device, tol, W=4):
     g = torch.Generator().manual_seed(5)
     xz = torch.randn(batch, L, 2 * E, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(True)
     x = xz[..., :E]  # strided like the x half of in_proj's output
-    weight = (torch.randn(2, E, 4, generator=g, dtype=torch.float64) * 0.5).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(2, E, W, generator=g, dtype=torch.float64) * 0.5).to(device, dtype).requires_grad_(True)
     bias = torch.randn(2, E, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(True)
     u = biconv_silu(x, weight, bias)
     assert u.shape == (batch, L, 2, E) and u.is_contiguous() and u.dtype == dtype
@@ -239,8 +239,10 @@ def test_interp_mamba_layout(groups):
 
 
 @interp_only
-def test_interp_biconv(poisoned_empty):
-    check_biconv(2, 11, 13, torch.float64, "cpu", 1e-10)
+@pytest.mark.parametrize("W", [4, 3])  # DiS's d_conv, and a width the kernels pad to a power of two
+def test_interp_biconv(poisoned_empty, W):
+    check_biconv(2, 11, 13, torch.float64, "cpu", 1e-10, W)
+
 
 
 def test_bad_shapes_raise():
