@@ -140,8 +140,13 @@ class BiMamba(nn.Module):
         x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) views
         u = biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
                         torch.stack([self.conv1d.bias, self.conv1d_b.bias]))  # (B, L, 2, E)
-        x_dbl = torch.einsum("blde,dre->bldr", u, torch.stack([self.x_proj.weight, self.x_proj_b.weight]))
-        delta = torch.einsum("bldr,der->blde", x_dbl[..., :R], torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]))
+        # x_proj and dt_proj of both directions as one GEMM each, with block-diagonal weights: the
+        # zero blocks cost FLOPs but no time, while a GEMM batched over the two directions makes
+        # cuBLAS pick slow kernels for the weight gradients (a reduction over all B*L tokens).
+        x_dbl = F.linear(u.flatten(2), torch.block_diag(self.x_proj.weight, self.x_proj_b.weight))
+        x_dbl = x_dbl.unflatten(-1, (2, R + 2 * N))  # (B, L, 2, R + 2N)
+        delta = F.linear(x_dbl[..., :R].flatten(2), torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight))
+        delta = delta.unflatten(-1, (2, E))  # (B, L, 2, E)
         y = bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
                          x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(), z,
                          torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True)
