@@ -704,6 +704,19 @@ def open_run_dir(args, resume_path, rank, world):
     return run_dir
 
 
+def oom_advice(args, backend):
+    """What to change after running out of GPU memory, for this run's settings. The Triton scan
+    keeps float32 chunk checkpoints: on an H100, DiS-H/2 at 32 images needs --grad-checkpointing
+    (25 GB with it), and mamba-ssm's kernel saves less (BENCHMARKS.md)."""
+    advice = ["lower --global-batch-size"]
+    if not args.grad_checkpointing:
+        advice.append("add --grad-checkpointing")
+    if args.precision == "fp32":
+        advice.append("use --precision bf16")
+    if backend == "triton":
+        advice.append("use --scan-backend mamba (slower, less memory)")
+    return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
+
 def build_model(config, ckpt, args, device, world):
     """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
     from the global seed, so identically for any number of processes; or loaded from ckpt."""
@@ -905,8 +918,8 @@ def train(args, parser, rank, world, device):
             if saved_at == step or (args.sample_every and step % args.sample_every == 0):
                 meter.restart(step)
     except torch.OutOfMemoryError:
-        raise SystemExit(f"CUDA out of memory with {batch // world} images per GPU ({args.model}, {args.precision}): "
-                         f"lower --global-batch-size, add --grad-checkpointing, or use --precision bf16")
+        raise SystemExit(f"CUDA out of memory with {batch // world} images per GPU ({args.model}, {args.precision}, "
+                         f"{backend} scan): {oom_advice(args, backend)}")
     finally:
         bar.close()
         stop.restore()

@@ -376,3 +376,13 @@ def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
     monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", out_of_memory)
     message = one_line_error(["--data-path", fashion, *TINY, "--results-dir", str(tmp_path)])
     assert "--global-batch-size" in message and "--grad-checkpointing" in message and "bf16" in message
+
+
+def test_out_of_memory_advice_fits_the_run():
+    from argparse import Namespace
+    from train import oom_advice
+    checkpointed = oom_advice(Namespace(grad_checkpointing=True, precision="bf16"), "triton")
+    assert "--grad-checkpointing" not in checkpointed and "--precision" not in checkpointed
+    assert checkpointed == "lower --global-batch-size or use --scan-backend mamba (slower, less memory)"
+    plain = oom_advice(Namespace(grad_checkpointing=False, precision="fp32"), "ref")
+    assert plain == "lower --global-batch-size, add --grad-checkpointing or use --precision bf16"
