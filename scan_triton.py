@@ -39,6 +39,11 @@ import triton.language as tl
 SCAN_CHUNK = {"cuda": int(os.environ.get("DIS_SCAN_CHUNK", 4)), "cpu": 8}  # a power of two
 if SCAN_CHUNK["cuda"] < 1 or SCAN_CHUNK["cuda"] & (SCAN_CHUNK["cuda"] - 1):
     raise ValueError(f"DIS_SCAN_CHUNK must be a power of two, got {SCAN_CHUNK['cuda']}")
+# Save the state at the start of every SCAN_SAVE_EVERY-th chunk only: 1/S of the checkpoint
+# memory, for recomputing up to S-1 chunks in the backward pass to reach each chunk's start
+# (train.py --scan-save-every; DIS_SCAN_SAVE_EVERY sets the default, for bench.py). Read at each
+# forward call; the backward pass uses the value its forward pass saved with.
+SCAN_SAVE_EVERY = int(os.environ.get("DIS_SCAN_SAVE_EVERY", 1))
 SCAN_FWD_CONFIGS = [(16, 1), (32, 1), (8, 1)]  # (BLOCK_E channels, num_warps)
 SCAN_BWD_CONFIGS = [(8, 1), (16, 1)]  # (32, 1) spills: 40 ms where (8, 1) takes 5 (H100)
 SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
@@ -141,6 +146,19 @@ def _put(x, i, v, T: tl.constexpr):
     return tl.where((tl.arange(0, T) == i)[:, None, None], v[None, :, :], x)
 
 
+@triton.jit
+def _advance(h, u_c, dl_c, B_c, mask, A, bias, T: tl.constexpr, HAS_BIAS: tl.constexpr,
+             SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
+    """The state (NP, BLOCK_E) after the T steps of a chunk, from the state before it."""
+    dt, _ = _delta(dl_c.to(ACC), bias, mask, HAS_BIAS, SOFTPLUS)
+    dt3 = dt[:, None, :]
+    du3 = (dt * u_c.to(ACC))[:, None, :]
+    B3 = B_c.to(ACC)[:, :, None]
+    for i in tl.static_range(T):
+        h = tl.exp(_row(dt3, i, T) * A) * h + _row(du3, i, T) * _row(B3, i, T)
+    return h
+
+
 # ---------------------------------------------------------------------------------------------
 # Scan forward. Grid: (blocks of BLOCK_E channels, batch). The second direction adds its gated
 # output onto the first's.
@@ -157,7 +175,7 @@ def _scan_fwd_kernel(
     sy_b, sy_l, sy_e,
     ND: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_STATES: tl.constexpr, ACC: tl.constexpr,
+    SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -173,7 +191,7 @@ def _scan_fwd_kernel(
         dl_base = dl_ptr + b * sd_b + d * sd_d
         B_base = B_ptr + b * sB_b + d * sB_d
         C_base = C_ptr + b * sC_b + d * sC_d
-        hs_base = hs_ptr + ((b * ND + d) * n_chunks) * NP * E
+        hs_base = hs_ptr + ((b * ND + d) * tl.cdiv(n_chunks, SAVE_EVERY)) * NP * E
         A, bias, Dv = _direction_params(A_ptr, bias_ptr, D_ptr, d, e, n, emask, nmask, E, N, BLOCK_E,
                                         HAS_BIAS, HAS_D, ACC)
         h = tl.zeros([NP, BLOCK_E], ACC)
@@ -199,7 +217,8 @@ def _scan_fwd_kernel(
             t, valid = _chunk_rows(c, L, T, d == 1)
             mask = valid[:, None] & emask[None, :]
             if SAVE_STATES:
-                tl.store(hs_base + c * NP * E + n[:, None] * E + e[None, :], h, mask=emask[None, :])
+                tl.store(hs_base + (c // SAVE_EVERY) * NP * E + n[:, None] * E + e[None, :], h,
+                         mask=emask[None, :] & (c % SAVE_EVERY == 0))
             u = u_c.to(ACC)
             dt, _ = _delta(dl_c.to(ACC), bias, mask, HAS_BIAS, SOFTPLUS)
             dt3 = dt[:, None, :]
@@ -238,7 +257,7 @@ def _scan_bwd_kernel(
     sdy_b, sdy_l, sdy_e,
     ND: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ACC: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -256,7 +275,7 @@ def _scan_bwd_kernel(
         dl_base = dl_ptr + b * sd_b + d * sd_d
         B_base = B_ptr + b * sB_b + d * sB_d
         C_base = C_ptr + b * sC_b + d * sC_d
-        hs_base = hs_ptr + ((b * ND + d) * n_chunks) * NP * E
+        hs_base = hs_ptr + ((b * ND + d) * tl.cdiv(n_chunks, SAVE_EVERY)) * NP * E
         dud_base = b * L * ND * E + d * E
         A, bias, Dv = _direction_params(A_ptr, bias_ptr, D_ptr, d, e, n, emask, nmask, E, N, BLOCK_E,
                                         HAS_BIAS, HAS_D, ACC)
@@ -273,7 +292,7 @@ def _scan_bwd_kernel(
         z_n = dy_n
         if HAS_Z:
             z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
-        h_n = tl.load(hs_base + (n_chunks - 1) * NP * E + n[:, None] * E + e[None, :],
+        h_n = tl.load(hs_base + ((n_chunks - 1) // SAVE_EVERY) * NP * E + n[:, None] * E + e[None, :],
                       mask=emask[None, :], other=0.0)
         for cc in range(0, n_chunks):
             c = n_chunks - 1 - cc
@@ -284,8 +303,14 @@ def _scan_bwd_kernel(
             dy_n = _tile(dy_base, t1, e, sdy_l, sdy_e, m1_te)
             if HAS_Z:
                 z_n = _tile(z_base, t1, e, sz_l, sz_e, m1_te)
-            h_n = tl.load(hs_base + (c - 1) * NP * E + n[:, None] * E + e[None, :],
+            h_n = tl.load(hs_base + ((c - 1) // SAVE_EVERY) * NP * E + n[:, None] * E + e[None, :],
                           mask=emask[None, :] & (c > 0), other=0.0)
+            if SAVE_EVERY > 1:  # from the saved state to chunk c's start: the chunks in between
+                for j in range(c - c % SAVE_EVERY, c):
+                    _, m_j, u_j, dl_j, B_j, _ = _chunk_inputs(j, L, T, d == 1, e, n, emask, nmask, u_base, su_l,
+                                                              su_e, dl_base, sd_l, sd_e, B_base, sB_l, sB_n, C_base,
+                                                              sC_l, sC_n)
+                    h = _advance(h, u_j, dl_j, B_j, m_j, A, bias, T, HAS_BIAS, SOFTPLUS, ACC)
 
             t, valid = _chunk_rows(c, L, T, d == 1)
             mask = valid[:, None] & emask[None, :]
@@ -397,7 +422,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError("all scan inputs must be on the same device")
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_every):
     batch, L, ND, E = u.shape
     N = A.shape[-1]
     T = SCAN_CHUNK["cuda" if u.is_cuda else "cpu"]
@@ -405,7 +430,8 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
     y = torch.empty(batch, L, E, device=u.device, dtype=u.dtype)
     states = None
     if save_states:
-        states = torch.empty(batch, ND, triton.cdiv(L, T), triton.next_power_of_2(N), E, device=u.device,
+        n_saved = triton.cdiv(triton.cdiv(L, T), save_every)
+        states = torch.empty(batch, ND, n_saved, triton.next_power_of_2(N), E, device=u.device,
                              dtype=_acc_torch_dtype(u))
     zz = z if z is not None else y
     _launch(
@@ -415,12 +441,13 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
         L, E,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zz.stride(), *y.stride(),
         ND=ND, N=N, NP=triton.next_power_of_2(N), T=T, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, SAVE_STATES=save_states, ACC=_acc_dtype(u),
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, SAVE_STATES=save_states, SAVE_EVERY=save_every,
+        ACC=_acc_dtype(u),
     )
     return y, states
 
 
-def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states):
+def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states, save_every):
     batch, L, ND, E = u.shape
     N = A.shape[-1]
     T = SCAN_CHUNK["cuda" if u.is_cuda else "cpu"]
@@ -444,7 +471,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states):
         L, E, batch,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zz.stride(), *dy.stride(),
         ND=ND, N=N, NP=triton.next_power_of_2(N), T=T, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, ACC=_acc_dtype(u),
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, SAVE_EVERY=save_every, ACC=_acc_dtype(u),
     )
     n_blocks = triton.cdiv(E, be)
     dB = dB_part[:n_blocks].sum(0).to(B.dtype)
@@ -458,15 +485,17 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states):
 class _BiMambaScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
-        y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states)
-        ctx.softplus = softplus
+        if SCAN_SAVE_EVERY < 1:
+            raise ValueError(f"SCAN_SAVE_EVERY must be at least 1, got {SCAN_SAVE_EVERY}")
+        y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, SCAN_SAVE_EVERY)
+        ctx.softplus, ctx.save_every = softplus, SCAN_SAVE_EVERY
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states)
+        grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, ctx.save_every)
         return (*grads, None, None)
 
 

@@ -221,6 +221,17 @@ def test_interp_bimamba_float32(poisoned_empty):
 
 
 @interp_only
+@pytest.mark.parametrize("save_every", [2, 3])
+def test_interp_bimamba_sparse_checkpoints(poisoned_empty, monkeypatch, save_every):
+    """States saved every 2nd / 3rd chunk only; the backward pass recomputes the chunks between.
+    L = 17 is three CPU chunks of 8: the last starts from a recomputed state."""
+    import scan_triton
+    monkeypatch.setattr(scan_triton, "SCAN_SAVE_EVERY", save_every)
+    check_bimamba(2, 17, 2, 20, 16, torch.float64, "cpu", 1e-10)
+    check_bimamba(1, 13, 1, 9, 3, torch.float64, "cpu", 1e-10, z=False, softplus=False)
+
+
+@interp_only
 def test_interp_gradcheck():
     inputs = make_inputs(1, 5, 2, 3, 4, torch.float64, "cpu")
     names = list(inputs)
@@ -296,6 +307,13 @@ def test_bad_chunk_length_is_a_clear_error():
 @pytest.mark.parametrize("batch, L, ND, E", [(2, 259, 2, 200), (3, 130, 1, 96)])
 def test_gpu_bimamba(poisoned_empty, dtype, tol, batch, L, ND, E):
     check_bimamba(batch, L, ND, E, 16, dtype, "cuda", tol)
+
+
+@pytest.mark.gpu
+def test_gpu_bimamba_sparse_checkpoints(poisoned_empty, monkeypatch):
+    import scan_triton
+    monkeypatch.setattr(scan_triton, "SCAN_SAVE_EVERY", 2)
+    check_bimamba(2, 259, 2, 200, 16, torch.float32, "cuda", 1e-4)
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ cost a one-warp program most (cross-thread shuffles, barriers, shared-memory tra
 
     python tools/kernel_stats.py                 # T = 4, BLOCK_E 8 and 16
     T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
+    DIS_SCAN_SAVE_EVERY=2 python tools/kernel_stats.py   # the states of every other chunk only
 
 Static counts over the whole kernel (both directions unrolled), not timings: a guide for
 kernel work between GPU sessions, which must still measure (bench.py).
@@ -55,7 +56,8 @@ def ptxas_report(ptx):
 
 def main():
     T = int(os.environ.get("T", scan_triton.SCAN_CHUNK["cuda"]))
-    common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32)
+    common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
+                  SAVE_EVERY=scan_triton.SCAN_SAVE_EVERY)
     for name, kernel, extra in (("forward", scan_triton._scan_fwd_kernel, {"SAVE_STATES": True}),
                                 ("backward", scan_triton._scan_bwd_kernel, {})):
         for block_e in (int(b) for b in os.environ.get("BLOCK_E", "8,16").split(",")):
