@@ -114,7 +114,7 @@ GRID_RESPACING = "ddim25"
 RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everything else is the run's
     "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
     "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile",
-    "grad_checkpointing", "scan_backend", "device", "max_nonfinite", "fid_ref", "fid_samples", "inception_weights"}
+    "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples", "inception_weights"}
 
 log = logging.getLogger("dis.train")
 
@@ -706,9 +706,12 @@ def open_run_dir(args, resume_path, rank, world):
 
 def oom_advice(args, backend):
     """What to change after running out of GPU memory, for this run's settings. The Triton scan
-    keeps float32 chunk checkpoints: on an H100, DiS-H/2 at 32 images needs --grad-checkpointing
-    (25 GB with it), and mamba-ssm's kernel saves less (BENCHMARKS.md)."""
+    keeps float32 chunk states for its backward pass: on an H100, DiS-H/2 at 32 images needs
+    --scan-save-every 2 (64 GB) or --grad-checkpointing (25 GB, slower); mamba-ssm's kernel saves
+    less but runs slower (BENCHMARKS.md)."""
     advice = ["lower --global-batch-size"]
+    if backend == "triton" and args.scan_save_every == 1:
+        advice.append("add --scan-save-every 2")
     if not args.grad_checkpointing:
         advice.append("add --grad-checkpointing")
     if args.precision == "fp32":
@@ -716,6 +719,7 @@ def oom_advice(args, backend):
     if backend == "triton":
         advice.append("use --scan-backend mamba (slower, less memory)")
     return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
+
 
 def build_model(config, ckpt, args, device, world):
     """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
@@ -781,8 +785,23 @@ class Meter:
         return (*means, images_per_s)
 
 
+def set_scan_save_every(every, device):
+    """--scan-save-every: the Triton scan keeps the state of every `every`-th chunk for its
+    backward pass (1/every of that memory, for recomputing the chunks in between)."""
+    if every < 1:
+        raise SystemExit(f"--scan-save-every must be at least 1, got {every}")
+    if every == 1:
+        return
+    backend = active_scan_backend(device)
+    if backend != "triton":
+        raise SystemExit(f"--scan-save-every applies to the Triton scan; this run uses the {backend} scan")
+    import scan_triton
+    scan_triton.SCAN_SAVE_EVERY = every
+
+
 def train(args, parser, rank, world, device):
     set_scan_backend(args.scan_backend)
+    set_scan_save_every(args.scan_save_every, device)
     setup_logging(rank)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
@@ -829,6 +848,7 @@ def train(args, parser, rank, world, device):
     log.info(f"Data: {args.dataset}, {n:,} images from {data_where}; {per_epoch:,} steps per epoch; "
              f"{total_steps:,} steps of {batch} on {world} process(es), {device}; scan backend {backend}; "
              f"{args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
+             f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
              f"{', compiled' if args.compile else ''}")
     if rank == 0:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
@@ -968,6 +988,9 @@ def parse_args(argv=None):
     net.add_argument("--drop-path-rate", type=float, default=0.1)
     net.add_argument("--class-dropout-prob", type=float, default=0.1)
     net.add_argument("--scan-backend", choices=["auto", "ref", "mamba", "triton"], default="auto")
+    net.add_argument("--scan-save-every", type=int, default=1,
+                     help="Triton scan: keep the states of every Nth chunk for the backward pass (1/N of their "
+                          "memory, more recomputation; 2 fits DiS-H/2 at 32 images on an 80 GB card)")
     net.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="auto: CUDA when available (one GPU per process under torchrun)")
     net.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)

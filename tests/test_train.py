@@ -381,8 +381,17 @@ def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
 def test_out_of_memory_advice_fits_the_run():
     from argparse import Namespace
     from train import oom_advice
-    checkpointed = oom_advice(Namespace(grad_checkpointing=True, precision="bf16"), "triton")
-    assert "--grad-checkpointing" not in checkpointed and "--precision" not in checkpointed
-    assert checkpointed == "lower --global-batch-size or use --scan-backend mamba (slower, less memory)"
-    plain = oom_advice(Namespace(grad_checkpointing=False, precision="fp32"), "ref")
+    sparse = oom_advice(Namespace(grad_checkpointing=True, precision="bf16", scan_save_every=2), "triton")
+    assert sparse == "lower --global-batch-size or use --scan-backend mamba (slower, less memory)"
+    triton = oom_advice(Namespace(grad_checkpointing=False, precision="bf16", scan_save_every=1), "triton")
+    assert triton == ("lower --global-batch-size, add --scan-save-every 2, add --grad-checkpointing or use "
+                      "--scan-backend mamba (slower, less memory)")
+    plain = oom_advice(Namespace(grad_checkpointing=False, precision="fp32", scan_save_every=1), "ref")
     assert plain == "lower --global-batch-size, add --grad-checkpointing or use --precision bf16"
+
+
+def test_scan_save_every_needs_the_triton_scan(fashion, tmp_path):
+    message = one_line_error(["--data-path", fashion, *TINY, "--scan-save-every", "2", "--results-dir", str(tmp_path)])
+    assert "--scan-save-every applies to the Triton scan" in message
+    message = one_line_error(["--data-path", fashion, *TINY, "--scan-save-every", "0", "--results-dir", str(tmp_path)])
+    assert "at least 1" in message
