@@ -17,8 +17,9 @@ while the previous chunk is computed, and the T steps of a chunk are unrolled wi
 row indices, which the compiler resolves at compile time wherever a thread holds all rows.
 
 For training the forward pass also stores the state at the start of every chunk, a
-(batch, directions, chunks, N, E) float32 tensor (1/T of the full state history). The backward
-pass walks the chunks last to first: it recomputes the chunk's states from its checkpoint,
+(batch, directions, chunks, N, E) float32 tensor (1/T of the full state history), or of every
+S-th chunk (SCAN_SAVE_EVERY). The backward pass walks the chunks last to first: it recomputes
+the chunk's states from its checkpoint (first advancing over the chunks in between if S > 1),
 then runs the adjoint recurrence dh_s = C_s g_s + a_{s+1} dh_{s+1} (g = dy silu(z),
 a_s = exp(delta_s A)) backwards through the chunk, and forms the gradients from both.
 
