@@ -457,7 +457,9 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states, sa
     du = torch.empty(batch, L, ND, E, device=dev, dtype=u.dtype)
     ddelta = torch.empty(batch, L, ND, E, device=dev, dtype=delta.dtype)
     dz = torch.empty(batch, L, E, device=dev, dtype=z.dtype) if z is not None else None
-    min_be = min(be for be, _ in SCAN_BWD_CONFIGS) if u.is_cuda else SCAN_CPU_BLOCK_E
+    # room for the smallest block the autotuner may pick (asked of the autotuner itself, so that
+    # a config list changed at run time cannot make the kernel write past the buffer)
+    min_be = min(c.kwargs["BLOCK_E"] for c in _scan_bwd_tuned.configs) if u.is_cuda else SCAN_CPU_BLOCK_E
     dB_part = torch.empty(triton.cdiv(E, min_be), batch, L, ND, N, device=dev, dtype=acc)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.empty(batch, ND, E, N, device=dev, dtype=acc)
