@@ -141,8 +141,8 @@ class BiMamba(nn.Module):
         u = biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
                         torch.stack([self.conv1d.bias, self.conv1d_b.bias]))  # (B, L, 2, E)
         # x_proj and dt_proj of both directions as one GEMM each, with block-diagonal weights: the
-        # zero blocks cost FLOPs but no time, while a GEMM batched over the two directions makes
-        # cuBLAS pick slow kernels for the weight gradients (a reduction over all B*L tokens).
+        # zero blocks double these small GEMMs' FLOPs, but a GEMM batched over the two directions
+        # gets slow cuBLAS kernels for its weight gradients (a reduction over all B*L tokens).
         x_dbl = F.linear(u.flatten(2), torch.block_diag(self.x_proj.weight, self.x_proj_b.weight))
         x_dbl = x_dbl.unflatten(-1, (2, R + 2 * N))  # (B, L, 2, R + 2N)
         delta = F.linear(x_dbl[..., :R].flatten(2), torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight))

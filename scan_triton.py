@@ -586,8 +586,8 @@ def _conv_filter(w_ptr, e, emask, E, D: tl.constexpr, W: tl.constexpr, WP: tl.co
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, sx_b, sx_l, sx_e,
-                     W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, sx_b, sx_l, sx_e, W: tl.constexpr, WP: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = tl.program_id(2).to(tl.int64)
@@ -606,8 +606,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, sx_b, sx_l, sx_e,
 
 @triton.jit
 def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, du_ptr, g_ptr, dw_ptr, db_ptr, L, E,
-                      sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e, SPAN: tl.constexpr,
-                      W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+                      sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e, SPAN: tl.constexpr, W: tl.constexpr,
+                      WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     """Backward, step 1, for a block of channels of one batch element over SPAN time steps, walked
     in tiles of BLOCK_T: the gradient at the pre-activations, g_d = du_d silu'(pre_d), written to
     g (batch, L, 2, E), and the program's sums over time of dw and dbias, written to

@@ -114,7 +114,8 @@ GRID_RESPACING = "ddim25"
 RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everything else is the run's
     "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
     "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile",
-    "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples", "inception_weights"}
+    "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples",
+    "inception_weights"}
 
 log = logging.getLogger("dis.train")
 
