@@ -148,6 +148,13 @@ def _put(x, i, v, T: tl.constexpr):
 
 
 @triton.jit
+def _saved_state(hs_base, c, n, e, E, NP: tl.constexpr, SAVE_EVERY: tl.constexpr):
+    """Pointers (NP, BLOCK_E) to the state saved for chunk c: the one at the start of chunk
+    c - c % SAVE_EVERY, kept at index c // SAVE_EVERY of the direction's (chunks, NP, E) states."""
+    return hs_base + (c // SAVE_EVERY) * NP * E + n[:, None] * E + e[None, :]
+
+
+@triton.jit
 def _advance(h, u_c, dl_c, B_c, mask, A, bias, T: tl.constexpr, HAS_BIAS: tl.constexpr,
              SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
     """The state (NP, BLOCK_E) after the T steps of a chunk, from the state before it."""
@@ -218,7 +225,7 @@ def _scan_fwd_kernel(
             t, valid = _chunk_rows(c, L, T, d == 1)
             mask = valid[:, None] & emask[None, :]
             if SAVE_STATES:
-                tl.store(hs_base + (c // SAVE_EVERY) * NP * E + n[:, None] * E + e[None, :], h,
+                tl.store(_saved_state(hs_base, c, n, e, E, NP, SAVE_EVERY), h,
                          mask=emask[None, :] & (c % SAVE_EVERY == 0))
             u = u_c.to(ACC)
             dt, _ = _delta(dl_c.to(ACC), bias, mask, HAS_BIAS, SOFTPLUS)
@@ -293,8 +300,7 @@ def _scan_bwd_kernel(
         z_n = dy_n
         if HAS_Z:
             z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
-        h_n = tl.load(hs_base + ((n_chunks - 1) // SAVE_EVERY) * NP * E + n[:, None] * E + e[None, :],
-                      mask=emask[None, :], other=0.0)
+        h_n = tl.load(_saved_state(hs_base, n_chunks - 1, n, e, E, NP, SAVE_EVERY), mask=emask[None, :], other=0.0)
         for cc in range(0, n_chunks):
             c = n_chunks - 1 - cc
             u_c, dl_c, B_c, C_c, dy_c, z_c, h = u_n, dl_n, B_n, C_n, dy_n, z_n, h_n
@@ -304,8 +310,8 @@ def _scan_bwd_kernel(
             dy_n = _tile(dy_base, t1, e, sdy_l, sdy_e, m1_te)
             if HAS_Z:
                 z_n = _tile(z_base, t1, e, sz_l, sz_e, m1_te)
-            h_n = tl.load(hs_base + ((c - 1) // SAVE_EVERY) * NP * E + n[:, None] * E + e[None, :],
-                          mask=emask[None, :] & (c > 0), other=0.0)
+            h_n = tl.load(_saved_state(hs_base, c - 1, n, e, E, NP, SAVE_EVERY), mask=emask[None, :] & (c > 0),
+                          other=0.0)
             if SAVE_EVERY > 1:  # from the saved state to chunk c's start: the chunks in between
                 for j in range(c - c % SAVE_EVERY, c):
                     _, m_j, u_j, dl_j, B_j, _ = _chunk_inputs(j, L, T, d == 1, e, n, emask, nmask, u_base, su_l,
