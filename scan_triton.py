@@ -152,6 +152,48 @@ def _put(x, i, v, T: tl.constexpr):
 
 
 @triton.jit
+def _swap_columns(x, e_loc, MASK: tl.constexpr):
+    """x (NP, BLOCK_E) with column e replaced by column e ^ MASK. Channels lie along lanes, so on
+    the GPU this compiles to one warp shuffle per value a thread holds."""
+    return tl.gather(x, tl.broadcast_to((e_loc ^ MASK)[None, :], x.shape), axis=1)
+
+
+@triton.jit
+def _held_row(e_loc, T: tl.constexpr):
+    """Which row of a chunk the channel sums that _channel_sums leaves in column e_loc belong to."""
+    if T == 4:
+        return 2 * (e_loc & 1) + ((e_loc >> 1) & 1)
+    else:
+        return e_loc % T
+
+
+@triton.jit
+def _channel_sums(x, e_loc, T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Sums over channels of the T rows of x (T, NP, BLOCK_E), as an (NP, BLOCK_E) tile whose column
+    e holds row _held_row(e) (the T rows fill columns 0..T-1; the other columns repeat them).
+
+    T = 4 (CUDA's chunk): a butterfly reduce-scatter. Over channel bits 0 and 1, column pairs swap half
+    of their rows and each keeps the sum of the other half; the remaining bits sum what is left.
+    A thread then shuffles 8 + 4 + 4 (x log2(BLOCK_E / 4)) values where tl.sum over the channels
+    shuffles all 16 at every bit. Other T: tl.sum, and each column picks its row."""
+    if T == 4:
+        b0 = (e_loc & 1)[None, :] != 0
+        b1 = (e_loc & 2)[None, :] != 0
+        x0, x1, x2, x3 = _row(x, 0, T), _row(x, 1, T), _row(x, 2, T), _row(x, 3, T)
+        p0 = tl.where(b0, x2, x0) + _swap_columns(tl.where(b0, x0, x2), e_loc, 1)  # row 0 or 2 by bit 0
+        p1 = tl.where(b0, x3, x1) + _swap_columns(tl.where(b0, x1, x3), e_loc, 1)  # row 1 or 3
+        q = tl.where(b1, p1, p0) + _swap_columns(tl.where(b1, p0, p1), e_loc, 2)  # row 2 b0 + b1
+        for k in tl.static_range(2, 16):
+            if (1 << k) < BLOCK_E:
+                q += _swap_columns(q, e_loc, 1 << k)
+        return q
+    else:
+        sums = tl.sum(x, axis=2)  # (T, NP)
+        pick = tl.arange(0, T)[:, None, None] == _held_row(e_loc, T)[None, None, :]
+        return tl.sum(tl.where(pick, sums[:, :, None], 0.0), axis=0)
+
+
+@triton.jit
 def _saved_state(hs_base, c, n, e, E, NP: tl.constexpr, SAVE_EVERY: tl.constexpr):
     """Pointers (NP, BLOCK_E) to the state saved for chunk c: the one at the start of chunk
     c - c % SAVE_EVERY, kept at index c // SAVE_EVERY of the direction's (chunks, NP, E) states."""
@@ -273,7 +315,8 @@ def _scan_bwd_kernel(
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_loc = tl.arange(0, BLOCK_E)
+    e = pid_e * BLOCK_E + e_loc
     emask = e < E
     n = tl.arange(0, NP)
     nmask = n < N
@@ -352,7 +395,7 @@ def _scan_bwd_kernel(
                 a3 = _put(a3, i, a, T)
                 ah3 = _put(ah3, i, ah, T)
                 hs3 = _put(hs3, i, h, T)
-            dC3 = tl.sum(hs3 * g3, axis=2, keep_dims=True)  # dC_s = sum_e g_s h_s
+            dC_sums = _channel_sums(hs3 * g3, e_loc, T, BLOCK_E)  # dC_s = sum_e g_s h_s
             if HAS_Z:
                 y = tl.sum(hs3 * C3, axis=1) + Dv[None, :] * u
                 dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
@@ -369,7 +412,7 @@ def _scan_bwd_kernel(
                 dh3 = _put(dh3, i, dh, T)
             w3 = dh3 * ah3  # gradient w.r.t. a_s, times a_s
             dA += tl.sum(w3 * dt3, axis=0)
-            dB3 = tl.sum(dh3 * du3, axis=2, keep_dims=True)
+            dB_sums = _channel_sums(dh3 * du3, e_loc, T, BLOCK_E)  # dB_s = sum_e dh_s delta_s u_s
             dhB = tl.sum(dh3 * B3, axis=1)
             ddt = LN2 * tl.sum(w3 * A2[None, :, :], axis=1) + dhB * u  # d a_s / d delta_s = A a_s
             du = dhB * dt + Dv[None, :] * g
@@ -381,10 +424,15 @@ def _scan_bwd_kernel(
             te_off = dud_base + t[:, None] * ND * E + e[None, :]
             tl.store(du_ptr + te_off, du.to(du_ptr.dtype.element_ty), mask=mask)
             tl.store(ddl_ptr + te_off, ddt.to(ddl_ptr.dtype.element_ty), mask=mask)
-            tn_off = dBC_base + t[:, None] * ND * N + d * N + n[None, :]
-            tn_mask = valid[:, None] & nmask[None, :]
-            tl.store(dB_ptr + tn_off, tl.sum(dB3, axis=2), mask=tn_mask)
-            tl.store(dC_ptr + tn_off, tl.sum(dC3, axis=2), mask=tn_mask)
+            # column e of the channel sums holds step s_e of the chunk (columns >= T repeat them)
+            s_e = c * T + _held_row(e_loc, T)
+            t_e = s_e
+            if d == 1:
+                t_e = L - 1 - s_e
+            ne_off = dBC_base + t_e[None, :] * ND * N + d * N + n[:, None]
+            ne_mask = nmask[:, None] & ((e_loc < T) & (s_e < L))[None, :]
+            tl.store(dB_ptr + ne_off, dB_sums, mask=ne_mask)
+            tl.store(dC_ptr + ne_off, dC_sums, mask=ne_mask)
         pe = (b * ND + d) * E + e
         tl.store(dA_ptr + pe[None, :] * N + n[:, None], dA, mask=nmask[:, None] & emask[None, :])
         tl.store(dD_ptr + pe, dD, mask=emask)
@@ -470,6 +518,9 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states, sa
     # room for the smallest block the autotuner may pick (asked of the autotuner itself, so that
     # a config list changed at run time cannot make the kernel write past the buffer)
     min_be = min(c.kwargs["BLOCK_E"] for c in _scan_bwd_tuned.configs) if u.is_cuda else SCAN_CPU_BLOCK_E
+    if min_be < T:
+        raise ValueError(f"the scan's chunk length {T} must not exceed its smallest backward channel block "
+                         f"{min_be}: lower DIS_SCAN_CHUNK")
     dB_part = torch.empty(triton.cdiv(E, min_be), batch, L, ND, N, device=dev, dtype=acc)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.empty(batch, ND, E, N, device=dev, dtype=acc)

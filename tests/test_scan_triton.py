@@ -232,6 +232,16 @@ def test_interp_bimamba_sparse_checkpoints(poisoned_empty, monkeypatch, save_eve
 
 
 @interp_only
+def test_interp_bimamba_chunk4_butterfly(poisoned_empty, monkeypatch):
+    """CUDA's chunk length 4, whose backward pass sums dB and dC over channels by a butterfly
+    reduce-scatter: L = 13 ends in a partial chunk, E = 20 in a partial block of 16 channels."""
+    import scan_triton
+    monkeypatch.setitem(scan_triton.SCAN_CHUNK, "cpu", 4)
+    check_bimamba(2, 13, 2, 20, 16, torch.float64, "cpu", 1e-10)
+    check_bimamba(1, 6, 1, 9, 3, torch.float64, "cpu", 1e-10, z=False, softplus=False)
+
+
+@interp_only
 def test_interp_gradcheck():
     inputs = make_inputs(1, 5, 2, 3, 4, torch.float64, "cpu")
     names = list(inputs)
