@@ -47,7 +47,7 @@ if SCAN_CHUNK["cuda"] < 1 or SCAN_CHUNK["cuda"] & (SCAN_CHUNK["cuda"] - 1):
 SCAN_SAVE_EVERY = int(os.environ.get("DIS_SCAN_SAVE_EVERY", 1))
 # (BLOCK_E channels, num_warps, maxnreg). A register cap lets more one-warp programs share an SM
 # at the price of a few spills: on the H100 the backward pass's 219 registers allow 8 warps per
-# SM, 168 allow 12 (3% faster at BLOCK_E 8); caps that spill more lose.
+# SM, 168 allow 12 (3-6% faster at BLOCK_E 8); caps that spill more lose.
 SCAN_FWD_CONFIGS = [(16, 1, None), (32, 1, None), (8, 1, None), (16, 1, 128), (32, 1, 168)]
 SCAN_BWD_CONFIGS = [(8, 1, None), (16, 1, None), (8, 1, 168)]  # (32, 1) spills: 40 ms where (8, 1) takes 5
 SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
@@ -175,10 +175,11 @@ def _channel_sums(x, e_loc, T: tl.constexpr, BLOCK_E: tl.constexpr):
     """Sums over channels of the T rows of x (T, NP, BLOCK_E), as an (NP, BLOCK_E) tile whose column
     e holds row _held_row(e) (the T rows fill columns 0..T-1; the other columns repeat them).
 
-    T = 4 (CUDA's chunk): a butterfly reduce-scatter. Over channel bits 0 and 1, column pairs swap half
-    of their rows and each keeps the sum of the other half; the remaining bits sum what is left.
-    A thread then shuffles 8 + 4 + 4 (x log2(BLOCK_E / 4)) values where tl.sum over the channels
-    shuffles all 16 at every bit. Other T: tl.sum, and each column picks its row."""
+    T = 4 (CUDA's chunk): a butterfly reduce-scatter. At channel bits 0 and 1, column pairs swap half
+    of their rows and each keeps the sum of the other half; each further bit adds the last row.
+    A thread shuffles 8 and 4 values at the first two bits and 4 at each further one, where
+    tl.sum over the channels shuffles all 16 at every bit. Other T: tl.sum, then each column
+    picks its row."""
     if T == 4:
         b0 = (e_loc & 1)[None, :] != 0
         b1 = (e_loc & 2)[None, :] != 0

@@ -242,6 +242,18 @@ def test_interp_bimamba_chunk4_butterfly(poisoned_empty, monkeypatch):
 
 
 @interp_only
+def test_interp_chunk_longer_than_channel_block_is_a_clear_error(monkeypatch):
+    """The backward pass leaves a chunk's T channel sums in T channel columns: T may not exceed
+    the channel block."""
+    import scan_triton
+    monkeypatch.setitem(scan_triton.SCAN_CHUNK, "cpu", 2 * scan_triton.SCAN_CPU_BLOCK_E)
+    inputs = {k: v.requires_grad_(True) for k, v in make_inputs(1, 5, 2, 3, 4, torch.float64, "cpu").items()}
+    y = bimamba_scan(*inputs.values())
+    with pytest.raises(ValueError, match="DIS_SCAN_CHUNK"):
+        y.sum().backward()
+
+
+@interp_only
 def test_interp_gradcheck():
     inputs = make_inputs(1, 5, 2, 3, 4, torch.float64, "cpu")
     names = list(inputs)
