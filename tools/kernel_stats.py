@@ -1,6 +1,7 @@
 """Compile scan_triton's kernels for the H100 (sm_90a) without a GPU and print, per kernel and
-BLOCK_E, the registers and spills that ptxas reports and counts of the PTX instructions that
-cost a one-warp program most (cross-thread shuffles, barriers, shared-memory traffic).
+BLOCK_E, the registers and spills that ptxas reports, counts of the PTX instructions that
+cost a one-warp program most (cross-thread shuffles, barriers, shared-memory traffic), and the
+machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
 
     python tools/kernel_stats.py                 # T = 4, BLOCK_E 8 and 16
     T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
@@ -9,6 +10,7 @@ cost a one-warp program most (cross-thread shuffles, barriers, shared-memory tra
 Static counts over the whole kernel (both directions unrolled), not timings: a guide for
 kernel work between GPU sessions, which must still measure (bench.py).
 """
+import collections
 import os
 import re
 import subprocess
@@ -24,6 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 import scan_triton  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
 FP32_ARGS = {"hs_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr", "A_ptr", "D_ptr", "bias_ptr"}
 UNIT_STRIDES = ("su_e", "sd_e", "sB_n", "sC_n", "sz_e", "sy_e", "sdy_e")
 OPS = ("shfl.sync", "bar.sync", "st.shared", "ld.shared", "ex2.approx", "fma.rn.f32", "ld.global", "st.global")
@@ -54,6 +57,17 @@ def ptxas_report(ptx):
     return f"{regs.group(1) if regs else '?'} registers, spills {spills.group(1)}/{spills.group(2)} B"
 
 
+def sass_opcodes(cubin, top=10):
+    """Total SASS instructions of a compiled kernel and its `top` most frequent opcodes."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter(m.group(1).split(".")[0] for m in
+                              re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M))
+    return f"SASS {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(top))
+
+
 def main():
     T = int(os.environ.get("T", scan_triton.SCAN_CHUNK["cuda"]))
     common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
@@ -61,9 +75,10 @@ def main():
     for name, kernel, extra in (("forward", scan_triton._scan_fwd_kernel, {"SAVE_STATES": True}),
                                 ("backward", scan_triton._scan_bwd_kernel, {})):
         for block_e in (int(b) for b in os.environ.get("BLOCK_E", "8,16").split(",")):
-            ptx = compile_for_h100(kernel, dict(common, BLOCK_E=block_e, **extra)).asm["ptx"]
-            counts = ", ".join(f"{op} {len(re.findall(re.escape(op), ptx))}" for op in OPS)
-            print(f"{name} T={T} BLOCK_E={block_e}: {ptxas_report(ptx)}; {counts}")
+            asm = compile_for_h100(kernel, dict(common, BLOCK_E=block_e, **extra)).asm
+            counts = ", ".join(f"{op} {len(re.findall(re.escape(op), asm['ptx']))}" for op in OPS)
+            print(f"{name} T={T} BLOCK_E={block_e}: {ptxas_report(asm['ptx'])}; {counts}")
+            print(f"    {sass_opcodes(asm['cubin'])}")
 
 
 if __name__ == "__main__":
