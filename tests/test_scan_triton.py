@@ -277,7 +277,6 @@ def test_interp_biconv(poisoned_empty, W):
     check_biconv(2, 11, 13, torch.float64, "cpu", 1e-10, W)
 
 
-
 @interp_only
 def test_interp_fused_mixer_matches_reference(poisoned_empty):
     """model.BiMamba.forward_fused (Triton kernels, both directions at once, block-diagonal
@@ -298,6 +297,7 @@ def test_interp_fused_mixer_matches_reference(poisoned_empty):
     assert rel_err(out, out_ref) < 1e-10
     for (name, _), g, gr in zip(m.named_parameters(), grads, grads_ref):
         assert rel_err(g, gr) < 1e-10, (name, rel_err(g, gr))
+
 
 def test_bad_shapes_raise():
     u = torch.zeros(1, 4, 2, 8)
