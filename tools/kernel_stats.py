@@ -7,8 +7,13 @@ machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
     T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
     DIS_SCAN_SAVE_EVERY=2 python tools/kernel_stats.py   # the states of every other chunk only
 
-Static counts over the whole kernel (both directions unrolled), not timings: a guide for
-kernel work between GPU sessions, which must still measure (bench.py).
+Static counts, not timings: a guide for kernel work between GPU sessions, which must still
+measure (bench.py). "chunk loops" are the instructions of each direction's loop over chunks, the
+part that runs L/T times; the other counts are over the whole kernel (both directions unrolled).
+The counts depend on the Triton version, which chooses the layouts: with Triton 3.6 (the GPU
+machine's) the backward pass at BLOCK_E 8 has 1037 instructions per chunk, with 3.8
+(requirements.txt's) 746. Run this with the Triton you will time (PYTHONPATH=<another Triton>);
+tools/triton_versions.py times the other version's kernels on the GPU machine.
 """
 import collections
 import os
@@ -68,6 +73,22 @@ def sass_opcodes(cubin, top=10):
     return f"SASS {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(top))
 
 
+def loop_lengths(cubin):
+    """Instruction counts of the SASS loops (a backward branch to an earlier label), in order."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"\.L_x_\d+:", line)}
+    is_instruction = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+\S").match
+    lengths = []
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if target and labels.get(target.group(1), i) < i:
+            lengths.append(sum(1 for x in lines[labels[target.group(1)]:i + 1] if is_instruction(x)))
+    return [n for n in lengths if n > 1]
+
+
 def main():
     T = int(os.environ.get("T", scan_triton.SCAN_CHUNK["cuda"]))
     common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
@@ -79,6 +100,7 @@ def main():
             counts = ", ".join(f"{op} {len(re.findall(re.escape(op), asm['ptx']))}" for op in OPS)
             print(f"{name} T={T} BLOCK_E={block_e}: {ptxas_report(asm['ptx'])}; {counts}")
             print(f"    {sass_opcodes(asm['cubin'])}")
+            print(f"    chunk loops: {loop_lengths(asm['cubin'])} instructions (Triton {triton.__version__})")
 
 
 if __name__ == "__main__":
