@@ -1,0 +1,180 @@
+"""Time scan_triton's kernels as another Triton version compiles them, on this machine's GPU.
+
+requirements.txt pins torch 2.14.1, which brings Triton 3.8; the GPU machine we benchmark on has
+torch 2.11 with Triton 3.6 and no package registry, and Triton 3.8 is too large to carry there.
+Both versions give these kernels the same parameters, so the cubin that the other version
+compiles (offline: Triton compiles for sm_90a without a GPU) can replace the local one in the
+JIT's cache. Three steps:
+
+    python tools/triton_versions.py specs specs.json        # GPU machine: what its JIT compiled
+    python tools/triton_versions.py compile specs.json other.json   # machine with the other Triton
+    python tools/triton_versions.py bench other.json [REPS [KERNELS]]  # GPU machine: both, alternating
+
+The workload is bench.py's three scan shapes (both directions, bf16, forward and backward) and
+the DiS-S/2 32x32 batch-128 training step. `bench` first checks that the swapped kernels give
+the same outputs and gradients, then times local and other cubins alternately. KERNELS (a comma
+list, default all of scan_triton's) limits the swap to some kernels, to see which ones differ.
+"""
+import base64
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KERNELS = ["_scan_fwd_kernel", "_scan_bwd_kernel", "_conv_fwd_kernel", "_conv_grad_kernel", "_conv_dx_kernel"]
+SHAPES = [("DiS-S/2 32x32", 128, 736, 257), ("(32, 768, 1026)", 32, 768, 1026), ("DiS-H/2", 32, 3072, 258)]
+MODEL = ("DiS-S/2", 32, 3, 10, 128)  # name, image size, channels, classes, batch
+
+
+def compiled_kernels():
+    """(cache id, JIT function, compiled kernel) for every specialisation compiled so far."""
+    import scan_triton
+    for name in KERNELS:
+        fn = getattr(scan_triton, name)
+        for caches in fn.device_caches.values():
+            for key, kernel in caches[0].items():
+                yield name + ":" + hashlib.md5(str(key).encode()).hexdigest(), fn, kernel
+
+
+def run_workload():
+    """Runs every scan shape forward and backward and the model's training step once; returns a
+    function that reruns the scans and gives their outputs and gradients."""
+    import torch
+    import bench
+    import scan_triton
+    device = torch.device("cuda")
+    cases = []
+    for _, batch, E, L in SHAPES:
+        args = bench.leaves_of(bench.token_major(bench.scan_inputs(batch, E, L, torch.bfloat16, device, n_dir=2)))
+        leaves = [v for v in args.values() if torch.is_tensor(v) and v.requires_grad]
+        dy = torch.randn(batch, L, E, device=device, generator=torch.Generator(device).manual_seed(1)).bfloat16()
+        cases.append((args, leaves, dy))
+
+    def scans():
+        out = []
+        for args, leaves, dy in cases:
+            y = scan_triton.bimamba_scan(**args)
+            out += [y, *torch.autograd.grad(y, leaves, dy)]
+        return out
+    scans()
+    torch.manual_seed(0)
+    name, img, ch, classes, batch = MODEL
+    model = bench.build(name, img, ch, classes, device)
+    bench.throughput(model, img, ch, classes, batch, device)
+    return scans, cases, model
+
+
+def specs(path):
+    run_workload()
+    records = {}
+    for cid, fn, kernel in compiled_kernels():
+        src = kernel.src
+        constants = getattr(src, "constexprs", None) or getattr(src, "constants", {})
+        name_of = lambda k: fn.arg_names[k[0]] if isinstance(k, tuple) else k  # noqa: E731
+        values = {}
+        for k, v in constants.items():
+            v = getattr(v, "value", v) if type(v).__name__ == "constexpr" else v
+            values[name_of(k)] = {"dtype": v.name} if not isinstance(v, (bool, int, float)) else v
+        records[cid] = {"kernel": fn.__name__, "signature": dict(src.signature), "constexprs": values,
+                        "attrs": {name_of(k): v for k, v in src.attrs.items()},
+                        "options": {o: getattr(kernel.metadata, o) for o in ("num_warps", "num_stages", "maxnreg")}}
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"{len(records)} specialisations written to {path}")
+
+
+def n_params(ptx):
+    return ptx.split(".entry", 1)[1].split(")", 1)[0].count(".param")
+
+
+def compile_specs(path, out):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    import scan_triton
+    with open(path) as f:
+        records = json.load(f)
+    result = {}
+    for cid, r in records.items():
+        fn = getattr(scan_triton, r["kernel"])
+        constants = {k: tl.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in r["constexprs"].items()}
+        attrs = {(fn.arg_names.index(k),): v for k, v in r["attrs"].items()}
+        source = triton.compiler.ASTSource(fn=fn, signature=r["signature"], constexprs=constants, attrs=attrs)
+        options = {k: v for k, v in r["options"].items() if v is not None}
+        c = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        result[cid] = {"cubin": base64.b64encode(c.asm["cubin"]).decode(), "shared": c.metadata.shared,
+                       "params": n_params(c.asm["ptx"])}
+    with open(out, "w") as f:
+        json.dump({"triton": triton.__version__, "kernels": result}, f)
+    print(f"{len(result)} kernels compiled by Triton {triton.__version__} into {out}")
+
+
+def swap_in(kernel, cubin, shared):
+    """Make the compiled kernel load `cubin` (with `shared` bytes of shared memory) at its next launch."""
+    from triton.compiler.compiler import make_backend
+    kernel.kernel = cubin
+    kernel.asm["cubin"] = cubin
+    kernel.metadata = kernel.metadata._replace(shared=shared)
+    kernel.packed_metadata = make_backend(kernel.metadata.target).pack_metadata(kernel.metadata)
+    kernel.module = kernel.function = kernel._run = None
+
+
+def bench_versions(path, reps=3, kernels=",".join(KERNELS)):
+    import torch
+    import triton
+    import bench
+    import scan_triton
+    with open(path) as f:
+        other = json.load(f)
+    device = torch.device("cuda")
+    scans, cases, model = run_workload()
+    versions = {triton.__version__: {}, other["triton"]: {}}
+    for cid, fn, kernel in compiled_kernels():
+        if fn.__name__ not in kernels.split(","):
+            continue
+        o = other["kernels"].get(cid)
+        if o is None:
+            raise SystemExit(f"{cid} was not in the specs: run `specs` again on this machine")
+        if n_params(kernel.asm["ptx"]) != o["params"]:
+            raise SystemExit(f"{cid}: kernel parameters differ between the versions")
+        versions[triton.__version__][cid] = (kernel, kernel.kernel, kernel.metadata.shared)
+        versions[other["triton"]][cid] = (kernel, base64.b64decode(o["cubin"]), o["shared"])
+
+    def use(version):
+        for kernel, cubin, shared in versions[version].values():
+            swap_in(kernel, cubin, shared)
+        for tuned in (scan_triton._scan_fwd_tuned, scan_triton._scan_bwd_tuned):
+            tuned.cache.clear()  # let the autotuner choose again among this version's kernels
+    outputs = {}
+    for v in versions:
+        use(v)
+        outputs[v] = scans()
+    a, b = outputs.values()
+    err = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+              for x, y in zip(a, b))
+    print(f"{len(versions[triton.__version__])} kernels swapped ({kernels}); largest relative difference of outputs and "
+          f"gradients between the versions: {err:.1e}", flush=True)
+    ms = lambda fn: 1e3 * bench.measure(fn, device, warmup=5, repeat=30)  # noqa: E731
+    name, img, ch, classes, batch = MODEL
+    times = {}
+    for _ in range(int(reps)):
+        for v in versions:
+            use(v)
+            for (label, *_), (args, leaves, dy) in zip(SHAPES, cases):
+                t = ms(lambda: torch.autograd.grad(scan_triton.bimamba_scan(**args), leaves, dy))
+                times.setdefault((label, v), []).append(t)
+            times.setdefault((name, v), []).append(bench.throughput(model, img, ch, classes, batch, device)[0])
+    print("| Triton | " + " | ".join(f"{label} fwd+bwd ms" for label, *_ in SHAPES) + f" | {name} train img/s |")
+    print("|---" * (len(SHAPES) + 2) + "|")
+    for v in versions:
+        cells = [", ".join(f"{t:.2f}" for t in times[(label, v)]) for label, *_ in SHAPES]
+        cells.append(", ".join(f"{t:.0f}" for t in times[(name, v)]))
+        print(f"| {v} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    commands = {"specs": specs, "compile": compile_specs, "bench": bench_versions}
+    if len(sys.argv) < 3 or sys.argv[1] not in commands:
+        raise SystemExit(__doc__)
+    commands[sys.argv[1]](*sys.argv[2:])
