@@ -349,18 +349,23 @@ def _scan_bwd_kernel(
                                                      sC_n)
         dy_n = _tile(dy_base, t, e, sdy_l, sdy_e, m_te)
         z_n = dy_n
+        dz_n = dy_n  # the first direction's dz, which the second adds to (loaded ahead, like the inputs)
         if HAS_Z:
             z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
+            if d > 0:
+                dz_n = _tile(dz_base, t, e, E, 1, m_te)
         h_n = tl.load(_saved_state(hs_base, n_chunks - 1, n, e, E, NP, SAVE_EVERY), mask=emask[None, :], other=0.0)
         for cc in range(0, n_chunks):
             c = n_chunks - 1 - cc
-            u_c, dl_c, B_c, C_c, dy_c, z_c, h = u_n, dl_n, B_n, C_n, dy_n, z_n, h_n
+            u_c, dl_c, B_c, C_c, dy_c, z_c, dz_c, h = u_n, dl_n, B_n, C_n, dy_n, z_n, dz_n, h_n
             t1, m1_te, u_n, dl_n, B_n, C_n = _chunk_inputs(c - 1, L, T, d == 1, e, n, emask, nmask, u_base, su_l,
                                                            su_e, dl_base, sd_l, sd_e, B_base, sB_l, sB_n, C_base,
                                                            sC_l, sC_n)
             dy_n = _tile(dy_base, t1, e, sdy_l, sdy_e, m1_te)
             if HAS_Z:
                 z_n = _tile(z_base, t1, e, sz_l, sz_e, m1_te)
+                if d > 0:
+                    dz_n = _tile(dz_base, t1, e, E, 1, m1_te)
             h_n = tl.load(_saved_state(hs_base, c - 1, n, e, E, NP, SAVE_EVERY), mask=emask[None, :] & (c > 0),
                           other=0.0)
             if SAVE_EVERY > 1:  # from the saved state to chunk c's start: the chunks in between
@@ -403,10 +408,9 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 y = tl.sum(hs3 * C3, axis=1) + Dv[None, :] * u
                 dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
-                dz_ptrs = dz_base + t[:, None] * E + e[None, :]
                 if d > 0:
-                    dz += tl.load(dz_ptrs, mask=mask, other=0.0).to(ACC)
-                tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+                    dz += dz_c.to(ACC)
+                tl.store(dz_base + t[:, None] * E + e[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
             # Backward through the chunk: dh_s = C_s g_s + a_{s+1} dh_{s+1}.
             dh3 = tl.zeros([T, NP, BLOCK_E], ACC)
             for j in tl.static_range(T):
