@@ -353,6 +353,9 @@ def _scan_bwd_kernel(
         if HAS_Z:
             z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
             if d > 0:
+                # The first direction's last dz stores may come from other threads than these loads
+                # (the compiler lays stores and loads out separately): a CTA barrier orders them.
+                tl.debug_barrier()
                 dz_n = _tile(dz_base, t, e, E, 1, m_te)
         h_n = tl.load(_saved_state(hs_base, n_chunks - 1, n, e, E, NP, SAVE_EVERY), mask=emask[None, :], other=0.0)
         for cc in range(0, n_chunks):
