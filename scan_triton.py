@@ -261,6 +261,7 @@ def _scan_fwd_kernel(
             z_n = _tile(z_base, t, e, sz_l, sz_e, m_te)
         y_n = u_n
         if d > 0:
+            tl.debug_barrier()  # the first direction's last y stores before these loads (see the backward)
             y_n = _tile(y_base, t, e, sy_l, sy_e, m_te)
         for c in range(0, n_chunks):
             u_c, dl_c, B_c, C_c, z_c, y_c = u_n, dl_n, B_n, C_n, z_n, y_n
@@ -355,6 +356,7 @@ def _scan_bwd_kernel(
             if d > 0:
                 # The first direction's last dz stores may come from other threads than these loads
                 # (the compiler lays stores and loads out separately): a CTA barrier orders them.
+                # (The forward pass does the same for y.)
                 tl.debug_barrier()
                 dz_n = _tile(dz_base, t, e, E, 1, m_te)
         h_n = tl.load(_saved_state(hs_base, n_chunks - 1, n, e, E, NP, SAVE_EVERY), mask=emask[None, :], other=0.0)
