@@ -62,23 +62,24 @@ def ptxas_report(ptx):
     return f"{regs.group(1) if regs else '?'} registers, spills {spills.group(1)}/{spills.group(2)} B"
 
 
-def sass_opcodes(cubin, top=10):
-    """Total SASS instructions of a compiled kernel and its `top` most frequent opcodes."""
+def disassemble(cubin):
+    """The SASS of a compiled kernel, as nvdisasm prints it."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True).stdout
+
+
+def sass_opcodes(sass, top=10):
+    """Total SASS instructions of a kernel and its `top` most frequent opcodes."""
     ops = collections.Counter(m.group(1).split(".")[0] for m in
                               re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M))
     return f"SASS {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(top))
 
 
-def loop_lengths(cubin):
+def loop_lengths(sass):
     """Instruction counts of the SASS loops (a backward branch to an earlier label), in order."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        lines = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    lines = sass.splitlines()
     labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"\.L_x_\d+:", line)}
     is_instruction = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+\S").match
     lengths = []
@@ -99,8 +100,9 @@ def main():
             asm = compile_for_h100(kernel, dict(common, BLOCK_E=block_e, **extra)).asm
             counts = ", ".join(f"{op} {len(re.findall(re.escape(op), asm['ptx']))}" for op in OPS)
             print(f"{name} T={T} BLOCK_E={block_e}: {ptxas_report(asm['ptx'])}; {counts}")
-            print(f"    {sass_opcodes(asm['cubin'])}")
-            print(f"    chunk loops: {loop_lengths(asm['cubin'])} instructions (Triton {triton.__version__})")
+            sass = disassemble(asm["cubin"])
+            print(f"    {sass_opcodes(sass)}")
+            print(f"    chunk loops: {loop_lengths(sass)} instructions (Triton {triton.__version__})")
 
 
 if __name__ == "__main__":
