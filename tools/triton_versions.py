@@ -38,8 +38,9 @@ def compiled_kernels():
 
 
 def run_workload():
-    """Runs every scan shape forward and backward and the model's training step once; returns a
-    function that reruns the scans and gives their outputs and gradients."""
+    """Runs every scan shape forward and backward and the model's training step once. Returns
+    (a function that reruns the scans and gives their outputs and gradients, the scan cases as
+    (arguments, leaves, dy), the model)."""
     import torch
     import bench
     import scan_triton
