@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+import scan_cuda
+
 # ---------------------------------------------------------------------------------------------
 # Tunables, all in one place. The scan's chunk length is also the spacing of the states the
 # forward pass saves for the backward pass, so forward and backward share it.
@@ -561,38 +563,49 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states, sa
 
 class _BiMambaScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save_states):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save_states, use_cuda):
         if SCAN_SAVE_EVERY < 1:
             raise ValueError(f"SCAN_SAVE_EVERY must be at least 1, got {SCAN_SAVE_EVERY}")
-        y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, SCAN_SAVE_EVERY)
-        ctx.softplus, ctx.save_every = softplus, SCAN_SAVE_EVERY
+        if use_cuda:
+            y, states = scan_cuda.forward(u, delta, A, B, C, D, z, delta_bias, save_states, SCAN_SAVE_EVERY)
+        else:
+            y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, SCAN_SAVE_EVERY)
+        ctx.softplus, ctx.save_every, ctx.use_cuda = softplus, SCAN_SAVE_EVERY, use_cuda
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, ctx.save_every)
-        return (*grads, None, None)
+        if ctx.use_cuda:
+            grads = scan_cuda.backward(dy, u, delta, A, B, C, D, z, delta_bias, states, ctx.save_every)
+        else:
+            grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, ctx.save_every)
+        return (*grads, None, None, None)
 
 
-def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, impl="triton"):
     """Selective scan of ND = 1 or 2 directions, summed, token-major layout.
 
     u, delta: (batch, L, ND, E); A: (ND, E, N) float32 (negative); B, C: (batch, L, ND, N);
     D, delta_bias: (ND, E) or None; z: (batch, L, E) or None, shared by the directions.
     Direction 0 scans t = 0..L-1, direction 1 scans t = L-1..0 (scan of the flipped sequence,
     flipped back). Any strides; fastest when the last dimension is contiguous.
+    impl: "triton" (the kernels in this file) or "cuda" (scan_cuda.py's kernels, for the calls
+    they support: DiS's mixer; the Triton kernels run any other).
     Returns y: (batch, L, E) in u's dtype, sum over directions of scan_d(...) * silu(z).
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    if impl not in ("triton", "cuda"):
+        raise ValueError(f"impl must be 'triton' or 'cuda', got {impl!r}")
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    return _BiMambaScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), save_states)
+    use_cuda = impl == "cuda" and scan_cuda.supports(u, delta, A, B, C, z, delta_softplus)
+    return _BiMambaScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), save_states, use_cuda)
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """mamba-ssm's selective_scan_fn layout on the same kernels (one direction).
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, impl="triton"):
+    """mamba-ssm's selective_scan_fn layout on the same kernels (one direction; impl as in bimamba_scan).
 
     u, delta, z: (batch, E, L); A: (E, N); B, C: (batch, N, L), or (batch, G, N, L) with channel
     e using group e // (E / G); D, delta_bias: (E,) or None. Returns (batch, E, L) in u's dtype.
@@ -608,7 +621,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
             ch = slice(i * per, (i + 1) * per)
             outs.append(selective_scan_triton(
                 u[:, ch], delta[:, ch], A[ch], B[:, i:i + 1], C[:, i:i + 1], None if D is None else D[ch],
-                None if z is None else z[:, ch], None if delta_bias is None else delta_bias[ch], delta_softplus))
+                None if z is None else z[:, ch], None if delta_bias is None else delta_bias[ch], delta_softplus, impl))
         return torch.cat(outs, 1)
 
     def token_major_bc(x):  # (batch, [1,] N, L) -> (batch, L, 1, N)
@@ -620,7 +633,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     y = bimamba_scan(
         u.transpose(1, 2).unsqueeze(2), delta.transpose(1, 2).unsqueeze(2), param(A),
         token_major_bc(B), token_major_bc(C), param(D),
-        z.transpose(1, 2) if z is not None else None, param(delta_bias), delta_softplus,
+        z.transpose(1, 2) if z is not None else None, param(delta_bias), delta_softplus, impl,
     )
     return y.transpose(1, 2)
 

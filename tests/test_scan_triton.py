@@ -110,12 +110,13 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
 
 
-def check_bimamba(batch, L, ND, E, N, dtype, device, tol, z=True, D=True, delta_bias=True, softplus=True):
+def check_bimamba(batch, L, ND, E, N, dtype, device, tol, z=True, D=True, delta_bias=True, softplus=True,
+                  impl="triton"):
     """Forward and every gradient of bimamba_scan against the loop reference."""
     inputs = make_inputs(batch, L, ND, E, N, dtype, device, z, D, delta_bias, softplus)
     names = [k for k, v in inputs.items() if v is not None]
     leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in names}
-    y = bimamba_scan(**{**inputs, **leaves}, delta_softplus=softplus)
+    y = bimamba_scan(**{**inputs, **leaves}, delta_softplus=softplus, impl=impl)
     assert y.shape == (batch, L, E) and y.dtype == dtype
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
     grads = torch.autograd.grad(y, [leaves[k] for k in names], dy)

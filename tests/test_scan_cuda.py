@@ -1,0 +1,88 @@
+"""scan_cuda.py (our CUDA scan kernels) against the float64 loop reference of test_scan_triton.py,
+on the GPU; the extension is built on first use (a minute or more). Without a GPU, nvcc or ninja
+these tests are skipped, and the CPU checks at the end run."""
+import pytest
+import torch
+
+import scan_cuda
+from scan_triton import bimamba_scan
+from test_scan_triton import check_bimamba, poisoned_empty  # noqa: F401 (a fixture)
+
+needs_extension = pytest.mark.skipif(not scan_cuda.available(), reason="needs a GPU, nvcc and ninja")
+
+
+@pytest.fixture
+def cuda_calls(monkeypatch):
+    """Counts the calls that reach the CUDA kernels (the others run the Triton ones)."""
+    calls = []
+    real = scan_cuda.forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(scan_cuda, "forward", spy)
+    return calls
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("batch, L, ND, E, N", [(2, 259, 2, 200, 16), (3, 130, 1, 96, 16), (2, 37, 2, 300, 12)])
+def test_gpu_cuda_bimamba(poisoned_empty, cuda_calls, dtype, tol, batch, L, ND, E, N):
+    check_bimamba(batch, L, ND, E, N, dtype, "cuda", tol, impl="cuda")
+    assert cuda_calls
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("save_every", [2, 3])
+def test_gpu_cuda_sparse_checkpoints(poisoned_empty, cuda_calls, monkeypatch, save_every):
+    import scan_triton
+    monkeypatch.setattr(scan_triton, "SCAN_SAVE_EVERY", save_every)
+    check_bimamba(2, 259, 2, 200, 16, torch.float32, "cuda", 1e-4, impl="cuda")
+    assert cuda_calls
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_cuda_without_d_and_bias(poisoned_empty, cuda_calls):
+    check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, D=False, delta_bias=False, impl="cuda")
+    assert cuda_calls
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_cuda_hands_other_calls_to_triton(cuda_calls):
+    """No softplus, or no gate: not DiS's mixer, so the Triton kernels compute it, still correctly.
+    (Without softplus the step must stay positive: no delta_bias, see make_inputs.)"""
+    check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, delta_bias=False, softplus=False, impl="cuda")
+    check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, z=False, impl="cuda")
+    assert not cuda_calls
+
+
+def test_bad_impl_is_a_clear_error():
+    with pytest.raises(ValueError, match="impl must be 'triton' or 'cuda'"):
+        bimamba_scan(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(2, 8, 16),
+                     torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16), impl="cpp")
+
+
+def test_supports_only_dis_mixer_calls():
+    u = torch.zeros(1, 4, 2, 8)
+    A, B, z = torch.zeros(2, 8, 16), torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 8)
+    assert not scan_cuda.supports(u, u, A, B, B, z, True)  # CPU tensors
+    if torch.cuda.is_available():
+        g = [x.cuda() for x in (u, A, B, z)]
+        assert scan_cuda.supports(g[0], g[0], g[1], g[2], g[2], g[3], True)
+        assert not scan_cuda.supports(g[0], g[0], g[1], g[2], g[2], g[3], False)
+        assert not scan_cuda.supports(g[0], g[0], g[1], g[2], g[2], None, True)
+        assert not scan_cuda.supports(g[0], g[0], torch.zeros(2, 8, 17, device="cuda"), g[2], g[2], g[3], True)
+        assert not scan_cuda.supports(g[0].double(), g[0].double(), g[1], g[2].double(), g[2].double(),
+                                      g[3].double(), True)
+
+
+def test_unavailable_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(scan_cuda, "available", lambda: False)
+    scan_cuda._ext.cache_clear()
+    with pytest.raises(RuntimeError, match="DIS_SCAN_BACKEND=triton"):
+        scan_cuda._ext()
+    scan_cuda._ext.cache_clear()
