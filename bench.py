@@ -127,10 +127,12 @@ def scan_backends(device):
         out["mamba x2 (original DiS)"] = (
             2, lambda kw: [single(kw, 0), reversed_in_time(single(kw, 1))],
             lambda a: selective_scan_fn(**a[0]) + selective_scan_fn(**a[1]).flip(-1), same)
-    if "triton" in scan.available_backends(device):
-        from scan_triton import bimamba_scan, selective_scan_triton
-        out["triton"] = (1, single, lambda a: selective_scan_triton(**a), same)
-        out["triton bidirectional"] = (2, token_major, lambda a: bimamba_scan(**a), lambda y: y.transpose(1, 2))
+    for impl in ("triton", "cuda"):
+        if impl in scan.available_backends(device):
+            from scan_triton import bimamba_scan, selective_scan_triton
+            out[impl] = (1, single, lambda a, impl=impl: selective_scan_triton(**a, impl=impl), same)
+            out[f"{impl} bidirectional"] = (2, token_major, lambda a, impl=impl: bimamba_scan(**a, impl=impl),
+                                            lambda y: y.transpose(1, 2))
     out["reference"] = (1, single, lambda a: scan.selective_scan_ref(**a), same)
     return out
 
@@ -392,7 +394,7 @@ def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
 
 def bench_models(device, cases, compile_too=False, profile_too=False):
     rows, checks, profiles = [], [], []
-    backends = [b for b in ("mamba", "triton") if b in scan.available_backends(device)] or ["ref"]
+    backends = [b for b in ("mamba", "triton", "cuda") if b in scan.available_backends(device)] or ["ref"]
     for dis_name, dit_name, img, ch, classes, batch in cases:
         label = f"{img}x{img}x{ch}, batch {batch}"
         torch.manual_seed(0)

@@ -124,17 +124,18 @@ class BiMamba(nn.Module):
 
     def forward(self, h):
         backend = scan_backend(h.device)
-        if backend == "triton":
-            return self.forward_fused(h)
+        if backend in ("triton", "cuda"):
+            return self.forward_fused(h, backend)
         x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
         y = self.ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, backend)
         y_b = self.ssm(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
                        self.D_b, backend)
         return self.out_proj((y + y_b.flip(-1)).transpose(1, 2))
 
-    def forward_fused(self, h):
-        """`forward` with both directions in single Triton kernels, all in token-major (B, L, .)
-        layout: no flips, no transposes. Same function; tests compare it with `forward`."""
+    def forward_fused(self, h, scan_impl="triton"):
+        """`forward` with both directions in single kernels (the conv in Triton, the scan in Triton or
+        CUDA: scan_impl), all in token-major (B, L, .) layout: no flips, no transposes. Same
+        function; tests compare it with `forward`."""
         from scan_triton import biconv_silu, bimamba_scan
         E, R, N = self.D.shape[0], self.dt_rank, self.d_state
         x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) views
@@ -149,7 +150,8 @@ class BiMamba(nn.Module):
         delta = delta.unflatten(-1, (2, E))  # (B, L, 2, E)
         y = bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
                          x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(), z,
-                         torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True)
+                         torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True,
+                         impl=scan_impl)
         return self.out_proj(y)
 
 

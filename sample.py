@@ -391,7 +391,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16 autocast of the model (CUDA); fp32 uses TF32 matmuls on CUDA")
-    parser.add_argument("--scan-backend", choices=["auto", "ref", "mamba", "triton"], default="auto")
+    parser.add_argument("--scan-backend", choices=["auto", "ref", "mamba", "triton", "cuda"], default="auto")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available (one GPU per process under torchrun)")
     parser.add_argument("--out", default="sample.png", help="the grid's path when --num-samples is not given")

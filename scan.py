@@ -9,13 +9,17 @@ input-dependent step size Delta of Mamba (Gu & Dao, 2023):
 
 for every (batch, channel) independently, with N states per channel.
 
-Three implementations share the signature of mamba-ssm's `selective_scan_fn`:
+Four implementations share the signature of mamba-ssm's `selective_scan_fn`:
   "ref"    `selective_scan_ref` below: readable, differentiable by autograd, runs anywhere;
            it is the definition the tests compare the fast ones against.
   "mamba"  mamba-ssm's fused CUDA kernel (optional GPU extra).
   "triton" our Triton kernel in scan_triton.py (CUDA only).
+  "cuda"   our CUDA kernel in scan_cuda.cu, built on first use (needs nvcc and ninja); it covers
+           DiS's mixer (softplus, gate z) and hands other calls to the Triton kernel.
 `selective_scan` picks one: the forced backend (argument or env DIS_SCAN_BACKEND), else the
-fastest available on CUDA tensors (triton, then mamba), else the reference.
+fastest available on CUDA tensors (cuda, triton, then mamba), else the reference. (The CUDA
+kernel is the fastest for DiS's two directions; for the one direction of `selective_scan` the
+Triton kernel is, so an unforced "cuda" runs that: BENCHMARKS.md.)
 """
 import importlib.util
 import logging
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ref", "mamba", "triton")
+BACKENDS = ("ref", "mamba", "triton", "cuda")
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -76,13 +80,18 @@ def _triton_available():
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
+def _cuda_available():
+    import scan_cuda
+    return _triton_available() and scan_cuda.available()  # it runs inside scan_triton's wrappers
+
+
 def available_backends(device):
     """The scan backends that can run on `device`, fastest first."""
     device = torch.device(device)
     if device.type != "cuda":
         return ["ref"]
-    return [name for name, ok in (("triton", _triton_available()), ("mamba", _mamba_available()))
-            if ok] + ["ref"]
+    return [name for name, ok in (("cuda", _cuda_available()), ("triton", _triton_available()),
+                                  ("mamba", _mamba_available())) if ok] + ["ref"]
 
 
 _announced = set()
@@ -102,7 +111,8 @@ def scan_backend(device, backend=None):
         raise ValueError(f"unknown scan backend {forced!r}; choose one of {BACKENDS}")
     elif forced not in options:
         hint = {"mamba": "install the GPU extras (pip install -r requirements-gpu.txt) and use CUDA tensors",
-                "triton": "it needs CUDA tensors and the triton package"}.get(forced, "")
+                "triton": "it needs CUDA tensors and the triton package",
+                "cuda": "it needs CUDA tensors, the triton package, nvcc (the CUDA toolkit) and ninja"}.get(forced, "")
         raise RuntimeError(f"scan backend {forced!r} is not available on {torch.device(device)}: {hint}")
     else:
         choice = forced
@@ -117,12 +127,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    backend=None):
     """`selective_scan_ref`'s computation on the backend `scan_backend` picks for u's device."""
     choice = scan_backend(u.device, backend)
+    if choice == "cuda" and not (backend or os.environ.get("DIS_SCAN_BACKEND")):
+        choice = "triton"  # one direction: see the module docstring
     if choice == "mamba":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if choice == "triton":
+    if choice in ("triton", "cuda"):
         from scan_triton import selective_scan_triton
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl=choice)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 

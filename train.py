@@ -706,18 +706,18 @@ def open_run_dir(args, resume_path, rank, world):
 
 
 def oom_advice(args, backend):
-    """What to change after running out of GPU memory, for this run's settings. The Triton scan
-    keeps float32 chunk states for its backward pass: on an H100, DiS-H/2 at 32 images needs
+    """What to change after running out of GPU memory, for this run's settings. Our scans (Triton,
+    CUDA) keep float32 chunk states for their backward pass: on an H100, DiS-H/2 at 32 images needs
     --scan-save-every 2 (64 GB) or --grad-checkpointing (25 GB, slower); mamba-ssm's kernel saves
     less but runs slower (BENCHMARKS.md)."""
     advice = ["lower --global-batch-size"]
-    if backend == "triton" and args.scan_save_every == 1:
+    if backend in ("triton", "cuda") and args.scan_save_every == 1:
         advice.append("add --scan-save-every 2")
     if not args.grad_checkpointing:
         advice.append("add --grad-checkpointing")
     if args.precision == "fp32":
         advice.append("use --precision bf16")
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         advice.append("use --scan-backend mamba (slower, less memory)")
     return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
 
@@ -787,15 +787,15 @@ class Meter:
 
 
 def set_scan_save_every(every, device):
-    """--scan-save-every: the Triton scan keeps the state of every `every`-th chunk for its
+    """--scan-save-every: our scans (Triton, CUDA) keep the state of every `every`-th chunk for their
     backward pass (1/every of that memory, for recomputing the chunks in between)."""
     if every < 1:
         raise SystemExit(f"--scan-save-every must be at least 1, got {every}")
     if every == 1:
         return
     backend = active_scan_backend(device)
-    if backend != "triton":
-        raise SystemExit(f"--scan-save-every applies to the Triton scan; this run uses the {backend} scan")
+    if backend not in ("triton", "cuda"):
+        raise SystemExit(f"--scan-save-every applies to our Triton and CUDA scans; this run uses the {backend} scan")
     import scan_triton
     scan_triton.SCAN_SAVE_EVERY = every
 
@@ -988,7 +988,7 @@ def parse_args(argv=None):
     net.add_argument("--dt-init", choices=["symmetric", "original"], default="symmetric")
     net.add_argument("--drop-path-rate", type=float, default=0.1)
     net.add_argument("--class-dropout-prob", type=float, default=0.1)
-    net.add_argument("--scan-backend", choices=["auto", "ref", "mamba", "triton"], default="auto")
+    net.add_argument("--scan-backend", choices=["auto", "ref", "mamba", "triton", "cuda"], default="auto")
     net.add_argument("--scan-save-every", type=int, default=1,
                      help="Triton scan: keep the states of every Nth chunk for the backward pass (1/N of their "
                           "memory, more recomputation; 2 fits DiS-H/2 at 32 images on an 80 GB card)")

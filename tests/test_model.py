@@ -207,7 +207,7 @@ def gpu_model(seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["mamba", "triton"])
+@pytest.mark.parametrize("backend", ["mamba", "triton", "cuda"])
 def test_fused_dis_matches_reference_under_bf16(backend, monkeypatch):
     import scan
     if backend not in scan.available_backends("cuda"):

@@ -4,6 +4,7 @@ these tests are skipped, and the CPU checks at the end run."""
 import pytest
 import torch
 
+import scan
 import scan_cuda
 from scan_triton import bimamba_scan
 from test_scan_triton import check_bimamba, poisoned_empty  # noqa: F401 (a fixture)
@@ -60,6 +61,12 @@ def test_gpu_cuda_hands_other_calls_to_triton(cuda_calls):
     assert not cuda_calls
 
 
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_cuda_is_the_default_backend():
+    assert scan.available_backends("cuda")[0] == "cuda"
+
+
 def test_bad_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="impl must be 'triton' or 'cuda'"):
         bimamba_scan(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(2, 8, 16),
@@ -78,6 +85,20 @@ def test_supports_only_dis_mixer_calls():
         assert not scan_cuda.supports(g[0], g[0], torch.zeros(2, 8, 17, device="cuda"), g[2], g[2], g[3], True)
         assert not scan_cuda.supports(g[0].double(), g[0].double(), g[1], g[2].double(), g[2].double(),
                                       g[3].double(), True)
+
+
+def test_one_direction_calls_prefer_the_triton_kernel(monkeypatch):
+    """selective_scan (one direction) runs the Triton kernel unless the CUDA one is forced: for one
+    direction it is the faster (BENCHMARKS.md)."""
+    seen = []
+    monkeypatch.setattr(scan, "scan_backend", lambda device, backend=None: "cuda")
+    import scan_triton
+    monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, impl: seen.append(impl))
+    monkeypatch.delenv("DIS_SCAN_BACKEND", raising=False)
+    u = torch.zeros(1, 8, 4)
+    scan.selective_scan(u, u, torch.zeros(8, 16), torch.zeros(1, 16, 4), torch.zeros(1, 16, 4))
+    scan.selective_scan(u, u, torch.zeros(8, 16), torch.zeros(1, 16, 4), torch.zeros(1, 16, 4), backend="cuda")
+    assert seen == ["triton", "cuda"]
 
 
 def test_unavailable_extension_is_a_clear_error(monkeypatch):

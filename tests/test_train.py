@@ -392,6 +392,6 @@ def test_out_of_memory_advice_fits_the_run():
 
 def test_scan_save_every_needs_the_triton_scan(fashion, tmp_path):
     message = one_line_error(["--data-path", fashion, *TINY, "--scan-save-every", "2", "--results-dir", str(tmp_path)])
-    assert "--scan-save-every applies to the Triton scan" in message
+    assert "--scan-save-every applies to our Triton and CUDA scans" in message
     message = one_line_error(["--data-path", fashion, *TINY, "--scan-save-every", "0", "--results-dir", str(tmp_path)])
     assert "at least 1" in message
