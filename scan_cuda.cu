@@ -34,7 +34,7 @@
 
 namespace {
 
-constexpr int NS = 16;  // states per channel, padded with zero states
+constexpr int NS = 16;    // states per channel, padded with zero states
 constexpr int COPY = 20;   // floats between the four permuted copies of a step's B in shared memory
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
           acc0 = fmaf(Cv[j], h[j], acc0);
           acc1 = fmaf(Cv[j + 1], h[j + 1], acc1);
         }
-        const float out = ((acc0 + acc1) + Dv * u) * z * sigmoid(z) + to_f(yp[i]);
+        const float out = (acc0 + acc1 + Dv * u) * z * sigmoid(z) + to_f(yp[i]);
         if (ok && ln.active) y[(wy.at - (const T*)p.y) + s * wy.step] = from_f<T>(out);
       }
       if (seg + 1 < p.n_seg) store_bc<T, K, THREADS>(bc[(seg + 1) & 1], r);
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
           stash[(i * 4 + q) * THREADS + tid] = make_float4(ah[4 * q], ah[4 * q + 1], ah[4 * q + 2], ah[4 * q + 3]);
         const float dC = reduce_scatter(v);
         if (!(ln.lane & 1)) rs[((i * 2 + 1) * WARPS + ln.warp) * 16 + ln.m] = dC;
-        const float yssm = (acc0 + acc1) + Dv * u;
+        const float yssm = acc0 + acc1 + Dv * u;
         if (ok && ln.active) {
           const float dzv = dy * yssm * sig * (1.f + z * (1.f - sig)) + to_f(dzp[i]);
           dz_out[(wdz.at - (const T*)p.dz) + s * wdz.step] = from_f<T>(dzv);
