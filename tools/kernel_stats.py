@@ -6,6 +6,11 @@ machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
     python tools/kernel_stats.py                 # T = 4, BLOCK_E 8 and 16
     T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
     DIS_SCAN_SAVE_EVERY=2 python tools/kernel_stats.py   # the states of every other chunk only
+    python tools/kernel_stats.py --cuda          # scan_cuda.cu's kernels instead (needs nvcc; minutes)
+
+With --cuda it also counts the global loads whose result an instruction uses within the next 8
+(each makes its warp wait out the load's whole latency there): in scan_cuda.cu only those before
+the segment loops and, in 16-bit types, those of `advance` (save_every > 1) should.
 
 Static counts, not timings: a guide for kernel work between GPU sessions, which must still
 measure (bench.py). "chunk loops" are the instructions of each direction's loop over chunks, the
@@ -20,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,7 +96,71 @@ def loop_lengths(sass):
     return [n for n in lengths if n > 1]
 
 
+def cuda_kernels():
+    """scan_cuda.cu compiled for sm_90a by the CUDA toolkit torch finds: {kernel name: (ptxas
+    report, SASS)}, one entry per instantiation its host code launches."""
+    from torch.utils import cpp_extension
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scan_cuda.cu")
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
+    includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "scan_cuda.cubin")
+        out = subprocess.run([nvcc, "-cubin", "-arch=sm_90a", "-O3", "-std=c++20", "-Xptxas", "-v",
+                              "-DTORCH_EXTENSION_NAME=dis_scan_cuda", *(f"-I{d}" for d in includes), src, "-o", cubin],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"nvcc failed:\n{out.stderr[-3000:]}")
+        with open(cubin, "rb") as f:
+            sass = disassemble(f.read())
+    reports = {}
+    for block in out.stderr.split("Compiling entry function '")[1:]:
+        name = block.split("'")[0]
+        regs = re.search(r"Used (\d+) registers", block)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        reports[name] = (f"{regs.group(1) if regs else '?'} registers, "
+                         f"spills {'/'.join(spills.groups()) if spills else '?'} B")
+    kernels = {}
+    for name, body in re.findall(r"\.text\.(\w+):\n(.*?)(?=\n\s*\.section|\Z)", sass, re.S):
+        kind = re.search(r"(scan_(?:fwd|bwd)_kernel)I\d*(\w+?)Li", name)
+        label = f"{kind.group(1)}<{ {'f': 'float'}.get(kind.group(2), kind.group(2))}>" if kind else name
+        kernels[label] = (reports.get(name, "?"), body)
+    return kernels
+
+
+def sass_operands(line):
+    """(opcode, operands) of one SASS instruction line (its predicate dropped)."""
+    text = re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split(";")[0].strip()
+    op, _, rest = text.partition(" ")
+    return op, [x.strip() for x in rest.split(",")]
+
+
+def loads_used_at_once(sass, within=8):
+    """How many global loads have their result read by one of the next `within` instructions."""
+    lines = [x for x in sass.splitlines() if re.match(r"^\s*/\*[0-9a-f]+\*/\s+\S", x)]
+    count = 0
+    for i, line in enumerate(lines):
+        op, args = sass_operands(line)
+        if not op.startswith("LDG"):
+            continue
+        for later in lines[i + 1:i + 1 + within]:
+            op2, args2 = sass_operands(later)
+            reads = args2 if op2.startswith("ST") else args2[1:]  # a store reads all its operands
+            if any(re.search(rf"\b{args[0]}\b", x) for x in reads):
+                count += 1
+                break
+    return count
+
+
+def main_cuda():
+    for name, (report, sass) in cuda_kernels().items():
+        print(f"{name}: {report}")
+        print(f"    {sass_opcodes(sass)}")
+        print(f"    global loads used within 8 instructions: {loads_used_at_once(sass)}")
+
+
 def main():
+    if "--cuda" in sys.argv[1:]:
+        return main_cuda()
     T = int(os.environ.get("T", scan_triton.SCAN_CHUNK["cuda"]))
     common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
                   SAVE_EVERY=scan_triton.SCAN_SAVE_EVERY)
