@@ -21,6 +21,7 @@ fastest available on CUDA tensors (cuda, triton, then mamba), else the reference
 kernel is the fastest for DiS's two directions; for the one direction of `selective_scan` the
 Triton kernel is, so an unforced "cuda" runs that: BENCHMARKS.md.)
 """
+import functools
 import importlib.util
 import logging
 import os
@@ -72,26 +73,26 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_last_state else y
 
 
-def _mamba_available():
-    return importlib.util.find_spec("mamba_ssm") is not None
-
-
-def _triton_available():
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
-
-
-def _cuda_available():
+@functools.cache  # what is installed does not change while we run, and every mixer call asks
+def _gpu_backends():
+    """The backends that can run on CUDA tensors here, fastest first."""
     import scan_cuda
-    return _triton_available() and scan_cuda.available()  # it runs inside scan_triton's wrappers
+    triton_ok = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+    cuda_ok = triton_ok and scan_cuda.available()  # it runs inside scan_triton's wrappers
+    mamba_ok = importlib.util.find_spec("mamba_ssm") is not None
+    return tuple(name for name, ok in (("cuda", cuda_ok), ("triton", triton_ok), ("mamba", mamba_ok)) if ok)
 
 
 def available_backends(device):
     """The scan backends that can run on `device`, fastest first."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return ["ref"]
-    return [name for name, ok in (("cuda", _cuda_available()), ("triton", _triton_available()),
-                                  ("mamba", _mamba_available())) if ok] + ["ref"]
+    return [*_gpu_backends(), "ref"]
+
+
+def _forced(backend):
+    """The backend forced by the argument or DIS_SCAN_BACKEND, or None."""
+    return backend or os.environ.get("DIS_SCAN_BACKEND") or None
 
 
 _announced = set()
@@ -103,7 +104,7 @@ def scan_backend(device, backend=None):
     `backend` (or the environment variable DIS_SCAN_BACKEND) forces one of BACKENDS; a forced
     backend that cannot run here raises instead of silently falling back.
     """
-    forced = backend or os.environ.get("DIS_SCAN_BACKEND") or None
+    forced = _forced(backend)
     options = available_backends(device)
     if forced is None:
         choice = options[0]
@@ -127,7 +128,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    backend=None):
     """`selective_scan_ref`'s computation on the backend `scan_backend` picks for u's device."""
     choice = scan_backend(u.device, backend)
-    if choice == "cuda" and not (backend or os.environ.get("DIS_SCAN_BACKEND")):
+    if choice == "cuda" and _forced(backend) is None:
         choice = "triton"  # one direction: see the module docstring
     if choice == "mamba":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn

@@ -20,7 +20,6 @@ MAX_STATES = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache  # asked on every forward pass; finding ninja runs a subprocess
 def available():
     """Whether the extension can be built and run here (a GPU, nvcc and ninja)."""
     if not torch.cuda.is_available():
