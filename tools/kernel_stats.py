@@ -28,7 +28,8 @@ import sys
 import sysconfig
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import triton  # noqa: E402
 import triton.backends.nvidia  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -41,6 +42,8 @@ NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
 FP32_ARGS = {"hs_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr", "A_ptr", "D_ptr", "bias_ptr"}
 UNIT_STRIDES = ("su_e", "sd_e", "sB_n", "sC_n", "sz_e", "sy_e", "sdy_e")
 OPS = ("shfl.sync", "bar.sync", "st.shared", "ld.shared", "ex2.approx", "fma.rn.f32", "ld.global", "st.global")
+# A SASS instruction line as nvdisasm prints it: address comment, optional predicate, opcode.
+SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
 
 def compile_for_h100(kernel, constants, num_warps=1):
@@ -78,8 +81,7 @@ def disassemble(cubin):
 
 def sass_opcodes(sass, top=10):
     """Total SASS instructions of a kernel and its `top` most frequent opcodes."""
-    ops = collections.Counter(m.group(1).split(".")[0] for m in
-                              re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M))
+    ops = collections.Counter(m.group(1).split(".")[0] for m in SASS_LINE.finditer(sass))
     return f"SASS {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(top))
 
 
@@ -87,12 +89,11 @@ def loop_lengths(sass):
     """Instruction counts of the SASS loops (a backward branch to an earlier label), in order."""
     lines = sass.splitlines()
     labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"\.L_x_\d+:", line)}
-    is_instruction = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+\S").match
     lengths = []
     for i, line in enumerate(lines):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if target and labels.get(target.group(1), i) < i:
-            lengths.append(sum(1 for x in lines[labels[target.group(1)]:i + 1] if is_instruction(x)))
+            lengths.append(sum(1 for x in lines[labels[target.group(1)]:i + 1] if SASS_LINE.match(x)))
     return [n for n in lengths if n > 1]
 
 
@@ -100,7 +101,7 @@ def cuda_kernels():
     """scan_cuda.cu compiled for sm_90a by the CUDA toolkit torch finds: {kernel name: (ptxas
     report, SASS)}, one entry per instantiation its host code launches."""
     from torch.utils import cpp_extension
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scan_cuda.cu")
+    src = os.path.join(ROOT, "scan_cuda.cu")
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
     includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +137,7 @@ def sass_operands(line):
 
 def loads_used_at_once(sass, within=8):
     """How many global loads have their result read by one of the next `within` instructions."""
-    lines = [x for x in sass.splitlines() if re.match(r"^\s*/\*[0-9a-f]+\*/\s+\S", x)]
+    lines = [x for x in sass.splitlines() if SASS_LINE.match(x)]
     count = 0
     for i, line in enumerate(lines):
         op, args = sass_operands(line)
