@@ -4,24 +4,32 @@
 // output y shared by the directions). scan_cuda.py builds and calls them; the readable
 // definition is scan.py's selective_scan_ref, which the tests compare against.
 //
-// One thread (lane) owns one channel e of one batch element and holds its (up to) 16 states in
-// registers, so the sums over states (y, and the gradients of u and delta) stay inside the
-// thread, and each thread has 16 independent recurrences to interleave. A block of THREADS
-// channels walks time in segments of K steps; the segment's B and C are staged in shared memory
-// as float32 and read by every lane.
+// Four lanes (a quad) own one channel e of one batch element, each lane four of its 16 states,
+// in registers: a warp holds 8 channels, so that even one direction at (32, 768, 1026) gives the
+// GPU 3,072 warps, and a lane needs few enough registers for 16 warps per SM. A block of
+// THREADS / 4 channels walks time in segments of K steps (8 forward, 4 backward); the segment's
+// B and C are staged in shared memory as float32 and read by every quad. Each kernel computes
+// one direction, d a template parameter: the host launches direction 0, then direction 1, which
+// adds its output (y forward, dz backward) onto the first's.
 //
-// The gradients of B and C are sums over channels, i.e. over lanes. Lane l keeps state j ^ m in
-// its register j, m = (l >> 1) & 15. With that permutation a reduce-scatter over the warp needs
-// no selects: at the shuffle across lane bit 4 every lane adds its partner's registers 8..15
-// onto its own 0..7 (they hold the same states), then bits 3, 2, 1 likewise, and bit 0 adds the
-// last value: lanes 2m and 2m + 1 end with the warp's sum for state m, at one shuffle and one
-// add per value. To read B and C in that register order with 16-byte loads,
-// shared memory holds four copies of each step's B (and C), copy c with element q = B[q ^ c].
+// Per step, what is one number per channel (delta through softplus, delta u, the gated dy) is
+// computed once, by the step's owner, lane i % 4 of the quad for step i of a chunk of four steps,
+// and broadcast to the other three with a shuffle. The sums over states (y, and the gradients of
+// u and delta) are partial in each lane; a chunk's four of them are reduce-scattered over the
+// quad so that each owner ends with the sum of its own step, and writes it.
 //
-// Training: the forward pass saves the state at the start of every save_every-th segment
-// (float32, (batch, directions, saved, 16, E), register order). The backward pass walks the
-// segments last to first: from the saved state it recomputes the segment forwards, keeping
-// a_s h_{s-1} (a_s = exp(delta_s A)) per step in shared memory and forming dC_s = sum_e g_s h_s
+// The gradients of B and C are sums over channels, i.e. over the warp's 8 quads. Lane l keeps
+// state 4q + (j ^ m) in its register j (q = l & 3, m = (l >> 3) & 3), so a reduce-scatter over
+// the quads needs no selects: across lane bit 4 every lane adds its partner's registers 2, 3
+// onto its own 0, 1 (they hold the same states), across bit 3 register 1 onto 0, across bit 2
+// the last value: every lane ends with the warp's sum for state 4q + m. To read B and C in that
+// order with one 16-byte load, shared memory holds four copies of each step's B (and C), copy m
+// with element 4q + j = B[4q + (j ^ m)].
+//
+// Training: the forward pass saves the state at the start of every save_every-th chunk of four
+// steps (float32, (batch, directions, saved, E, 16), register order). The backward pass walks
+// the chunks last to first: from the saved state it recomputes the chunk forwards, keeping
+// a_s = exp(delta_s A) and a_s h_{s-1} per step in registers and forming dC_s = sum_e g_s h_s
 // (g = dy silu(z)) on the way, then runs the adjoint dh_s = C_s g_s + a_{s+1} dh_{s+1}
 // backwards, forming dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past
 // the end of the sequence run with delta = u = g = 0, which leaves every state and sum alone.
@@ -34,8 +42,9 @@
 
 namespace {
 
-constexpr int NS = 16;    // states per channel, padded with zero states
-constexpr int COPY = 20;   // floats between the four permuted copies of a step's B in shared memory
+constexpr int NS = 16;       // states per channel, padded with zero states
+constexpr int QUAD = 4;      // lanes per channel
+constexpr int SL = NS / QUAD;  // states per lane
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
@@ -48,7 +57,7 @@ struct Params {
   int64_t su_b, su_l, su_d, sd_b, sd_l, sd_d;
   int64_t sB_b, sB_l, sB_d, sB_n, sC_b, sC_l, sC_d, sC_n;
   int64_t sz_b, sz_l, sy_b, sy_l;  // z; y (forward) or dy (backward)
-  int batch, L, E, ND, N, n_seg, save_every, n_saved;
+  int batch, L, E, ND, N, save_every, n_saved;
   bool save_states;
 };
 
@@ -78,202 +87,225 @@ __device__ __forceinline__ float softplus(float x) {
 
 // ---- which lane holds what ------------------------------------------------------------------------
 struct Lane {
-  int lane, warp, m, e;
+  int lane, warp, q, m, e;
   bool active;  // e < E
   template <int THREADS>
   __device__ static Lane of(int E) {
-    const int tid = threadIdx.x;
-    return Lane{tid & 31, tid >> 5, (tid >> 1) & 15, (int)blockIdx.x * THREADS + tid, (int)blockIdx.x * THREADS + tid < E};
+    const int tid = threadIdx.x, e = (int)blockIdx.x * (THREADS / QUAD) + tid / QUAD;
+    return Lane{tid & 31, tid >> 5, tid & 3, (tid >> 3) & 3, e, e < E};
   }
-  __device__ int state(int j) const { return j ^ m; }  // which state register j holds
+  __device__ int state(int j) const { return 4 * q + (j ^ m); }  // which state register j holds
+  __device__ bool writes_sums() const { return !(lane & 4); }     // one of the two lanes with the sum of a state
 };
 
-// Sum over the warp's lanes of state m (see the top of the file); v is clobbered.
-__device__ __forceinline__ float reduce_scatter(float (&v)[NS]) {
-#pragma unroll
-  for (int r = 1; r < NS; r *= 2) {  // keep NS / 2r values, adding those of the lane across bit 16 / r
-#pragma unroll
-    for (int k = 0; k < NS / (2 * r); ++k) v[k] += __shfl_xor_sync(FULL, v[k + NS / (2 * r)], 16 / r);
-  }
-  return v[0] + __shfl_xor_sync(FULL, v[0], 1);
+// Step i of a chunk of QUAD steps, broadcast from its owner (lane i of the quad, which holds it in own).
+__device__ __forceinline__ float from_owner(float own, int i) { return __shfl_sync(FULL, own, i, QUAD); }
+
+// Sums over the quad of a chunk's four per-step values v[i]; lane q gets step q's.
+__device__ __forceinline__ float quad_sum(const float (&v)[QUAD], int q) {
+  const bool hi = q & 2, odd = q & 1;
+  // across lane bit 1: keep steps 2, 3 (hi) or 0, 1, adding the partner's
+  const float k0 = (hi ? v[2] : v[0]) + __shfl_xor_sync(FULL, hi ? v[0] : v[2], 2);
+  const float k1 = (hi ? v[3] : v[1]) + __shfl_xor_sync(FULL, hi ? v[1] : v[3], 2);
+  // across lane bit 0: keep step q
+  return (odd ? k1 : k0) + __shfl_xor_sync(FULL, odd ? k0 : k1, 1);
+}
+
+// Sum over the warp's quads (channels) of state 4q + m (see the top of the file); v is clobbered.
+__device__ __forceinline__ float channel_sum(float (&v)[SL]) {
+  v[0] += __shfl_xor_sync(FULL, v[2], 16);
+  v[1] += __shfl_xor_sync(FULL, v[3], 16);
+  v[0] += __shfl_xor_sync(FULL, v[1], 8);
+  return v[0] + __shfl_xor_sync(FULL, v[0], 4);
 }
 
 // ---- B and C of a segment, staged in shared memory -------------------------------------------------
-// Layout per buffer: [step K][B, C][copy 4][COPY floats]; copy c holds X[q ^ c] at element q.
-template <int K> __host__ __device__ constexpr int bc_floats() { return K * 2 * 4 * COPY; }
-template <int K, int THREADS> __host__ __device__ constexpr int bc_fill() { return (K * 32 + THREADS - 1) / THREADS; }
+// Layout per buffer: [step K][B, C][copy 4][16 floats]; copy c holds X[4 (n / 4) + (n % 4 ^ c)] at element n.
+// Each of the first K * 32 threads of the block loads one value per segment: step i = idx / 32,
+// B or C, state n, through a pointer that moves one segment along per call.
+template <int K> __host__ __device__ constexpr int bc_floats() { return K * 2 * 4 * NS; }
 
 __device__ __forceinline__ int time_of(const Params& p, int d, int s) { return d ? p.L - 1 - s : s; }
 
-// Loaded values are kept in their own type until used: converting them right away would make
-// the thread wait for the load there (the compiler places the conversion next to the load).
-template <typename T, int K, int THREADS>
-__device__ __forceinline__ void fetch_bc(const Params& p, int b, int d, int seg, T (&r)[bc_fill<K, THREADS>()]) {
-#pragma unroll
-  for (int k = 0; k < bc_fill<K, THREADS>(); ++k) {
-    const int idx = threadIdx.x + k * THREADS, i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15;
-    const int s = seg * K + i;
-    T v = from_f<T>(0.f);
-    if (idx < K * 32 && n < p.N && s < p.L) {
-      const int64_t t = time_of(p, d, s);
-      v = kind ? __ldg((const T*)p.C + b * p.sC_b + t * p.sC_l + d * p.sC_d + n * p.sC_n)
-               : __ldg((const T*)p.B + b * p.sB_b + t * p.sB_l + d * p.sB_d + n * p.sB_n);
-    }
-    r[k] = v;
+template <typename T, int K>
+struct BCLoader {
+  const T* at;    // this thread's value in the segment `seg`
+  int64_t step;   // one segment along, in the direction of travel
+  int seg, i;     // which segment comes next, which of its steps this thread loads
+  bool on;        // a thread with a value to load (idx < K * 32, n < N)
+  __device__ BCLoader(const Params& p, int b, int d, int seg0, int dir) : seg(seg0) {
+    const int idx = threadIdx.x, kind = (idx >> 4) & 1, n = idx & 15;
+    i = idx >> 5;
+    on = idx < K * 32 && n < p.N;
+    const int64_t sb = kind ? p.sC_b : p.sB_b, sl = kind ? p.sC_l : p.sB_l, sd = kind ? p.sC_d : p.sB_d,
+                  sn = kind ? p.sC_n : p.sB_n;
+    const int s = seg0 * K + i;
+    at = (const T*)(kind ? p.C : p.B) + b * sb + d * sd + n * sn + (int64_t)time_of(p, d, s) * sl;
+    step = (d ? -sl : sl) * K * dir;
   }
-}
-
-template <typename T, int K, int THREADS>
-__device__ __forceinline__ void store_bc(float* buf, const T (&r)[bc_fill<K, THREADS>()]) {
-#pragma unroll
-  for (int k = 0; k < bc_fill<K, THREADS>(); ++k) {
-    const int idx = threadIdx.x + k * THREADS, i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15;
-    if (idx < K * 32) {
-      const float v = to_f(r[k]);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) buf[((i * 2 + kind) * 4 + c) * COPY + (n ^ c)] = v;
-    }
+  // Loaded values stay in their own type until used: converting them right away would make the
+  // thread wait for the load there (the compiler places the conversion next to the load).
+  __device__ T fetch(const Params& p, int dir) {
+    const T v = on && seg * K + i < p.L && seg >= 0 ? __ldg(at) : from_f<T>(0.f);
+    at += step;
+    seg += dir;
+    return v;
   }
-}
-
-// Step i's B (kind 0) or C (kind 1) in this lane's register order: x[j] = X[j ^ m].
-__device__ __forceinline__ void read_bc(const float* buf, int i, int kind, const Lane& ln, float (&x)[NS]) {
-  const float4* c = reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + (ln.m & 3)) * COPY);
-#pragma unroll
-  for (int g = 0; g < NS / 4; ++g) {
-    const float4 q = c[g ^ (ln.m >> 2)];
-    x[4 * g] = q.x; x[4 * g + 1] = q.y; x[4 * g + 2] = q.z; x[4 * g + 3] = q.w;
-  }
-}
-
-// ---- per-channel pieces -----------------------------------------------------------------------------
-// Where a direction reads a (batch, L, ...) tensor of channel e: step s is at at + s * step.
-template <typename T>
-struct Walk {
-  const T* at;
-  int64_t step;
-  __device__ Walk(const void* base, int64_t offset, int64_t stride_l, const Params& p, int d)
-      : at((const T*)base + offset + (d ? (int64_t)(p.L - 1) * stride_l : 0)), step(d ? -stride_l : stride_l) {}
 };
 
-// The segment's K values of one per-channel input; zero past the end and for idle lanes.
-// `ours`: written earlier by this kernel (the first direction's output), so not via the read-only cache.
 template <typename T, int K>
-__device__ __forceinline__ void load_steps(const Walk<T>& w, int seg, int L, bool on, bool ours, T (&x)[K]) {
+__device__ __forceinline__ void store_bc(float* buf, T r) {
+  const int idx = threadIdx.x, i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15;
+  if (idx < K * 32) {
+    const float v = to_f(r);
 #pragma unroll
-  for (int i = 0; i < K; ++i) {
-    const int s = seg * K + i;
-    const T* ptr = w.at + s * w.step;
-    x[i] = on && s < L ? (ours ? *ptr : __ldg(ptr)) : from_f<T>(0.f);
+    for (int c = 0; c < 4; ++c) buf[((i * 2 + kind) * 4 + c) * NS + (n & ~3) + ((n & 3) ^ c)] = v;
   }
+}
+
+// Step i's B (kind 0) or C (kind 1) for this lane's states, in register order.
+__device__ __forceinline__ float4 read_bc(const float* buf, int i, int kind, const Lane& ln) {
+  return *reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + ln.m) * NS + 4 * ln.q);
+}
+
+__device__ __forceinline__ void unpack(float4 v, float (&x)[SL]) { x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w; }
+
+// ---- per-channel pieces -----------------------------------------------------------------------------
+// One per-channel (batch, L, ...) tensor as a direction walks it, at this lane's owned steps of
+// one segment: step QUAD k + q of the segment is at at + k * own_step; `move` goes one segment
+// along in the direction of travel (dir 1: forward pass, -1: backward pass).
+template <typename T, int K>
+struct Stream {
+  T* at;
+  int64_t own_step, seg_step;
+  __device__ Stream(const void* base, int64_t offset, int64_t stride_l, const Params& p, int d, int seg0, int dir,
+                    const Lane& ln) {
+    const int64_t sl = d ? -stride_l : stride_l;
+    at = (T*)base + offset + (d ? (int64_t)(p.L - 1) * stride_l : 0) + (int64_t)(seg0 * K + ln.q) * sl;
+    own_step = QUAD * sl;
+    seg_step = K * sl * dir;
+  }
+  __device__ T* ptr(int k) const { return at + k * own_step; }
+  __device__ void move() { at += seg_step; }
+};
+
+// The owner's values of one per-channel input in segment seg (steps 4k + q); zero past the end,
+// for idle lanes and when not `on`; then the stream moves on.
+template <typename T, int K>
+__device__ __forceinline__ void load_owned(Stream<const T, K>& w, int seg, int L, const Lane& ln, bool on,
+                                           T (&x)[K / QUAD]) {
+#pragma unroll
+  for (int k = 0; k < K / QUAD; ++k) {
+    const int s = seg * K + QUAD * k + ln.q;
+    x[k] = on && ln.active && s < L && s >= 0 ? __ldg(w.ptr(k)) : from_f<T>(0.f);
+  }
+  w.move();
 }
 
 // Direction d's A times log2(e) in register order (exp(delta A) = exp2(delta A2)); zero past N.
-__device__ __forceinline__ void direction_A2(const Params& p, int d, const Lane& ln, float (&A2)[NS]) {
+__device__ __forceinline__ void direction_A2(const Params& p, int d, const Lane& ln, float (&A2)[SL]) {
 #pragma unroll
-  for (int j = 0; j < NS; ++j) {
+  for (int j = 0; j < SL; ++j) {
     const int n = ln.state(j);
     A2[j] = ln.active && n < p.N ? p.A[((int64_t)d * p.E + ln.e) * p.N + n] * LOG2E : 0.f;
   }
 }
 
-// The saved state k of direction d: register j of channel e at [j * E].
-__device__ __forceinline__ float* saved_state(const Params& p, int b, int d, int k, const Lane& ln) {
-  return p.states + (((int64_t)b * p.ND + d) * p.n_saved + k) * NS * p.E + ln.e;
+// The saved state k of direction d: this lane's four registers.
+__device__ __forceinline__ float4* saved_state(const Params& p, int b, int d, int k, const Lane& ln) {
+  return reinterpret_cast<float4*>(p.states + ((((int64_t)b * p.ND + d) * p.n_saved + k) * p.E + ln.e) * NS) + ln.q;
 }
 
-
 // ---- forward --------------------------------------------------------------------------------------------
-// Grid: (E / THREADS, batch). The second direction adds its gated output onto the first's.
-template <typename T, int K, int THREADS, int MIN_BLOCKS>
+// Direction d; grid (E / (THREADS / 4), batch). Direction 1 adds its gated output onto direction 0's.
+template <typename T, int d, int K, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p) {
-  constexpr int FILL = bc_fill<K, THREADS>();
+  constexpr int OWN = K / QUAD;
+  static_assert(K % QUAD == 0 && K * 32 <= THREADS, "a segment's B and C are one value per thread");
   __shared__ __align__(16) float bc[2][bc_floats<K>()];
   const Lane ln = Lane::of<THREADS>(p.E);
-  const int b = blockIdx.y;
-  T* y = (T*)p.y;
-  for (int d = 0; d < p.ND; ++d) {
-    float A2[NS];
-    direction_A2(p, d, ln, A2);
-    const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
-    const float Dv = p.D && ln.active ? p.D[d * p.E + ln.e] : 0.f;
-    const Walk<T> wu(p.u, b * p.su_b + d * p.su_d + ln.e, p.su_l, p, d);
-    const Walk<T> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d);
-    const Walk<T> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d);
-    const Walk<T> wy(p.y, b * p.sy_b + ln.e, p.sy_l, p, d);
-    float h[NS];
+  const int b = blockIdx.y, n_seg = (p.L + K - 1) / K;
+  float A2[SL];
+  direction_A2(p, d, ln, A2);
+  const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
+  const float Dv = p.D && ln.active ? p.D[d * p.E + ln.e] : 0.f;
+  // the owner's inputs, loaded one segment ahead; y written at the current one
+  Stream<const T, K> wu(p.u, b * p.su_b + d * p.su_d + ln.e, p.su_l, p, d, 0, 1, ln);
+  Stream<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d, 0, 1, ln);
+  Stream<const T, K> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d, 0, 1, ln);
+  Stream<const T, K> wyp(p.y, b * p.sy_b + ln.e, p.sy_l, p, d, 0, 1, ln);
+  Stream<T, K> wy(p.y, b * p.sy_b + ln.e, p.sy_l, p, d, 0, 1, ln);
+  BCLoader<T, K> bcl(p, b, d, 0, 1);
+  float h[SL] = {0.f, 0.f, 0.f, 0.f};
+  T nu[OWN], nx[OWN], nz[OWN], ny[OWN];
+  load_owned(wu, 0, p.L, ln, true, nu);
+  load_owned(wd, 0, p.L, ln, true, nx);
+  load_owned(wz, 0, p.L, ln, true, nz);
+  load_owned(wyp, 0, p.L, ln, d > 0, ny);
+  store_bc<T, K>(bc[0], bcl.fetch(p, 1));
+  __syncthreads();
+  int phase = 0, saved = 0;  // which chunk of QUAD steps: c % save_every, c / save_every
+  for (int seg = 0; seg < n_seg; ++seg) {
+    T uu[OWN], xx[OWN], zz[OWN], yp[OWN];
 #pragma unroll
-    for (int j = 0; j < NS; ++j) h[j] = 0.f;
-    // inputs of the next segment, loaded one segment ahead
-    T nu[K], nx[K], nz[K], ny[K];
-    load_steps<T, K>(wu, 0, p.L, ln.active, false, nu);
-    load_steps<T, K>(wd, 0, p.L, ln.active, false, nx);
-    load_steps<T, K>(wz, 0, p.L, ln.active, false, nz);
-    load_steps<T, K>(wy, 0, p.L, ln.active && d > 0, true, ny);
-    T r[FILL];
-    fetch_bc<T, K, THREADS>(p, b, d, 0, r);
-    store_bc<T, K, THREADS>(bc[0], r);
-    __syncthreads();
-    for (int seg = 0; seg < p.n_seg; ++seg) {
-      T uu[K], xx[K], zz[K], yp[K];
-#pragma unroll
-      for (int i = 0; i < K; ++i) { uu[i] = nu[i]; xx[i] = nx[i]; zz[i] = nz[i]; yp[i] = ny[i]; }
-      if (seg + 1 < p.n_seg) {
-        fetch_bc<T, K, THREADS>(p, b, d, seg + 1, r);
-        load_steps<T, K>(wu, seg + 1, p.L, ln.active, false, nu);
-        load_steps<T, K>(wd, seg + 1, p.L, ln.active, false, nx);
-        load_steps<T, K>(wz, seg + 1, p.L, ln.active, false, nz);
-        load_steps<T, K>(wy, seg + 1, p.L, ln.active && d > 0, true, ny);
-      }
-      if (p.save_states && seg % p.save_every == 0 && ln.active) {
-        float* st = saved_state(p, b, d, seg / p.save_every, ln);
-#pragma unroll
-        for (int j = 0; j < NS; ++j) st[j * p.E] = h[j];
-      }
-      const float* cur = bc[seg & 1];
-#pragma unroll
-      for (int i = 0; i < K; ++i) {
-        const int s = seg * K + i;
-        const bool ok = s < p.L;
-        const float u = to_f(uu[i]), z = to_f(zz[i]);
-        const float dt = softplus(to_f(xx[i]) + bias) * (ok ? 1.f : 0.f), du = dt * u;
-        float Bv[NS], Cv[NS];
-        read_bc(cur, i, 0, ln, Bv);
-        read_bc(cur, i, 1, ln, Cv);
-        float acc0 = 0.f, acc1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < NS; j += 2) {
-          h[j] = fmaf(ex2(dt * A2[j]), h[j], du * Bv[j]);
-          h[j + 1] = fmaf(ex2(dt * A2[j + 1]), h[j + 1], du * Bv[j + 1]);
-          acc0 = fmaf(Cv[j], h[j], acc0);
-          acc1 = fmaf(Cv[j + 1], h[j + 1], acc1);
-        }
-        const float out = (acc0 + acc1 + Dv * u) * z * sigmoid(z) + to_f(yp[i]);
-        if (ok && ln.active) y[(wy.at - (const T*)p.y) + s * wy.step] = from_f<T>(out);
-      }
-      if (seg + 1 < p.n_seg) store_bc<T, K, THREADS>(bc[(seg + 1) & 1], r);
-      __syncthreads();
+    for (int k = 0; k < OWN; ++k) { uu[k] = nu[k]; xx[k] = nx[k]; zz[k] = nz[k]; yp[k] = ny[k]; }
+    T r = from_f<T>(0.f);
+    if (seg + 1 < n_seg) {
+      r = bcl.fetch(p, 1);
+      load_owned(wu, seg + 1, p.L, ln, true, nu);
+      load_owned(wd, seg + 1, p.L, ln, true, nx);
+      load_owned(wz, seg + 1, p.L, ln, true, nz);
+      load_owned(wyp, seg + 1, p.L, ln, d > 0, ny);
     }
+    float dt_o[OWN], du_o[OWN];  // the owner's steps: delta (through softplus), delta u
+#pragma unroll
+    for (int k = 0; k < OWN; ++k) {
+      const bool ok = seg * K + QUAD * k + ln.q < p.L;
+      dt_o[k] = softplus(to_f(xx[k]) + bias) * (ok ? 1.f : 0.f);
+      du_o[k] = dt_o[k] * to_f(uu[k]);
+    }
+    const float* cur = bc[seg & 1];
+#pragma unroll
+    for (int g = 0; g < OWN; ++g) {  // a chunk of QUAD steps: the backward pass's segment
+      if (p.save_states && phase == 0 && ln.active && seg * K + QUAD * g < p.L)
+        *saved_state(p, b, d, saved, ln) = make_float4(h[0], h[1], h[2], h[3]);
+      if (++phase == p.save_every) { phase = 0; ++saved; }
+      float acc[QUAD];  // this lane's part of each step's sum over states, C h
+#pragma unroll
+      for (int i4 = 0; i4 < QUAD; ++i4) {
+        const int i = QUAD * g + i4;
+        const float dt = from_owner(dt_o[g], i4), du = from_owner(du_o[g], i4);
+        float Bv[SL], Cv[SL];
+        unpack(read_bc(cur, i, 0, ln), Bv);
+        unpack(read_bc(cur, i, 1, ln), Cv);
+#pragma unroll
+        for (int j = 0; j < SL; ++j) h[j] = fmaf(ex2(dt * A2[j]), h[j], du * Bv[j]);
+        acc[i4] = fmaf(Cv[0], h[0], Cv[1] * h[1]) + fmaf(Cv[2], h[2], Cv[3] * h[3]);
+      }
+      const int s = seg * K + QUAD * g + ln.q;
+      const float u = to_f(uu[g]), z = to_f(zz[g]);
+      const float out = (quad_sum(acc, ln.q) + Dv * u) * z * sigmoid(z) + to_f(yp[g]);
+      if (s < p.L && ln.active) *wy.ptr(g) = from_f<T>(out);
+    }
+    wy.move();
+    if (seg + 1 < n_seg) store_bc<T, K>(bc[(seg + 1) & 1], r);
+    __syncthreads();
   }
 }
 
 // ---- backward ---------------------------------------------------------------------------------------------
-template <int K, int THREADS> constexpr size_t bwd_smem_bytes() {
-  return sizeof(float) * (K * NS * THREADS + 2 * bc_floats<K>() + 2 * K * 2 * (THREADS / 32) * 16);
-}
-
-// The state after segment c from the state before it (the segments between a saved state and the
-// one being differentiated, when save_every > 1); B straight from global memory.
-template <typename T, int K>
-__device__ void advance(const Params& p, int b, int d, int c, const Lane& ln, float bias, const Walk<T>& wu,
-                        const Walk<T>& wd, const float (&A2)[NS], float (&h)[NS]) {
-  for (int i = 0; i < K; ++i) {
-    const int s = c * K + i;
-    const int64_t t = time_of(p, d, s);
-    const float dt = ln.active ? softplus(to_f(__ldg(wd.at + s * wd.step)) + bias) : 0.f;
-    const float du = ln.active ? dt * to_f(__ldg(wu.at + s * wu.step)) : 0.f;
+// The state after chunk c from the state before it (the chunks between a saved state and the
+// one being differentiated, when save_every > 1); every lane computes each step's delta itself
+// and reads its inputs and B straight from global memory.
+template <typename T>
+__device__ void advance(const Params& p, int b, int d, int c, const Lane& ln, float bias, const float (&A2)[SL],
+                        float (&h)[SL]) {
+  for (int i = 0; i < QUAD; ++i) {
+    const int64_t t = time_of(p, d, c * QUAD + i);
+    const float dt = ln.active ? softplus(to_f(__ldg((const T*)p.dl + b * p.sd_b + t * p.sd_l + d * p.sd_d + ln.e)) + bias) : 0.f;
+    const float du = ln.active ? dt * to_f(__ldg((const T*)p.u + b * p.su_b + t * p.su_l + d * p.su_d + ln.e)) : 0.f;
 #pragma unroll
-    for (int j = 0; j < NS; ++j) {
+    for (int j = 0; j < SL; ++j) {
       const int n = ln.state(j);
       const float Bn = n < p.N ? to_f(__ldg((const T*)p.B + b * p.sB_b + t * p.sB_l + d * p.sB_d + n * p.sB_n)) : 0.f;
       h[j] = fmaf(ex2(dt * A2[j]), h[j], du * Bn);
@@ -281,177 +313,169 @@ __device__ void advance(const Params& p, int b, int d, int c, const Lane& ln, fl
   }
 }
 
-__device__ __forceinline__ void load_state(const Params& p, int b, int d, int seg, const Lane& ln, float (&h)[NS]) {
-  const float* st = saved_state(p, b, d, seg / p.save_every, ln);
-#pragma unroll
-  for (int j = 0; j < NS; ++j) h[j] = ln.active ? st[j * p.E] : 0.f;
+__device__ __forceinline__ float4 load_state(const Params& p, int b, int d, int k, const Lane& ln) {
+  return ln.active && k >= 0 ? *saved_state(p, b, d, k, ln) : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
-// Grid: (E / THREADS, batch); dynamic shared memory bwd_smem_bytes<K, THREADS>().
-template <typename T, int K, int THREADS, int MIN_BLOCKS>
+// Direction d, walking time backwards in segments of one chunk (QUAD steps, one owned by each
+// lane of a quad); grid (E / (THREADS / 4), batch). Direction 1 adds its dz onto direction 0's.
+template <typename T, int d, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p) {
-  constexpr int FILL = bc_fill<K, THREADS>(), WARPS = THREADS / 32;
-  extern __shared__ __align__(16) float smem[];
-  float4* stash = reinterpret_cast<float4*>(smem);  // [K][4][THREADS]: a_s h_{s-1}, per lane
-  float* bc = smem + K * NS * THREADS;              // [2][bc_floats]
-  float* red = bc + 2 * bc_floats<K>();             // [2][K][B, C][WARPS][16]: per-warp channel sums
+  constexpr int K = QUAD, WARPS = THREADS / 32;
+  static_assert(K * 32 <= THREADS, "a segment's B and C are one value per thread");
+  __shared__ __align__(16) float bc[2][bc_floats<K>()];
+  __shared__ float red[2][K * 2 * WARPS * NS];  // [step][B, C][warp][state]: per-warp channel sums
   const Lane ln = Lane::of<THREADS>(p.E);
-  const int tid = threadIdx.x, b = blockIdx.y;
-  T* du_out = (T*)p.du;
-  T* ddl_out = (T*)p.ddl;
-  T* dz_out = (T*)p.dz;
-  for (int d = 0; d < p.ND; ++d) {
-    float A2[NS];
-    direction_A2(p, d, ln, A2);
-    const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
-    const float Dv = p.D && ln.active ? p.D[d * p.E + ln.e] : 0.f;
-    const Walk<T> wu(p.u, b * p.su_b + d * p.su_d + ln.e, p.su_l, p, d);
-    const Walk<T> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d);
-    const Walk<T> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d);
-    const Walk<T> wg(p.dy, b * p.sy_b + ln.e, p.sy_l, p, d);
-    const Walk<T> wdz(p.dz, (int64_t)b * p.L * p.E + ln.e, p.E, p, d);  // dz, du, ddelta: contiguous
-    const Walk<T> wdu(p.du, ((int64_t)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d);
-    float dh[NS], dA[NS];
+  const int tid = threadIdx.x, b = blockIdx.y, last = (p.L + K - 1) / K - 1;
+  float A2[SL];
+  direction_A2(p, d, ln, A2);
+  const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
+  const float Dv = p.D && ln.active ? p.D[d * p.E + ln.e] : 0.f;
+  // the owner's inputs, loaded one segment ahead (walking backwards); outputs at the current one
+  Stream<const T, K> wu(p.u, b * p.su_b + d * p.su_d + ln.e, p.su_l, p, d, last, -1, ln);
+  Stream<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d, last, -1, ln);
+  Stream<const T, K> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d, last, -1, ln);
+  Stream<const T, K> wg(p.dy, b * p.sy_b + ln.e, p.sy_l, p, d, last, -1, ln);
+  // dz, du, ddelta: contiguous
+  Stream<const T, K> wdzp(p.dz, (int64_t)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
+  Stream<T, K> wdz(p.dz, (int64_t)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
+  Stream<T, K> wdu(p.du, ((int64_t)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
+  Stream<T, K> wddl(p.ddl, ((int64_t)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
+  BCLoader<T, K> bcl(p, b, d, last, -1);
+  float dh[SL], dA[SL], a_after[SL];  // a_after: a of the step after the segment
 #pragma unroll
-    for (int j = 0; j < NS; ++j) dh[j] = dA[j] = 0.f;
-    float dD = 0.f, dbias = 0.f, dt_after = 0.f;  // dt_after: delta of the step after the segment
-    // inputs and saved state of the next segment (walking backwards), loaded one segment ahead
-    T nu[K], nx[K], nz[K], ng[K], nq[K];
-    float nh[NS];
-    const int last = p.n_seg - 1;
-    load_steps<T, K>(wu, last, p.L, ln.active, false, nu);
-    load_steps<T, K>(wd, last, p.L, ln.active, false, nx);
-    load_steps<T, K>(wz, last, p.L, ln.active, false, nz);
-    load_steps<T, K>(wg, last, p.L, ln.active, false, ng);
-    load_steps<T, K>(wdz, last, p.L, ln.active && d > 0, true, nq);
-    load_state(p, b, d, last, ln, nh);
-    T r[FILL];
-    fetch_bc<T, K, THREADS>(p, b, d, last, r);
-    store_bc<T, K, THREADS>(bc + (last & 1) * bc_floats<K>(), r);
+  for (int j = 0; j < SL; ++j) dh[j] = dA[j] = a_after[j] = 0.f;
+  float dD = 0.f, dbias = 0.f;  // over the owner's steps
+  T nu[1], nx[1], nz[1], ng[1], nq[1];
+  load_owned(wu, last, p.L, ln, true, nu);
+  load_owned(wd, last, p.L, ln, true, nx);
+  load_owned(wz, last, p.L, ln, true, nz);
+  load_owned(wg, last, p.L, ln, true, ng);
+  load_owned(wdzp, last, p.L, ln, d > 0, nq);
+  int phase = last % p.save_every, saved = last / p.save_every;  // seg % save_every, seg / save_every
+  float4 nh = load_state(p, b, d, saved, ln);
+  store_bc<T, K>(bc[last & 1], bcl.fetch(p, -1));
+  __syncthreads();
+  for (int seg = last; seg >= 0; --seg) {
+    const T uu = nu[0], xx = nx[0], zz = nz[0], gy = ng[0], dzp = nq[0];
+    float h[SL];
+    unpack(nh, h);
+    const int first = seg - phase;  // the segment whose start state was saved
+    if (phase == 0) { phase = p.save_every; --saved; }
+    --phase;
+    T r = from_f<T>(0.f);
+    if (seg > 0) {
+      r = bcl.fetch(p, -1);
+      load_owned(wu, seg - 1, p.L, ln, true, nu);
+      load_owned(wd, seg - 1, p.L, ln, true, nx);
+      load_owned(wz, seg - 1, p.L, ln, true, nz);
+      load_owned(wg, seg - 1, p.L, ln, true, ng);
+      load_owned(wdzp, seg - 1, p.L, ln, d > 0, nq);
+      nh = load_state(p, b, d, saved, ln);
+    }
+    for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, ln, bias, A2, h);
+    const float* cur = bc[seg & 1];
+    float* rs = red[seg & 1];
+    // The owner's step: delta, delta u, g = dy silu(z), d delta / d(delta + bias), sigmoid(z).
+    const int s = seg * K + ln.q;
+    const float x = to_f(xx) + bias, z = to_f(zz), u = to_f(uu), dy = to_f(gy);
+    const float dt_o = softplus(x) * (s < p.L ? 1.f : 0.f), du_o = dt_o * u;
+    const float sp = x > 20.f ? 1.f : sigmoid(x), sig = sigmoid(z), g_o = dy * z * sig;
+    // Forward through the segment: keep a_s and a_s h_{s-1}, form dC_s and this lane's part of C_s h_s.
+    float dts[K], dus[K], gs[K], a[K][SL], ah[K][SL], acc[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      dts[i] = from_owner(dt_o, i); dus[i] = from_owner(du_o, i); gs[i] = from_owner(g_o, i);
+      float Bv[SL], Cv[SL], v[SL];
+      unpack(read_bc(cur, i, 0, ln), Bv);
+      unpack(read_bc(cur, i, 1, ln), Cv);
+#pragma unroll
+      for (int j = 0; j < SL; ++j) {
+        a[i][j] = ex2(dts[i] * A2[j]);
+        ah[i][j] = a[i][j] * h[j];
+        h[j] = fmaf(dus[i], Bv[j], ah[i][j]);
+        v[j] = h[j] * gs[i];
+      }
+      acc[i] = fmaf(Cv[0], h[0], Cv[1] * h[1]) + fmaf(Cv[2], h[2], Cv[3] * h[3]);
+      const float dC = channel_sum(v);
+      if (ln.writes_sums()) rs[((i * 2 + 1) * WARPS + ln.warp) * NS + 4 * ln.q + ln.m] = dC;
+    }
+    const float yssm = quad_sum(acc, ln.q) + Dv * u;
+    if (s < p.L && ln.active)
+      *wdz.ptr(0) = from_f<T>(dy * yssm * sig * (1.f + z * (1.f - sig)) + to_f(dzp));
+    wdz.move();
+    // Backward through the segment: dh_s = C_s g_s + a_{s+1} dh_{s+1}; dB_s, dA, and this
+    // lane's parts of the sums over states for ddelta_s and du_s.
+    float sw[K], dhB[K];
+#pragma unroll
+    for (int i = K - 1; i >= 0; --i) {
+      float Bv[SL], Cv[SL], v[SL];
+      unpack(read_bc(cur, i, 0, ln), Bv);
+      unpack(read_bc(cur, i, 1, ln), Cv);
+      sw[i] = dhB[i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < SL; ++j) {
+        dh[j] = fmaf(i == K - 1 ? a_after[j] : a[i + 1][j], dh[j], Cv[j] * gs[i]);
+        const float w = dh[j] * ah[i][j];  // gradient w.r.t. a_s, times a_s
+        dA[j] = fmaf(w, dts[i], dA[j]);
+        sw[i] = fmaf(w, A2[j], sw[i]);
+        dhB[i] = fmaf(dh[j], Bv[j], dhB[i]);
+        v[j] = dh[j] * dus[i];
+      }
+      const float dB = channel_sum(v);
+      if (ln.writes_sums()) rs[((i * 2) * WARPS + ln.warp) * NS + 4 * ln.q + ln.m] = dB;
+    }
+#pragma unroll
+    for (int j = 0; j < SL; ++j) a_after[j] = a[0][j];
+    const float dhBs = quad_sum(dhB, ln.q);
+    const float ddt = (LN2 * quad_sum(sw, ln.q) + dhBs * u) * sp;  // d a_s / d delta_s = A a_s
+    dbias += ddt;
+    dD = fmaf(g_o, u, dD);
+    if (s < p.L && ln.active) {
+      *wdu.ptr(0) = from_f<T>(dhBs * dt_o + Dv * g_o);
+      *wddl.ptr(0) = from_f<T>(ddt);
+    }
+    wdu.move();
+    wddl.move();
+    if (seg > 0) store_bc<T, K>(bc[(seg - 1) & 1], r);
     __syncthreads();
-    for (int seg = last; seg >= 0; --seg) {
-      T uu[K], xx[K], zz[K], gy[K], dzp[K];
-      float h[NS];
+    // The block's sums over its warps, one partial per block: (E blocks, batch, L, ND, B/C, N).
+    if (tid < K * 32) {
+      const int i = tid >> 5, kind = (tid >> 4) & 1, n = tid & 15, st = seg * K + i;
+      if (st < p.L && n < p.N) {
+        float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < K; ++i) { uu[i] = nu[i]; xx[i] = nx[i]; zz[i] = nz[i]; gy[i] = ng[i]; dzp[i] = nq[i]; }
-#pragma unroll
-      for (int j = 0; j < NS; ++j) h[j] = nh[j];
-      if (seg > 0) {
-        fetch_bc<T, K, THREADS>(p, b, d, seg - 1, r);
-        load_steps<T, K>(wu, seg - 1, p.L, ln.active, false, nu);
-        load_steps<T, K>(wd, seg - 1, p.L, ln.active, false, nx);
-        load_steps<T, K>(wz, seg - 1, p.L, ln.active, false, nz);
-        load_steps<T, K>(wg, seg - 1, p.L, ln.active, false, ng);
-        load_steps<T, K>(wdz, seg - 1, p.L, ln.active && d > 0, true, nq);
-        load_state(p, b, d, seg - 1, ln, nh);
-      }
-      for (int c = seg - seg % p.save_every; c < seg; ++c) advance<T, K>(p, b, d, c, ln, bias, wu, wd, A2, h);
-      const float* cur = bc + (seg & 1) * bc_floats<K>();
-      float* rs = red + (seg & 1) * K * 2 * WARPS * 16;
-      // Forward through the segment: stash a_s h_{s-1}, form dC_s and dz_s.
-      float dts[K], dus[K], gs[K], sps[K];
-#pragma unroll
-      for (int i = 0; i < K; ++i) {
-        const int s = seg * K + i;
-        const bool ok = s < p.L;
-        const float x = to_f(xx[i]) + bias, u = to_f(uu[i]), z = to_f(zz[i]), dy = to_f(gy[i]);
-        const float dt = softplus(x) * (ok ? 1.f : 0.f), du = dt * u;
-        const float sp = x > 20.f ? 1.f : sigmoid(x);  // d delta / d x
-        const float sig = sigmoid(z), g = dy * z * sig;
-        float Bv[NS], Cv[NS], v[NS], ah[NS];
-        read_bc(cur, i, 0, ln, Bv);
-        read_bc(cur, i, 1, ln, Cv);
-        float acc0 = 0.f, acc1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < NS; j += 2) {
-          ah[j] = ex2(dt * A2[j]) * h[j];
-          ah[j + 1] = ex2(dt * A2[j + 1]) * h[j + 1];
-          h[j] = fmaf(du, Bv[j], ah[j]);
-          h[j + 1] = fmaf(du, Bv[j + 1], ah[j + 1]);
-          acc0 = fmaf(Cv[j], h[j], acc0);
-          acc1 = fmaf(Cv[j + 1], h[j + 1], acc1);
-          v[j] = h[j] * g;
-          v[j + 1] = h[j + 1] * g;
-        }
-#pragma unroll
-        for (int q = 0; q < NS / 4; ++q)
-          stash[(i * 4 + q) * THREADS + tid] = make_float4(ah[4 * q], ah[4 * q + 1], ah[4 * q + 2], ah[4 * q + 3]);
-        const float dC = reduce_scatter(v);
-        if (!(ln.lane & 1)) rs[((i * 2 + 1) * WARPS + ln.warp) * 16 + ln.m] = dC;
-        const float yssm = acc0 + acc1 + Dv * u;
-        if (ok && ln.active) {
-          const float dzv = dy * yssm * sig * (1.f + z * (1.f - sig)) + to_f(dzp[i]);
-          dz_out[(wdz.at - (const T*)p.dz) + s * wdz.step] = from_f<T>(dzv);
-        }
-        dD = fmaf(g, u, dD);
-        dts[i] = dt; dus[i] = du; gs[i] = g; sps[i] = sp;
-      }
-      // Backward through the segment: dh_s = C_s g_s + a_{s+1} dh_{s+1}; dB_s, du_s, ddelta_s, dA.
-#pragma unroll
-      for (int i = K - 1; i >= 0; --i) {
-        const int s = seg * K + i;
-        const float dt_next = i == K - 1 ? dt_after : dts[i + 1];  // a_{s+1} is recomputed from it
-        float Bv[NS], Cv[NS], v[NS], ah[NS];
-        read_bc(cur, i, 0, ln, Bv);
-        read_bc(cur, i, 1, ln, Cv);
-#pragma unroll
-        for (int q = 0; q < NS / 4; ++q) {
-          const float4 a4 = stash[(i * 4 + q) * THREADS + tid];
-          ah[4 * q] = a4.x; ah[4 * q + 1] = a4.y; ah[4 * q + 2] = a4.z; ah[4 * q + 3] = a4.w;
-        }
-        float sw = 0.f, dhB = 0.f;
-#pragma unroll
-        for (int j = 0; j < NS; ++j) {
-          dh[j] = fmaf(ex2(dt_next * A2[j]), dh[j], Cv[j] * gs[i]);
-          const float w = dh[j] * ah[j];  // gradient w.r.t. a_s, times a_s
-          dA[j] = fmaf(w, dts[i], dA[j]);
-          sw = fmaf(w, A2[j], sw);
-          dhB = fmaf(dh[j], Bv[j], dhB);
-          v[j] = dh[j] * dus[i];
-        }
-        const float dB = reduce_scatter(v);
-        if (!(ln.lane & 1)) rs[((i * 2) * WARPS + ln.warp) * 16 + ln.m] = dB;
-                        const float ddt = (LN2 * sw + dhB * to_f(uu[i])) * sps[i];  // d a_s / d delta_s = A a_s
-        dbias += ddt;
-        if (s < p.L && ln.active) {
-          const int64_t at = (wdu.at - (const T*)p.du) + s * wdu.step;
-          du_out[at] = from_f<T>(dhB * dts[i] + Dv * gs[i]);
-          ddl_out[at] = from_f<T>(ddt);
-        }
-      }
-      dt_after = dts[0];
-      if (seg > 0) store_bc<T, K, THREADS>(bc + ((seg - 1) & 1) * bc_floats<K>(), r);
-      __syncthreads();
-      // The block's sums over its warps, one partial per block: (E blocks, batch, L, ND, B/C, N).
-      for (int idx = tid; idx < K * 32; idx += THREADS) {
-        const int i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15, s = seg * K + i;
-        if (s < p.L && n < p.N) {
-          float sum = 0.f;
-#pragma unroll
-          for (int w = 0; w < WARPS; ++w) sum += rs[((i * 2 + kind) * WARPS + w) * 16 + n];
-          const int64_t t = time_of(p, d, s);
-          p.dBC[((((int64_t)blockIdx.x * p.batch + b) * p.L + t) * p.ND + d) * 2 * p.N + kind * p.N + n] = sum;
-        }
+        for (int w = 0; w < WARPS; ++w) sum += rs[((i * 2 + kind) * WARPS + w) * NS + n];
+        const int64_t t = time_of(p, d, st);
+        p.dBC[((((int64_t)blockIdx.x * p.batch + b) * p.L + t) * p.ND + d) * 2 * p.N + kind * p.N + n] = sum;
       }
     }
-    if (ln.active) {
+  }
+  if (ln.active) {
 #pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        const int n = ln.state(j);
-        if (n < p.N) p.dA[(((int64_t)b * p.ND + d) * p.E + ln.e) * p.N + n] = dA[j];
-      }
+    for (int j = 0; j < SL; ++j) {
+      const int n = ln.state(j);
+      if (n < p.N) p.dA[(((int64_t)b * p.ND + d) * p.E + ln.e) * p.N + n] = dA[j];
     }
-    if (ln.active) {
-      p.dD[((int64_t)b * p.ND + d) * p.E + ln.e] = dD;
-      p.dbias[((int64_t)b * p.ND + d) * p.E + ln.e] = dbias;
-    }
+  }
+  // the channel's sums over its owners
+  dD += __shfl_xor_sync(FULL, dD, 1);
+  dD += __shfl_xor_sync(FULL, dD, 2);
+  dbias += __shfl_xor_sync(FULL, dbias, 1);
+  dbias += __shfl_xor_sync(FULL, dbias, 2);
+  if (ln.active && ln.q == 0) {
+    p.dD[((int64_t)b * p.ND + d) * p.E + ln.e] = dD;
+    p.dbias[((int64_t)b * p.ND + d) * p.E + ln.e] = dbias;
   }
 }
 
 // ---- host side --------------------------------------------------------------------------------------------
-// One configuration, tuned on the H100 at DiS's shapes (BENCHMARKS.md): segments of 4 steps,
-// 128 channels per block; the forward pass capped at 128 registers (4 blocks per SM).
-constexpr int CHUNK = 4, THREADS = 128, FWD_MIN_BLOCKS = 4, BWD_MIN_BLOCKS = 1;
+// One configuration, tuned on the H100 at DiS's shapes (BENCHMARKS.md): the forward pass in
+// segments of 8 steps, 64 channels (256 threads) per block, capped at 64 registers; the backward
+// pass in segments of 4 steps (QUAD), BWD_THREADS / 4 channels per block, capped at 128 registers.
+constexpr int FWD_SEGMENT = 8, FWD_THREADS = 256, FWD_MIN_BLOCKS = 4;
+constexpr int BWD_THREADS = 256, BWD_MIN_BLOCKS = 2;
+constexpr int BWD_CHANNELS = BWD_THREADS / QUAD;  // per block: the partial sums of dB and dC
 
 Params common_params(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& B,
                      const torch::Tensor& C, const c10::optional<torch::Tensor>& D,
@@ -468,25 +492,26 @@ Params common_params(const torch::Tensor& u, const torch::Tensor& delta, const t
   p.sC_b = C.stride(0); p.sC_l = C.stride(1); p.sC_d = C.stride(2); p.sC_n = C.stride(3);
   p.sz_b = z.stride(0); p.sz_l = z.stride(1);
   p.batch = u.size(0); p.L = u.size(1); p.ND = u.size(2); p.E = u.size(3); p.N = A.size(2);
-  p.n_seg = (p.L + CHUNK - 1) / CHUNK;
   p.save_every = save_every;
-  p.n_saved = (p.n_seg + save_every - 1) / save_every;
+  p.n_saved = ((p.L + QUAD - 1) / QUAD + save_every - 1) / save_every;  // a state per chunk of QUAD steps
   return p;
 }
 
 template <typename T>
 void launch_fwd(const Params& p) {
-  const dim3 grid((p.E + THREADS - 1) / THREADS, p.batch);
-  scan_fwd_kernel<T, CHUNK, THREADS, FWD_MIN_BLOCKS><<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  constexpr int channels = FWD_THREADS / QUAD;
+  const dim3 grid((p.E + channels - 1) / channels, p.batch);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  scan_fwd_kernel<T, 0, FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS><<<grid, FWD_THREADS, 0, stream>>>(p);
+  if (p.ND > 1) scan_fwd_kernel<T, 1, FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS><<<grid, FWD_THREADS, 0, stream>>>(p);
 }
 
 template <typename T>
 void launch_bwd(const Params& p) {
-  constexpr size_t smem = bwd_smem_bytes<CHUNK, THREADS>();
-  auto kernel = scan_bwd_kernel<T, CHUNK, THREADS, BWD_MIN_BLOCKS>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid((p.E + THREADS - 1) / THREADS, p.batch);
-  kernel<<<grid, THREADS, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
+  const dim3 grid((p.E + BWD_CHANNELS - 1) / BWD_CHANNELS, p.batch);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  scan_bwd_kernel<T, 0, BWD_THREADS, BWD_MIN_BLOCKS><<<grid, BWD_THREADS, 0, stream>>>(p);
+  if (p.ND > 1) scan_bwd_kernel<T, 1, BWD_THREADS, BWD_MIN_BLOCKS><<<grid, BWD_THREADS, 0, stream>>>(p);
 }
 
 // launch_fwd or launch_bwd for u's dtype.
@@ -504,7 +529,7 @@ void by_dtype(const torch::Tensor& u, const Params& p) {
 }  // namespace
 
 // The kernels compute DiS's mixer: delta = softplus(delta + bias), output gated by silu(z).
-// y (batch, L, E) and, when given, states (batch, ND, saved, 16, E) float32 are written.
+// y (batch, L, E) and, when given, states (batch, ND, saved, E, 16) float32 are written.
 void scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
               c10::optional<torch::Tensor> D, torch::Tensor z, c10::optional<torch::Tensor> bias, torch::Tensor y,
               c10::optional<torch::Tensor> states, int64_t save_every) {
@@ -533,8 +558,8 @@ void scan_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("chunk") = CHUNK;
-  m.attr("threads") = THREADS;
+  m.attr("chunk") = QUAD;  // the steps between saved states
+  m.attr("channels") = BWD_CHANNELS;
   m.def("scan_fwd", &scan_fwd, "DiS selective scan, forward (both directions)");
   m.def("scan_bwd", &scan_bwd, "DiS selective scan, backward (both directions)");
 }

@@ -1,5 +1,5 @@
 """Our CUDA selective scan (scan_cuda.cu) for DiS's bidirectional mixer: the computation and calling
-contract of scan_triton.py's forward and backward passes, with one thread per channel holding its
+contract of scan_triton.py's forward and backward passes, with four lanes per channel holding its
 16 states in registers (the design is at the top of scan_cuda.cu).
 
 The kernels cover DiS's mixer: delta through softplus, the output gated by silu(z), at most 16
@@ -46,7 +46,7 @@ def supports(u, delta, A, B, C, z, softplus):
 
 def forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every):
     """y (batch, L, E) in u's dtype, and the states the backward pass starts from (float32,
-    (batch, ND, saved, 16, E), opaque to the caller) or None."""
+    (batch, ND, saved, E, 16), opaque to the caller) or None."""
     ext = _ext()
     batch, L, ND, E = u.shape
     u, delta, z = _unit_stride(u), _unit_stride(delta), _unit_stride(z)
@@ -54,7 +54,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every):
     states = None
     if save_states:
         n_saved = _cdiv(_cdiv(L, ext.chunk), save_every)
-        states = torch.empty(batch, ND, n_saved, MAX_STATES, E, device=u.device, dtype=torch.float32)
+        states = torch.empty(batch, ND, n_saved, E, MAX_STATES, device=u.device, dtype=torch.float32)
     ext.scan_fwd(u, delta, _param(A), B, C, _param(D), z, _param(delta_bias), y, states, save_every)
     return y, states
 
@@ -71,7 +71,7 @@ def backward(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every):
     dz = torch.empty(batch, L, E, device=dev, dtype=z.dtype)
     # partial sums, finished here with torch.sum (deterministic, no atomics): dB and dC per block
     # of channels, the per-channel parameters' gradients per batch element
-    dBC = torch.empty(_cdiv(E, ext.threads), batch, L, ND, 2, N, device=dev, dtype=torch.float32)
+    dBC = torch.empty(_cdiv(E, ext.channels), batch, L, ND, 2, N, device=dev, dtype=torch.float32)
     dA = torch.empty(batch, ND, E, N, device=dev, dtype=torch.float32)
     dD = torch.empty(batch, ND, E, device=dev, dtype=torch.float32)
     dbias = torch.empty_like(dD)
