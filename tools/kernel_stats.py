@@ -122,8 +122,9 @@ def cuda_kernels():
                          f"spills {'/'.join(spills.groups()) if spills else '?'} B")
     kernels = {}
     for name, body in re.findall(r"\.text\.(\w+):\n(.*?)(?=\n\s*\.section|\Z)", sass, re.S):
-        kind = re.search(r"(scan_(?:fwd|bwd)_kernel)I\d*(\w+?)Li", name)
-        label = f"{kind.group(1)}<{ {'f': 'float'}.get(kind.group(2), kind.group(2))}>" if kind else name
+        kind = re.search(r"(scan_(?:fwd|bwd)_kernel)I\d*(\w+?)Li(\d)E", name)
+        dtype = {"f": "float"}.get(kind.group(2), kind.group(2)) if kind else ""
+        label = f"{kind.group(1)}<{dtype}, direction {kind.group(3)}>" if kind else name
         kernels[label] = (reports.get(name, "?"), body)
     return kernels
 
@@ -156,6 +157,7 @@ def main_cuda():
     for name, (report, sass) in cuda_kernels().items():
         print(f"{name}: {report}")
         print(f"    {sass_opcodes(sass)}")
+        print(f"    loops: {loop_lengths(sass)} instructions")
         print(f"    global loads used within 8 instructions: {loads_used_at_once(sass)}")
 
 
