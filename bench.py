@@ -110,6 +110,13 @@ def token_major(kw):
                 D=kw["D"], z=xz[..., E:], delta_bias=kw["delta_bias"], delta_softplus=True)
 
 
+def token_major_single(kw):
+    """Direction 0 alone in the token-major layout: what a one-direction Mamba built like DiS's
+    fused block would hand the kernels (no transposes), u: (batch, L, 1, E)."""
+    first = {k: v[:1] if k in ("u", "delta", "A", "B", "C", "D", "delta_bias") else v for k, v in kw.items()}
+    return token_major(first)
+
+
 def bidirectional_ref(kw):
     """Both directions by the reference, the second on the time-reversed sequence: (batch, E, L)."""
     return (scan.selective_scan_ref(**single(kw, 0))
@@ -133,6 +140,10 @@ def scan_backends(device):
             out[impl] = (1, single, lambda a, impl=impl: selective_scan_triton(**a, impl=impl), same)
             out[f"{impl} bidirectional"] = (2, token_major, lambda a, impl=impl: bimamba_scan(**a, impl=impl),
                                             lambda y: y.transpose(1, 2))
+            # the same one direction as above, on the kernels' own layout: the scan alone, without
+            # the transposes that selective_scan_fn's (batch, E, L) layout costs
+            out[f"{impl} one direction, token-major"] = (
+                1, token_major_single, lambda a, impl=impl: bimamba_scan(**a, impl=impl), lambda y: y.transpose(1, 2))
     out["reference"] = (1, single, lambda a: scan.selective_scan_ref(**a), same)
     return out
 
