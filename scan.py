@@ -18,8 +18,9 @@ Four implementations share the signature of mamba-ssm's `selective_scan_fn`:
            DiS's mixer (softplus, gate z) and hands other calls to the Triton kernel.
 `selective_scan` picks one: the forced backend (argument or env DIS_SCAN_BACKEND), else the
 fastest available on CUDA tensors (cuda, triton, then mamba), else the reference. (The CUDA
-kernel is the fastest for DiS's two directions; for the one direction of `selective_scan` the
-Triton kernel is, so an unforced "cuda" runs that: BENCHMARKS.md.)
+kernel is the fastest for DiS's two directions and in its own token-major layout; for the one
+direction of `selective_scan`, whose (batch, E, L) layout both kernels reach through transposes,
+the Triton one is as fast or faster, so an unforced "cuda" runs that: BENCHMARKS.md.)
 """
 import functools
 import importlib.util
