@@ -229,7 +229,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
   direction_A2(p, d, ln, A2);
   const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
   const float Dv = p.D && ln.active ? p.D[d * p.E + ln.e] : 0.f;
-  // the owner's inputs, loaded one segment ahead; y written at the current one
+  // the owner's inputs, loaded one segment ahead; y written at the current one. Direction 0's y
+  // (wyp) may go through the read-only cache: an earlier launch wrote it, and this kernel reads
+  // each value once, before the same thread overwrites it.
   Stream<const T, K> wu(p.u, b * p.su_b + d * p.su_d + ln.e, p.su_l, p, d, 0, 1, ln);
   Stream<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d, 0, 1, ln);
   Stream<const T, K> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d, 0, 1, ln);
@@ -336,7 +338,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
   Stream<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d, last, -1, ln);
   Stream<const T, K> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d, last, -1, ln);
   Stream<const T, K> wg(p.dy, b * p.sy_b + ln.e, p.sy_l, p, d, last, -1, ln);
-  // dz, du, ddelta: contiguous
+  // dz, du, ddelta: contiguous; direction 0's dz (wdzp) is read as its y is forward
   Stream<const T, K> wdzp(p.dz, (int64_t)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
   Stream<T, K> wdz(p.dz, (int64_t)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
   Stream<T, K> wdu(p.du, ((int64_t)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
