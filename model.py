@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan import causal_conv1d, scan_backend, selective_scan
+from scan import OUR_KERNELS, causal_conv1d, scan_backend, selective_scan
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -124,7 +124,7 @@ class BiMamba(nn.Module):
 
     def forward(self, h):
         backend = scan_backend(h.device)
-        if backend in ("triton", "cuda"):
+        if backend in OUR_KERNELS:
             return self.forward_fused(h, backend)
         x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
         y = self.ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, backend)

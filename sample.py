@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 import model as dis
 from diffusion import create_diffusion
+from scan import BACKENDS, scan_backend
 
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # DiT's --vae choices
 LATENT_FROM = 256  # --vae auto: latent space from this image size up, as in the paper (ImageNet 256/512)
@@ -93,7 +94,6 @@ def set_scan_backend(name):
 
 
 def active_scan_backend(device):
-    from scan import scan_backend
     try:
         return scan_backend(device)
     except (RuntimeError, ValueError) as e:
@@ -391,7 +391,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16 autocast of the model (CUDA); fp32 uses TF32 matmuls on CUDA")
-    parser.add_argument("--scan-backend", choices=["auto", "ref", "mamba", "triton", "cuda"], default="auto")
+    parser.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available (one GPU per process under torchrun)")
     parser.add_argument("--out", default="sample.png", help="the grid's path when --num-samples is not given")

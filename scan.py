@@ -33,6 +33,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BACKENDS = ("ref", "mamba", "triton", "cuda")
+OUR_KERNELS = ("triton", "cuda")  # run through scan_triton's wrappers: bimamba_scan(impl=...)
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -134,7 +135,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if choice == "mamba":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if choice in ("triton", "cuda"):
+    if choice in OUR_KERNELS:
         from scan_triton import selective_scan_triton
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl=choice)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

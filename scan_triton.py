@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 import scan_cuda
+from scan import OUR_KERNELS
 
 # ---------------------------------------------------------------------------------------------
 # Tunables, all in one place. The scan's chunk length is also the spacing of the states the
@@ -596,7 +597,7 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     Returns y: (batch, L, E) in u's dtype, sum over directions of scan_d(...) * silu(z).
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    if impl not in ("triton", "cuda"):
+    if impl not in OUR_KERNELS:
         raise ValueError(f"impl must be 'triton' or 'cuda', got {impl!r}")
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)

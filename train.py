@@ -100,6 +100,7 @@ from diffusion import create_diffusion
 from sample import (active_scan_backend, barrier, derived_seed, generate, grid_labels, load_checkpoint, load_vae,
                     model_config, process_group, resolve_vae, save_grid, set_scan_backend, to_uint8,
                     vae_downsampling, write_atomically, write_text)
+from scan import BACKENDS, OUR_KERNELS
 
 # name: (default image size, default classes); None: from the data
 DATASETS = {"fashion-mnist": (32, 10), "cifar10": (32, 0), "celeba": (64, 0), "imagenet": (256, None),
@@ -711,13 +712,13 @@ def oom_advice(args, backend):
     --scan-save-every 2 (64 GB) or --grad-checkpointing (25 GB, slower); mamba-ssm's kernel saves
     less but runs slower (BENCHMARKS.md)."""
     advice = ["lower --global-batch-size"]
-    if backend in ("triton", "cuda") and args.scan_save_every == 1:
+    if backend in OUR_KERNELS and args.scan_save_every == 1:
         advice.append("add --scan-save-every 2")
     if not args.grad_checkpointing:
         advice.append("add --grad-checkpointing")
     if args.precision == "fp32":
         advice.append("use --precision bf16")
-    if backend in ("triton", "cuda"):
+    if backend in OUR_KERNELS:
         advice.append("use --scan-backend mamba (slower, less memory)")
     return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
 
@@ -794,7 +795,7 @@ def set_scan_save_every(every, device):
     if every == 1:
         return
     backend = active_scan_backend(device)
-    if backend not in ("triton", "cuda"):
+    if backend not in OUR_KERNELS:
         raise SystemExit(f"--scan-save-every applies to our Triton and CUDA scans; this run uses the {backend} scan")
     import scan_triton
     scan_triton.SCAN_SAVE_EVERY = every
@@ -988,9 +989,9 @@ def parse_args(argv=None):
     net.add_argument("--dt-init", choices=["symmetric", "original"], default="symmetric")
     net.add_argument("--drop-path-rate", type=float, default=0.1)
     net.add_argument("--class-dropout-prob", type=float, default=0.1)
-    net.add_argument("--scan-backend", choices=["auto", "ref", "mamba", "triton", "cuda"], default="auto")
+    net.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto")
     net.add_argument("--scan-save-every", type=int, default=1,
-                     help="Triton scan: keep the states of every Nth chunk for the backward pass (1/N of their "
+                     help="our scans (Triton, CUDA): keep the states of every Nth chunk for the backward pass (1/N of their "
                           "memory, more recomputation; 2 fits DiS-H/2 at 32 images on an 80 GB card)")
     net.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="auto: CUDA when available (one GPU per process under torchrun)")
