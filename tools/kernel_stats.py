@@ -43,7 +43,8 @@ FP32_ARGS = {"hs_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr", "A_p
 UNIT_STRIDES = ("su_e", "sd_e", "sB_n", "sC_n", "sz_e", "sy_e", "sdy_e")
 OPS = ("shfl.sync", "bar.sync", "st.shared", "ld.shared", "ex2.approx", "fma.rn.f32", "ld.global", "st.global")
 # A SASS instruction line as nvdisasm prints it: address comment, optional predicate, opcode.
-SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+SASS_PREFIX = r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?"
+SASS_LINE = re.compile(SASS_PREFIX + r"([A-Z][A-Z0-9_.]*)", re.M)
 
 
 def compile_for_h100(kernel, constants, num_warps=1):
@@ -131,7 +132,7 @@ def cuda_kernels():
 
 def sass_operands(line):
     """(opcode, operands) of one SASS instruction line (its predicate dropped)."""
-    text = re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split(";")[0].strip()
+    text = re.sub(SASS_PREFIX, "", line).split(";")[0].strip()
     op, _, rest = text.partition(" ")
     return op, [x.strip() for x in rest.split(",")]
 
