@@ -13,10 +13,12 @@ needs the CUDA toolkit matching torch's CUDA (nvcc, found through CUDA_HOME or P
 """
 import functools
 import os
+from typing import Optional
 
 import torch
 
 MAX_STATES = 16
+CHUNK = 4  # steps between the states the forward pass saves (scan_cuda.cu's QUAD)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -34,8 +36,11 @@ def _ext():
         raise RuntimeError("the CUDA scan needs a GPU, the CUDA toolkit (nvcc, or CUDA_HOME) and ninja "
                            "(pip install ninja); use DIS_SCAN_BACKEND=triton instead")
     from torch.utils import cpp_extension
-    return cpp_extension.load(name="dis_scan_cuda", sources=[os.path.join(os.path.dirname(__file__), "scan_cuda.cu")],
-                              extra_cuda_cflags=["-O3"])
+    ext = cpp_extension.load(name="dis_scan_cuda", sources=[os.path.join(os.path.dirname(__file__), "scan_cuda.cu")],
+                             extra_cuda_cflags=["-O3"])
+    if ext.chunk != CHUNK:
+        raise RuntimeError(f"scan_cuda.cu saves a state every {ext.chunk} steps, scan_cuda.py expects {CHUNK}")
+    return ext
 
 
 def supports(u, delta, A, B, C, z, softplus):
@@ -44,43 +49,77 @@ def supports(u, delta, A, B, C, z, softplus):
             and all(x.dtype == u.dtype for x in (delta, B, C, z)))
 
 
+# The kernels are registered as torch operators, with functions that give their outputs' shapes
+# ("fake" implementations), so that torch.compile keeps them in its graph instead of breaking it
+# at each call into the extension.
+@torch.library.custom_op("dis::scan_cuda_fwd", mutates_args=())
+def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: Optional[torch.Tensor], z: torch.Tensor, delta_bias: Optional[torch.Tensor], save_states: bool,
+            save_every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ext = _ext()
+    y, states = _fwd_outputs(u, save_states, save_every)
+    ext.scan_fwd(_unit_stride(u), _unit_stride(delta), _param(A), B, C, _param(D), _unit_stride(z), _param(delta_bias),
+                 y, states if save_states else None, save_every)
+    return y, states
+
+
+@_fwd_op.register_fake
+def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, save_states, save_every):
+    return _fwd_outputs(u, save_states, save_every)
+
+
+def _fwd_outputs(u, save_states, save_every):
+    """y (batch, L, E) and the saved states (batch, ND, saved, E, 16) float32, or an empty tensor."""
+    batch, L, ND, E = u.shape
+    y = u.new_empty(batch, L, E)
+    n_saved = _cdiv(_cdiv(L, CHUNK), save_every) if save_states else 0
+    return y, u.new_empty(batch, ND, n_saved, E, MAX_STATES, dtype=torch.float32)
+
+
+@torch.library.custom_op("dis::scan_cuda_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor, D: Optional[torch.Tensor], z: torch.Tensor, delta_bias: Optional[torch.Tensor],
+            states: torch.Tensor, save_every: int) -> list[torch.Tensor]:
+    ext = _ext()
+    batch, L, ND, E = u.shape
+    N = A.shape[-1]
+    du, ddelta, dz = (x.new_empty(x.shape) for x in (u, delta, z))
+    # partial sums, finished here with torch.sum (deterministic, no atomics): dB and dC per block
+    # of channels, the per-channel parameters' gradients per batch element
+    dBC = u.new_empty(_cdiv(E, ext.channels), batch, L, ND, 2, N, dtype=torch.float32)
+    dA = u.new_empty(batch, ND, E, N, dtype=torch.float32)
+    dD = u.new_empty(batch, ND, E, dtype=torch.float32)
+    dbias = torch.empty_like(dD)
+    ext.scan_bwd(_unit_stride(u), _unit_stride(delta), _param(A), B, C, _param(D), _unit_stride(z), _param(delta_bias),
+                 _unit_stride(dy), states, du, ddelta, dz, dBC, dA, dD, dbias, save_every)
+    dBC = dBC.sum(0)
+    return [du, ddelta, dA.sum(0).to(A.dtype), dBC[..., 0, :].to(B.dtype).contiguous(),
+            dBC[..., 1, :].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0)]
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every):
+    batch, L, ND, E = u.shape
+    N = A.shape[-1]
+    fresh = lambda x: x.new_empty(x.shape)  # contiguous, as the kernels write them
+    per_channel = A.new_empty(ND, E, dtype=torch.float32)
+    return [fresh(u), fresh(delta), fresh(A), B.new_empty(batch, L, ND, N), C.new_empty(batch, L, ND, N),
+            per_channel, fresh(z), per_channel.new_empty(ND, E)]
+
+
 def forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every):
     """y (batch, L, E) in u's dtype, and the states the backward pass starts from (float32,
     (batch, ND, saved, E, 16), opaque to the caller) or None."""
-    ext = _ext()
-    batch, L, ND, E = u.shape
-    u, delta, z = _unit_stride(u), _unit_stride(delta), _unit_stride(z)
-    y = torch.empty(batch, L, E, device=u.device, dtype=u.dtype)
-    states = None
-    if save_states:
-        n_saved = _cdiv(_cdiv(L, ext.chunk), save_every)
-        states = torch.empty(batch, ND, n_saved, E, MAX_STATES, device=u.device, dtype=torch.float32)
-    ext.scan_fwd(u, delta, _param(A), B, C, _param(D), z, _param(delta_bias), y, states, save_every)
-    return y, states
+    y, states = torch.ops.dis.scan_cuda_fwd(u, delta, A, B, C, D, z, delta_bias, save_states, save_every)
+    return y, states if save_states else None
 
 
 def backward(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every):
     """(du, ddelta, dA, dB, dC, dD, dz, dbias) from dy (batch, L, E) and forward's states."""
-    ext = _ext()
-    batch, L, ND, E = u.shape
-    N = A.shape[-1]
-    dev = u.device
-    u, delta, z, dy = _unit_stride(u), _unit_stride(delta), _unit_stride(z), _unit_stride(dy)
-    du = torch.empty(batch, L, ND, E, device=dev, dtype=u.dtype)
-    ddelta = torch.empty(batch, L, ND, E, device=dev, dtype=delta.dtype)
-    dz = torch.empty(batch, L, E, device=dev, dtype=z.dtype)
-    # partial sums, finished here with torch.sum (deterministic, no atomics): dB and dC per block
-    # of channels, the per-channel parameters' gradients per batch element
-    dBC = torch.empty(_cdiv(E, ext.channels), batch, L, ND, 2, N, device=dev, dtype=torch.float32)
-    dA = torch.empty(batch, ND, E, N, device=dev, dtype=torch.float32)
-    dD = torch.empty(batch, ND, E, device=dev, dtype=torch.float32)
-    dbias = torch.empty_like(dD)
-    ext.scan_bwd(u, delta, _param(A), B, C, _param(D), z, _param(delta_bias), dy, states,
-                 du, ddelta, dz, dBC, dA, dD, dbias, save_every)
-    dBC = dBC.sum(0)
-    return (du, ddelta, dA.sum(0).to(A.dtype), dBC[..., 0, :].to(B.dtype), dBC[..., 1, :].to(C.dtype),
-            dD.sum(0).to(D.dtype) if D is not None else None, dz,
-            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.dis.scan_cuda_bwd(
+        dy, u, delta, A, B, C, D, z, delta_bias, states, save_every)
+    return (du, ddelta, dA, dB, dC, dD.to(D.dtype) if D is not None else None, dz,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None)
 
 
 def _unit_stride(x):

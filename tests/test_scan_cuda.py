@@ -7,7 +7,7 @@ import torch
 import scan
 import scan_cuda
 from scan_triton import bimamba_scan
-from test_scan_triton import check_bimamba, poisoned_empty  # noqa: F401 (a fixture)
+from test_scan_triton import check_bimamba, make_inputs, poisoned_empty  # noqa: F401 (a fixture)
 
 needs_extension = pytest.mark.skipif(not scan_cuda.available(), reason="needs a GPU, nvcc and ninja")
 
@@ -107,3 +107,43 @@ def test_unavailable_extension_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="DIS_SCAN_BACKEND=triton"):
         scan_cuda._ext()
     scan_cuda._ext.cache_clear()
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_operators_match_their_fake_implementations():
+    """The shapes, dtypes and strides that torch.compile is told (register_fake) are the real ones."""
+    inputs = make_inputs(2, 37, 2, 40, 16, torch.bfloat16, "cuda")
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    y, states = torch.ops.dis.scan_cuda_fwd(*args, True, 1)
+    torch.library.opcheck(torch.ops.dis.scan_cuda_fwd, (*args, True, 1), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.dis.scan_cuda_bwd, (torch.randn_like(y), *args, states, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.fixture
+def cpu_stand_in(monkeypatch):
+    """The operators on the CPU as zeros of the shapes their fake implementations give (kernels
+    registered once per process, only ever reached from tests), and every call routed to them."""
+    for op, fake in ((scan_cuda._fwd_op, scan_cuda._fwd_fake), (scan_cuda._bwd_op, scan_cuda._bwd_fake)):
+        if "cpu" not in op._backend_fns:
+            op.register_kernel("cpu")(lambda *a, fake=fake: _zeros(fake(*a)))
+    monkeypatch.setattr(scan_cuda, "supports", lambda *a: True)
+
+
+def _zeros(out):
+    return type(out)(t.zero_() for t in out)
+
+
+def test_compile_keeps_the_cuda_scan_in_one_graph(cpu_stand_in):
+    """torch.compile traces the CUDA scan's forward and backward without a graph break (the calls
+    into the extension are registered operators), so the glue around it fuses."""
+    torch._dynamo.reset()
+    inputs = make_inputs(2, 9, 2, 8, 16, torch.float32, "cpu")
+    leaves = {k: v.detach().requires_grad_(k != "A") for k, v in inputs.items()}
+
+    def loss(**kw):
+        return (bimamba_scan(**kw, impl="cuda") * kw["u"].sum()).sum()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled(**leaves).backward()
+    assert all(leaves[k].grad is not None for k in ("u", "delta", "B", "C", "z"))
