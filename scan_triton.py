@@ -698,7 +698,8 @@ def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, du_ptr, g_ptr, dw_ptr, db_ptr, L, E,
                       WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
     """Backward, step 1, for a block of channels of one batch element over SPAN time steps, walked
     in tiles of BLOCK_T: the gradient at the pre-activations, g_d = du_d silu'(pre_d), written to
-    g (batch, L, 2, E), and the program's sums over time of dw and dbias, written to
+    g (batch, L, 2, E) in x's dtype (only dx is computed from it), and the program's sums over
+    time of dw and dbias (from the unrounded g), written to
     (batch, spans, 2, E, W) and (batch, spans, 2, E). The sums are kept as whole tiles and
     reduced across threads once, at the end."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -720,7 +721,7 @@ def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, du_ptr, g_ptr, dw_ptr, db_ptr, L, E,
             dout = tl.load(du_ptr + b * sdu_b + t[:, None] * sdu_l + d * sdu_d + e[None, :] * sdu_e, mask=mask,
                            other=0.0)
             g = dout.to(ACC) * sig * (1.0 + pre * (1.0 - sig))  # zero past the end (dout masked)
-            tl.store(g_ptr + ((b * L + t[:, None]) * 2 + d) * E + e[None, :], g, mask=mask)
+            tl.store(g_ptr + ((b * L + t[:, None]) * 2 + d) * E + e[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
             db += g
             dw += g[:, None, :] * taps
         pe = ((b * tl.num_programs(1) + span) * 2 + d) * E + e
@@ -742,7 +743,7 @@ def _conv_dx_kernel(g_ptr, w_ptr, dx_ptr, L, E,
     dx = tl.zeros([BLOCK_T, BLOCK_E], ACC)
     for d in tl.static_range(2):
         w = _conv_filter(w_ptr, e, emask, E, d, W, WP, ACC)
-        taps = _conv_taps(g_ptr + b * L * 2 * E + d * E, t, e, emask, L, 2 * E, 1, 1 - d, W, WP)
+        taps = _conv_taps(g_ptr + b * L * 2 * E + d * E, t, e, emask, L, 2 * E, 1, 1 - d, W, WP).to(ACC)
         dx += tl.sum(taps * w[None, :, :], axis=1)
     mask = (t < L)[:, None] & emask[None, :]
     tl.store(dx_ptr + b * L * E + t[:, None] * E + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -774,7 +775,9 @@ class _BiConvSiLU(torch.autograd.Function):
         bt, be, span, meta = _conv_meta(x, W)
         n_spans = triton.cdiv(L, span)
         acc = _acc_torch_dtype(x)
-        g = torch.empty(batch, L, 2, E, device=x.device, dtype=acc)
+        # g in x's dtype: most of the two kernels' memory traffic is g's, and dx, its only use, is
+        # rounded to that dtype anyway (in bf16 training this adds an error of the same size)
+        g = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
         dw = torch.empty(batch, n_spans, 2, E, W, device=x.device, dtype=acc)
         db = torch.empty(batch, n_spans, 2, E, device=x.device, dtype=acc)
         _conv_grad_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, du, g, dw, db, L, E, *x.stride(),
