@@ -278,6 +278,7 @@ DIT_SIZES = {"DiT-S/2": (384, 12, 6), "DiT-XL/2": (1152, 28, 16), "DiT-tiny": (3
 
 # ----------------------------------------------------------------------------- whole models
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead: CUDA graphs
 MODEL_CASES = [  # (DiS name, DiT name, image size, channels, classes, batch)
     ("DiS-S/2", "DiT-S/2", 32, 3, 10, 128),
     ("DiS-S/2", "DiT-S/2", 64, 3, 10, 64),
@@ -403,7 +404,7 @@ def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
              "share": self_us(e) / total} for e in events[:top]]
 
 
-def bench_models(device, cases, compile_too=False, profile_too=False):
+def bench_models(device, cases, compile_too=False, profile_too=False, compile_mode="default"):
     rows, checks, profiles = [], [], []
     backends = [b for b in ("mamba", "triton", "cuda") if b in scan.available_backends(device)] or ["ref"]
     for dis_name, dit_name, img, ch, classes, batch in cases:
@@ -428,8 +429,10 @@ def bench_models(device, cases, compile_too=False, profile_too=False):
                 profiles.append({"model": f"{dis_name} ({backends[-1]} scan), {label}", **r})
         if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
             os.environ["DIS_SCAN_BACKEND"] = backends[-1]
-            rows.append(throughput_row(f"{dis_name} ({backends[-1]} scan, torch.compile)", label,
-                                       torch.compile(dis), img, ch, classes, batch, device))
+            mode = None if compile_mode == "default" else compile_mode
+            name = "torch.compile" + (f" {compile_mode}" if mode else "")
+            rows.append(throughput_row(f"{dis_name} ({backends[-1]} scan, {name})", label,
+                                       torch.compile(dis, mode=mode), img, ch, classes, batch, device))
         os.environ.pop("DIS_SCAN_BACKEND", None)
         del dis
         dit = build(dit_name, img, ch, classes, device)
@@ -502,6 +505,8 @@ def main(argv=None):
     parser.add_argument("--backends", default=None,
                         help="scan backends to time, comma list (e.g. 'triton,mamba'); default: all available")
     parser.add_argument("--compile", action="store_true", help="also time each DiS under torch.compile")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs)")
     parser.add_argument("--profile", action="store_true",
                         help="also list the kernels a DiS training step spends its time in (torch.profiler)")
     parser.add_argument("--shapes", default=None, help="scan shapes to run, comma list of indices into SCAN_SHAPES")
@@ -533,7 +538,7 @@ def main(argv=None):
         cases = QUICK_MODEL_CASES if args.quick else MODEL_CASES
         if args.cases:
             cases = [cases[int(i)] for i in args.cases.split(",")]
-        rows, checks, profiles = bench_models(device, cases, args.compile, args.profile)
+        rows, checks, profiles = bench_models(device, cases, args.compile, args.profile, args.compile_mode)
         raw.update(model=rows, model_checks=checks, model_profile=profiles)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n", table(rows),
                    "\nDiS forward+backward (bf16 autocast, batch 2) against the reference scan path:\n", table(checks)]

@@ -114,7 +114,7 @@ DEFAULT_STEPS = 500_000  # the paper's CIFAR-10 / CelebA schedule
 GRID_RESPACING = "ddim25"
 RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everything else is the run's
     "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
-    "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile",
+    "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile", "compile_mode",
     "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples",
     "inception_weights"}
 
@@ -738,7 +738,7 @@ def build_model(config, ckpt, args, device, world):
     if args.grad_checkpointing:
         checkpoint_blocks(model)
     if args.compile:
-        model.compile()
+        model.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     return model, ema, ddp
 
@@ -997,6 +997,8 @@ def parse_args(argv=None):
                      help="auto: CUDA when available (one GPU per process under torchrun)")
     net.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     net.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    net.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                     help="torch.compile's mode with --compile; reduce-overhead adds CUDA graphs (see README)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--global-batch-size", type=int, default=128)
     optim.add_argument("--global-seed", type=int, default=0)
