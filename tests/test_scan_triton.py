@@ -279,6 +279,11 @@ def test_interp_biconv(poisoned_empty, W):
 
 
 @interp_only
+def test_interp_biconv_bf16(poisoned_empty):  # the gradient kernel's bf16 intermediate (g) path
+    check_biconv(2, 37, 40, torch.bfloat16, "cpu", 1e-2)
+
+
+@interp_only
 def test_interp_fused_mixer_matches_reference(poisoned_empty):
     """model.BiMamba.forward_fused (Triton kernels, both directions at once, block-diagonal
     projections) against BiMamba.forward on the reference scan (flips, one direction at a time):

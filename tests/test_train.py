@@ -395,3 +395,15 @@ def test_scan_save_every_needs_the_triton_scan(fashion, tmp_path):
     assert "--scan-save-every applies to our Triton and CUDA scans" in message
     message = one_line_error(["--data-path", fashion, *TINY, "--scan-save-every", "0", "--results-dir", str(tmp_path)])
     assert "at least 1" in message
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs.get("mode")))
+    config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=10)
+    for flags, expected in ((["--compile"], [None]), (["--compile", "--compile-mode", "reduce-overhead"], ["reduce-overhead"]),
+                            ([], [])):
+        modes.clear()
+        args, _ = train.parse_args(["--data-path", "unused", *TINY, *flags])
+        train.build_model(config, None, args, torch.device("cpu"), 1)
+        assert modes == expected, flags
