@@ -1026,6 +1026,8 @@ def parse_args(argv=None):
     for name in ("global_batch_size", "log_every", "ckpt_every", "fid_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} takes effect with --compile; add --compile")
     return args, parser
 
 

@@ -407,3 +407,5 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
         args, _ = train.parse_args(["--data-path", "unused", *TINY, *flags])
         train.build_model(config, None, args, torch.device("cpu"), 1)
         assert modes == expected, flags
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-path", "unused", *TINY, "--compile-mode", "reduce-overhead"])
