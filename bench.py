@@ -432,10 +432,9 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
                 profiles.append({"model": f"{dis_name} ({backends[-1]} scan), {label}", **r})
         if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
             os.environ["DIS_SCAN_BACKEND"] = backends[-1]
-            mode = None if compile_mode == "default" else compile_mode
-            name = "torch.compile" + (f" {compile_mode}" if mode else "")
+            name = "torch.compile" + ("" if compile_mode == "default" else f" {compile_mode}")
             rows.append(throughput_row(f"{dis_name} ({backends[-1]} scan, {name})", label,
-                                       torch.compile(dis, mode=mode), img, ch, classes, batch, device))
+                                       torch.compile(dis, mode=compile_mode), img, ch, classes, batch, device))
         os.environ.pop("DIS_SCAN_BACKEND", None)
         del dis
         dit = build(dit_name, img, ch, classes, device)

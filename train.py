@@ -738,7 +738,7 @@ def build_model(config, ckpt, args, device, world):
     if args.grad_checkpointing:
         checkpoint_blocks(model)
     if args.compile:
-        model.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
+        model.compile(mode=args.compile_mode)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     return model, ema, ddp
 

@@ -401,7 +401,7 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     modes = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs.get("mode")))
     config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=10)
-    for flags, expected in ((["--compile"], [None]), (["--compile", "--compile-mode", "reduce-overhead"], ["reduce-overhead"]),
+    for flags, expected in ((["--compile"], ["default"]), (["--compile", "--compile-mode", "reduce-overhead"], ["reduce-overhead"]),
                             ([], [])):
         modes.clear()
         args, _ = train.parse_args(["--data-path", "unused", *TINY, *flags])
