@@ -39,6 +39,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <limits>
 
 namespace {
 
@@ -57,6 +58,7 @@ struct Params {
   int64_t su_b, su_l, su_d, sd_b, sd_l, sd_d;
   int64_t sB_b, sB_l, sB_d, sB_n, sC_b, sC_l, sC_d, sC_n;
   int64_t sz_b, sz_l, sy_b, sy_l;  // z; y (forward) or dy (backward)
+  int64_t per_b;  // backward: the batch stride of dA, dD, dbias (one buffer of partial sums)
   int batch, L, E, ND, N, save_every, n_saved;
   bool save_states;
 };
@@ -457,7 +459,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
 #pragma unroll
     for (int j = 0; j < SL; ++j) {
       const int n = ln.state(j);
-      if (n < p.N) p.dA[(((int64_t)b * p.ND + d) * p.E + ln.e) * p.N + n] = dA[j];
+      if (n < p.N) p.dA[b * p.per_b + ((int64_t)d * p.E + ln.e) * p.N + n] = dA[j];
     }
   }
   // the channel's sums over its owners
@@ -466,9 +468,36 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
   dbias += __shfl_xor_sync(FULL, dbias, 1);
   dbias += __shfl_xor_sync(FULL, dbias, 2);
   if (ln.active && ln.q == 0) {
-    p.dD[((int64_t)b * p.ND + d) * p.E + ln.e] = dD;
-    p.dbias[((int64_t)b * p.ND + d) * p.E + ln.e] = dbias;
+    p.dD[b * p.per_b + d * p.E + ln.e] = dD;
+    p.dbias[b * p.per_b + d * p.E + ln.e] = dbias;
   }
+}
+
+// ---- the backward pass's sums ------------------------------------------------------------------------
+// One launch finishes what the backward kernels leave as partial sums, each in a fixed order (no
+// atomics, so results do not change between runs): dB and dC over the blocks of channels,
+// (blocks, batch, L, ND, 2, N) -> (batch, L, ND, N) in B's type; dA, dD and dbias over the batch.
+template <typename T>
+__global__ void finish_bwd_kernel(const float* __restrict__ dBC, int n_blocks, int64_t rows, int N, T* dB, T* dC,
+                                  const float* __restrict__ per_channel, float* dA, int64_t n_A, float* dD,
+                                  float* dbias, int64_t n_D, int batch) {
+  const int64_t n_BC = rows * 2 * N, i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n_BC) {  // dBC element (row, kind, n), row = (b, t, d)
+    float sum = 0.f;
+    for (int k = 0; k < n_blocks; ++k) sum += __ldg(dBC + k * n_BC + i);
+    const int64_t row = i / (2 * N);
+    const int kind = (int)(i / N) & 1, n = (int)(i % N);
+    (kind ? dC : dB)[row * N + n] = from_f<T>(sum);
+    return;
+  }
+  // per-channel gradients: dA (batch, ND, E, N), then dD and dbias (batch, ND, E), one buffer
+  const int64_t j = i - n_BC, per_b = n_A + 2 * n_D;
+  if (j >= per_b) return;
+  float sum = 0.f;
+  for (int b = 0; b < batch; ++b) sum += __ldg(per_channel + b * per_b + j);
+  if (j < n_A) dA[j] = sum;
+  else if (j < n_A + n_D) dD[j - n_A] = sum;
+  else dbias[j - n_A - n_D] = sum;
 }
 
 // ---- host side --------------------------------------------------------------------------------------------
@@ -479,15 +508,50 @@ constexpr int FWD_SEGMENT = 8, FWD_THREADS = 256, FWD_MIN_BLOCKS = 4;
 constexpr int BWD_THREADS = 256, BWD_MIN_BLOCKS = 2;
 constexpr int BWD_CHANNELS = BWD_THREADS / QUAD;  // per block: the partial sums of dB and dC
 
-Params common_params(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& B,
-                     const torch::Tensor& C, const c10::optional<torch::Tensor>& D,
-                     const torch::Tensor& z, const c10::optional<torch::Tensor>& bias, int64_t save_every) {
+// Tests set this so that every buffer the extension allocates starts as NaN, and an element the
+// kernels fail to write shows in the results.
+bool poison_outputs = false;
+
+torch::Tensor new_buffer(c10::IntArrayRef sizes, const torch::TensorOptions& options) {
+  auto t = torch::empty(sizes, options);
+  if (poison_outputs) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+torch::Tensor unit_stride(const torch::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+torch::Tensor param(const torch::Tensor& x) {  // skips torch's dispatcher when x is already as read
+  return x.scalar_type() == torch::kFloat && x.is_contiguous() ? x : x.to(torch::kFloat).contiguous();
+}
+
+c10::optional<torch::Tensor> param(const c10::optional<torch::Tensor>& x) {
+  if (!x) return c10::nullopt;
+  return param(*x);
+}
+
+// The inputs as the kernels read them (kept alive by the caller until the launches are queued):
+// u, delta, z, dy with unit stride along E, A, D and bias as contiguous float32.
+struct Inputs {
+  torch::Tensor u, delta, A, B, C, z;
+  c10::optional<torch::Tensor> D, bias;
+  Inputs(const torch::Tensor& u_, const torch::Tensor& delta_, const torch::Tensor& A_, const torch::Tensor& B_,
+         const torch::Tensor& C_, const c10::optional<torch::Tensor>& D_, const torch::Tensor& z_,
+         const c10::optional<torch::Tensor>& bias_)
+      : u(unit_stride(u_)), delta(unit_stride(delta_)), A(param(A_)), B(B_), C(C_),
+        z(unit_stride(z_)), D(param(D_)), bias(param(bias_)) {}
+};
+
+Params common_params(const Inputs& in, int64_t save_every) {
+  const torch::Tensor &u = in.u, &delta = in.delta, &A = in.A, &B = in.B, &C = in.C, &z = in.z;
+  const auto t = u.scalar_type();
+  TORCH_CHECK(delta.scalar_type() == t && B.scalar_type() == t && C.scalar_type() == t && z.scalar_type() == t,
+              "scan_cuda: u, delta, B, C and z must have one dtype (scan_cuda.supports says which calls fit)");
   Params p{};
   p.u = u.data_ptr(); p.dl = delta.data_ptr(); p.B = B.data_ptr(); p.C = C.data_ptr();
   p.z = z.data_ptr();
   p.A = A.data_ptr<float>();
-  p.D = D ? D->data_ptr<float>() : nullptr;
-  p.bias = bias ? bias->data_ptr<float>() : nullptr;
+  p.D = in.D ? in.D->data_ptr<float>() : nullptr;
+  p.bias = in.bias ? in.bias->data_ptr<float>() : nullptr;
   p.su_b = u.stride(0); p.su_l = u.stride(1); p.su_d = u.stride(2);
   p.sd_b = delta.stride(0); p.sd_l = delta.stride(1); p.sd_d = delta.stride(2);
   p.sB_b = B.stride(0); p.sB_l = B.stride(1); p.sB_d = B.stride(2); p.sB_n = B.stride(3);
@@ -508,21 +572,31 @@ void launch_fwd(const Params& p) {
   if (p.ND > 1) scan_fwd_kernel<T, 1, FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS><<<grid, FWD_THREADS, 0, stream>>>(p);
 }
 
+// The outputs of the backward pass's sums (finish_bwd_kernel).
+struct Sums {
+  torch::Tensor dB, dC, dA, dD, dbias;
+};
+
 template <typename T>
-void launch_bwd(const Params& p) {
-  const dim3 grid((p.E + BWD_CHANNELS - 1) / BWD_CHANNELS, p.batch);
+void launch_bwd(const Params& p, const Sums& out) {
+  const int n_blocks = (p.E + BWD_CHANNELS - 1) / BWD_CHANNELS;
+  const dim3 grid(n_blocks, p.batch);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   scan_bwd_kernel<T, 0, BWD_THREADS, BWD_MIN_BLOCKS><<<grid, BWD_THREADS, 0, stream>>>(p);
   if (p.ND > 1) scan_bwd_kernel<T, 1, BWD_THREADS, BWD_MIN_BLOCKS><<<grid, BWD_THREADS, 0, stream>>>(p);
+  const int64_t rows = (int64_t)p.batch * p.L * p.ND, n_A = (int64_t)p.ND * p.E * p.N, n_D = (int64_t)p.ND * p.E;
+  const int64_t total = rows * 2 * p.N + p.per_b, threads = 256;
+  finish_bwd_kernel<T><<<(total + threads - 1) / threads, threads, 0, stream>>>(
+      p.dBC, n_blocks, rows, p.N, (T*)out.dB.data_ptr(), (T*)out.dC.data_ptr(), p.dA, out.dA.data_ptr<float>(), n_A,
+      out.dD.data_ptr<float>(), out.dbias.data_ptr<float>(), n_D, p.batch);
 }
 
-// launch_fwd or launch_bwd for u's dtype.
-template <void (*F)(const Params&), void (*BF)(const Params&), void (*H)(const Params&)>
-void by_dtype(const torch::Tensor& u, const Params& p) {
+template <typename F>
+void by_dtype(const torch::Tensor& u, F&& f) {
   switch (u.scalar_type()) {
-    case torch::kFloat: F(p); break;
-    case torch::kBFloat16: BF(p); break;
-    case torch::kHalf: H(p); break;
+    case torch::kFloat: f(float{}); break;
+    case torch::kBFloat16: f(__nv_bfloat16{}); break;
+    case torch::kHalf: f(__half{}); break;
     default: TORCH_CHECK(false, "scan_cuda: unsupported dtype ", u.scalar_type());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -531,37 +605,57 @@ void by_dtype(const torch::Tensor& u, const Params& p) {
 }  // namespace
 
 // The kernels compute DiS's mixer: delta = softplus(delta + bias), output gated by silu(z).
-// y (batch, L, E) and, when given, states (batch, ND, saved, E, 16) float32 are written.
-void scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
-              c10::optional<torch::Tensor> D, torch::Tensor z, c10::optional<torch::Tensor> bias, torch::Tensor y,
-              c10::optional<torch::Tensor> states, int64_t save_every) {
+// Returns y (batch, L, E) in u's dtype and the states (batch, ND, saved, E, 16) float32 the
+// backward pass starts from (saved = 0 without save_states).
+std::vector<torch::Tensor> scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
+                                    torch::Tensor C, c10::optional<torch::Tensor> D, torch::Tensor z,
+                                    c10::optional<torch::Tensor> bias, bool save_states, int64_t save_every) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Params p = common_params(u, delta, A, B, C, D, z, bias, save_every);
+  const Inputs in(u, delta, A, B, C, D, z, bias);
+  Params p = common_params(in, save_every);
+  auto y = new_buffer({p.batch, p.L, p.E}, u.options());
+  auto states = new_buffer({p.batch, p.ND, save_states ? p.n_saved : 0, p.E, NS}, u.options().dtype(torch::kFloat));
   p.y = y.data_ptr(); p.sy_b = y.stride(0); p.sy_l = y.stride(1);
-  p.save_states = states.has_value();
-  p.states = states ? states->data_ptr<float>() : nullptr;
-  by_dtype<launch_fwd<float>, launch_fwd<__nv_bfloat16>, launch_fwd<__half>>(u, p);
+  p.save_states = save_states;
+  p.states = save_states ? states.data_ptr<float>() : nullptr;
+  by_dtype(u, [&](auto t) { launch_fwd<decltype(t)>(p); });
+  return {y, states};
 }
 
-// du, ddelta (batch, L, ND, E), dz (batch, L, E) contiguous; float32 partial sums dBC
-// (E blocks, batch, L, ND, 2, N), dA (batch, ND, E, N), dD and dbias (batch, ND, E).
-void scan_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
-              c10::optional<torch::Tensor> D, torch::Tensor z, c10::optional<torch::Tensor> bias, torch::Tensor dy,
-              torch::Tensor states, torch::Tensor du, torch::Tensor ddelta, torch::Tensor dz, torch::Tensor dBC,
-              torch::Tensor dA, torch::Tensor dD, torch::Tensor dbias, int64_t save_every) {
+// Returns du, ddelta (batch, L, ND, E), dA (ND, E, N) in A's dtype, dB, dC (batch, L, ND, N), dD,
+// dbias (ND, E) float32, dz (batch, L, E): all contiguous.
+std::vector<torch::Tensor> scan_bwd(torch::Tensor dy, torch::Tensor u, torch::Tensor delta, torch::Tensor A,
+                                    torch::Tensor B, torch::Tensor C, c10::optional<torch::Tensor> D,
+                                    torch::Tensor z, c10::optional<torch::Tensor> bias, torch::Tensor states,
+                                    int64_t save_every) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Params p = common_params(u, delta, A, B, C, D, z, bias, save_every);
-  p.dy = dy.data_ptr(); p.sy_b = dy.stride(0); p.sy_l = dy.stride(1);
+  const Inputs in(u, delta, A, B, C, D, z, bias);
+  const torch::Tensor dy_ = unit_stride(dy);
+  Params p = common_params(in, save_every);
+  const auto f32 = u.options().dtype(torch::kFloat);
+  auto du = new_buffer(u.sizes(), u.options()), ddelta = new_buffer(delta.sizes(), delta.options());
+  auto dz = new_buffer(z.sizes(), z.options());
+  // partial sums: dB and dC per block of channels, the per-channel parameters' per batch element
+  const int n_blocks = (p.E + BWD_CHANNELS - 1) / BWD_CHANNELS;
+  auto dBC = new_buffer({n_blocks, p.batch, p.L, p.ND, 2, p.N}, f32);
+  p.per_b = (int64_t)p.ND * p.E * (p.N + 2);
+  auto per_channel = new_buffer({p.batch, p.per_b}, f32);
+  const Sums out{new_buffer({p.batch, p.L, p.ND, p.N}, B.options()), new_buffer({p.batch, p.L, p.ND, p.N}, C.options()),
+                 new_buffer({p.ND, p.E, p.N}, f32), new_buffer({p.ND, p.E}, f32), new_buffer({p.ND, p.E}, f32)};
+  p.dy = dy_.data_ptr(); p.sy_b = dy_.stride(0); p.sy_l = dy_.stride(1);
   p.states = states.data_ptr<float>();
   p.du = du.data_ptr(); p.ddl = ddelta.data_ptr(); p.dz = dz.data_ptr();
-  p.dBC = dBC.data_ptr<float>(); p.dA = dA.data_ptr<float>(); p.dD = dD.data_ptr<float>();
-  p.dbias = dbias.data_ptr<float>();
-  by_dtype<launch_bwd<float>, launch_bwd<__nv_bfloat16>, launch_bwd<__half>>(u, p);
+  p.dBC = dBC.data_ptr<float>();
+  p.dA = per_channel.data_ptr<float>();
+  p.dD = p.dA + (int64_t)p.ND * p.E * p.N;
+  p.dbias = p.dD + (int64_t)p.ND * p.E;
+  by_dtype(u, [&](auto t) { launch_bwd<decltype(t)>(p, out); });
+  return {du, ddelta, out.dA.to(A.scalar_type()), out.dB, out.dC, out.dD, dz, out.dbias};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("chunk") = QUAD;  // the steps between saved states
-  m.attr("channels") = BWD_CHANNELS;
   m.def("scan_fwd", &scan_fwd, "DiS selective scan, forward (both directions)");
   m.def("scan_bwd", &scan_bwd, "DiS selective scan, backward (both directions)");
+  m.def("poison_outputs", [](bool on) { poison_outputs = on; }, "fill every buffer allocated here with NaN (tests)");
 }

@@ -55,10 +55,9 @@ def supports(u, delta, A, B, C, z, softplus):
 def _fwd_impl(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: Optional[torch.Tensor], z: torch.Tensor, delta_bias: Optional[torch.Tensor], save_states: bool,
               save_every: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ext = _ext()
-    y, states = _fwd_outputs(u, save_states, save_every)
-    ext.scan_fwd(_unit_stride(u), _unit_stride(delta), _param(A), B, C, _param(D), _unit_stride(z), _param(delta_bias),
-                 y, states if save_states else None, save_every)
+    # the extension allocates the outputs and makes the inputs' layouts what the kernels read
+    # (fewer calls back into torch from Python: host time a scan waits for when the GPU is idle)
+    y, states = _ext().scan_fwd(u, delta, A, B, C, D, z, delta_bias, save_states, save_every)
     return y, states
 
 
@@ -67,35 +66,18 @@ _fwd_op = torch.library.custom_op("dis::scan_cuda_fwd", _fwd_impl, mutates_args=
 
 @_fwd_op.register_fake
 def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, save_states, save_every):
-    return _fwd_outputs(u, save_states, save_every)
-
-
-def _fwd_outputs(u, save_states, save_every):
-    """y (batch, L, E) and the saved states (batch, ND, saved, E, 16) float32, or an empty tensor."""
     batch, L, ND, E = u.shape
-    y = u.new_empty(batch, L, E)
     n_saved = _cdiv(_cdiv(L, CHUNK), save_every) if save_states else 0
-    return y, u.new_empty(batch, ND, n_saved, E, MAX_STATES, dtype=torch.float32)
+    return u.new_empty(batch, L, E), u.new_empty(batch, ND, n_saved, E, MAX_STATES, dtype=torch.float32)
 
 
 def _bwd_impl(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
               C: torch.Tensor, D: Optional[torch.Tensor], z: torch.Tensor, delta_bias: Optional[torch.Tensor],
               states: torch.Tensor, save_every: int) -> list[torch.Tensor]:
-    ext = _ext()
-    batch, L, ND, E = u.shape
-    N = A.shape[-1]
-    du, ddelta, dz = (x.new_empty(x.shape) for x in (u, delta, z))
-    # partial sums, finished here with torch.sum (deterministic, no atomics): dB and dC per block
-    # of channels, the per-channel parameters' gradients per batch element
-    dBC = u.new_empty(_cdiv(E, ext.channels), batch, L, ND, 2, N, dtype=torch.float32)
-    dA = u.new_empty(batch, ND, E, N, dtype=torch.float32)
-    dD = u.new_empty(batch, ND, E, dtype=torch.float32)
-    dbias = torch.empty_like(dD)
-    ext.scan_bwd(_unit_stride(u), _unit_stride(delta), _param(A), B, C, _param(D), _unit_stride(z), _param(delta_bias),
-                 _unit_stride(dy), states, du, ddelta, dz, dBC, dA, dD, dbias, save_every)
-    dBC = dBC.sum(0)
-    return [du, ddelta, dA.sum(0).to(A.dtype), dBC[..., 0, :].to(B.dtype).contiguous(),
-            dBC[..., 1, :].to(C.dtype).contiguous(), dD.sum(0), dz, dbias.sum(0)]
+    # dB and dC (sums over channels) and the per-channel parameters' gradients (sums over the
+    # batch) are summed from partial sums in a fixed order by the extension: no atomics, the
+    # same result on every run
+    return _ext().scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every)
 
 
 _bwd_op = torch.library.custom_op("dis::scan_cuda_bwd", _bwd_impl, mutates_args=())
@@ -126,15 +108,6 @@ def backward(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every):
     du, ddelta, dA, dB, dC, dD, dz, dbias = op(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every)
     return (du, ddelta, dA, dB, dC, dD.to(D.dtype) if D is not None else None, dz,
             dbias.to(delta_bias.dtype) if delta_bias is not None else None)
-
-
-def _unit_stride(x):
-    """x with its last dimension contiguous, which the kernels' coalesced loads assume."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _param(x):
-    return None if x is None else x.float().contiguous()
 
 
 def _cdiv(a, b):

@@ -13,6 +13,15 @@ needs_extension = pytest.mark.skipif(not scan_cuda.available(), reason="needs a 
 
 
 @pytest.fixture
+def poisoned(poisoned_empty):
+    """poisoned_empty, and the buffers the extension allocates NaN too: an element the kernels
+    skip (an output, or a partial sum the extension finishes) shows in the results."""
+    scan_cuda._ext().poison_outputs(True)
+    yield
+    scan_cuda._ext().poison_outputs(False)
+
+
+@pytest.fixture
 def cuda_calls(monkeypatch):
     """Counts the calls that reach the CUDA kernels (the others run the Triton ones)."""
     calls = []
@@ -29,7 +38,7 @@ def cuda_calls(monkeypatch):
 @needs_extension
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("batch, L, ND, E, N", [(2, 259, 2, 200, 16), (3, 130, 1, 96, 16), (2, 37, 2, 300, 12)])
-def test_gpu_cuda_bimamba(poisoned_empty, cuda_calls, dtype, tol, batch, L, ND, E, N):
+def test_gpu_cuda_bimamba(poisoned, cuda_calls, dtype, tol, batch, L, ND, E, N):
     check_bimamba(batch, L, ND, E, N, dtype, "cuda", tol, impl="cuda")
     assert cuda_calls
 
@@ -37,7 +46,7 @@ def test_gpu_cuda_bimamba(poisoned_empty, cuda_calls, dtype, tol, batch, L, ND, 
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("save_every", [2, 3])
-def test_gpu_cuda_sparse_checkpoints(poisoned_empty, cuda_calls, monkeypatch, save_every):
+def test_gpu_cuda_sparse_checkpoints(poisoned, cuda_calls, monkeypatch, save_every):
     import scan_triton
     monkeypatch.setattr(scan_triton, "SCAN_SAVE_EVERY", save_every)
     check_bimamba(2, 259, 2, 200, 16, torch.float32, "cuda", 1e-4, impl="cuda")
@@ -46,7 +55,7 @@ def test_gpu_cuda_sparse_checkpoints(poisoned_empty, cuda_calls, monkeypatch, sa
 
 @pytest.mark.gpu
 @needs_extension
-def test_gpu_cuda_without_d_and_bias(poisoned_empty, cuda_calls):
+def test_gpu_cuda_without_d_and_bias(poisoned, cuda_calls):
     check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, D=False, delta_bias=False, impl="cuda")
     assert cuda_calls
 
