@@ -481,19 +481,21 @@ def _launch(kernel, tuned, grid_args, *args, **meta):
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
+    # runs on every call, before the GPU gets work: kept to cheap comparisons
     if u.dim() != 4 or u.shape[2] not in (1, 2):
         raise ValueError(f"u must be (batch, L, ND, E) with ND in (1, 2), got {tuple(u.shape)}")
     batch, L, ND, E = u.shape
     N = A.shape[-1]
-    expect = {"delta": (delta, (batch, L, ND, E)), "A": (A, (ND, E, N)), "B": (B, (batch, L, ND, N)),
-              "C": (C, (batch, L, ND, N)), "D": (D, (ND, E)), "z": (z, (batch, L, E)),
-              "delta_bias": (delta_bias, (ND, E))}
-    for name, (x, shape) in expect.items():
-        if x is not None and tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (from u {tuple(u.shape)} and A), got {tuple(x.shape)}")
+    bc, per_channel = (batch, L, ND, N), (ND, E)
+    for name, x, shape in (("delta", delta, u.shape), ("A", A, (ND, E, N)), ("B", B, bc), ("C", C, bc),
+                           ("D", D, per_channel), ("z", z, (batch, L, E)), ("delta_bias", delta_bias, per_channel)):
+        if x is not None and x.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)} (from u {tuple(u.shape)} and A), "
+                             f"got {tuple(x.shape)}")
     if N > 256:
         raise ValueError(f"the state size N must be at most 256 (Mamba uses 16), got {N}")
-    if not all(x.device == u.device for x in (delta, A, B, C)):
+    device = u.device
+    if delta.device != device or A.device != device or B.device != device or C.device != device:
         raise ValueError("all scan inputs must be on the same device")
 
 
