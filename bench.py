@@ -419,10 +419,13 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
         if "mamba" in backends:  # the yardstick of the targets, in the same run
             variants.append(("original structure", "original structure: mamba_inner_fn x2", "mamba",
                              original_mixer_forward))
-        for check_label, row_label, backend, mixer_forward in variants:
+        # every check before any timing: the timed training steps change the weights, and each
+        # backend's errors should be those of the same model
+        for check_label, _, backend, mixer_forward in variants:
             out_err, grad_err = model_parity(dis, img, ch, classes, backend, device, mixer_forward=mixer_forward)
             checks.append({"model": dis_name, "input": label, "backend": check_label,
                            "output_rel_err": out_err, "grads_rel_err": grad_err})
+        for _, row_label, backend, mixer_forward in variants:
             os.environ["DIS_SCAN_BACKEND"] = backend
             with mixer_replaced(mixer_forward):
                 rows.append(throughput_row(f"{dis_name} ({row_label})", label, dis, img, ch, classes, batch, device))

@@ -70,3 +70,25 @@ def test_a_stopped_run_keeps_its_finished_parts(tmp_path, monkeypatch):
         bench.main(["--device", "cpu", "--quick", "--only", "scan,model", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench.json").read_text())["scan"]
     assert "## Selective scan" in (tmp_path / "bench.md").read_text()
+
+
+def test_every_backend_is_checked_on_the_same_weights(monkeypatch):
+    """The timed training steps change the model: all parity checks must come before them, or each
+    backend's errors are those of a differently trained model."""
+    monkeypatch.setattr(scan, "available_backends", lambda device: ["triton", "cuda"])
+    weights_seen = []
+
+    def parity(model, *args, **kwargs):
+        weights_seen.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+        return 0.0, 0.0
+
+    def timed_training(name, label, model, *args):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return {"model": name}
+    monkeypatch.setattr(bench, "model_parity", parity)
+    monkeypatch.setattr(bench, "throughput_row", timed_training)
+    rows, checks, _ = bench.bench_models(torch.device("cpu"), bench.QUICK_MODEL_CASES)
+    assert len(weights_seen) == 2 and len(rows) == 3  # triton, cuda, DiT
+    torch.testing.assert_close(weights_seen[0], weights_seen[1], rtol=0, atol=0)
