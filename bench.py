@@ -74,6 +74,10 @@ SCAN_SHAPES = [  # (label, batch, channels E, length L) of one scan direction
     ("BASELINES.md shape", 32, 768, 1026),
 ]
 QUICK_SCAN_SHAPES = [("tiny", 2, 8, 9)]
+# fwd_bwd_ms times each call alone, synchronised after it: that includes the host's time to the
+# first launch (Python, allocations; 0.06-0.09 ms on the H100 machine, BENCHMARKS.md session 16).
+# fwd_bwd_back_to_back_ms times SCAN_RUN calls launched one after another: the GPU's time.
+SCAN_RUN = 10
 
 
 def scan_inputs(batch, E, L, dtype, device, n_dir=1, N=16, seed=0):
@@ -212,8 +216,10 @@ def bench_scan(device, quick, dtypes, only_backends=None, shapes=None):
                         t.grad = None
                     run(args).backward(g)
                 t_fb = measure(fwd_bwd, device)
+                t_run = measure(lambda: [fwd_bwd() for _ in range(SCAN_RUN)], device, warmup=1, repeat=5) / SCAN_RUN
                 rows.append({"dtype": str(dtype).replace("torch.", ""), "shape": f"{label} ({batch}, {E}, {L})",
                              "backend": name, "fwd_ms": 1e3 * t_fwd, "fwd_bwd_ms": 1e3 * t_fb,
+                             "fwd_bwd_back_to_back_ms": 1e3 * t_run,
                              "floor_fwd_ms": 1e3 * floor_f * n_dir, "floor_fwd_bwd_ms": 1e3 * floor_fb * n_dir})
                 print(rows[-1], flush=True)
                 del args, g, grads_of
@@ -535,7 +541,9 @@ def main(argv=None):
         backends = args.backends.split(",") if args.backends else None
         rows, checks, bandwidth = bench_scan(device, args.quick, dtypes, backends, shapes)
         raw.update(scan=rows, scan_checks=checks, copy_bandwidth=bandwidth)
-        report += [f"\n## Selective scan (copy bandwidth {bandwidth / 1e12:.2f} TB/s read+write)\n", table(rows),
+        report += [f"\n## Selective scan (copy bandwidth {bandwidth / 1e12:.2f} TB/s read+write)\n",
+                   "fwd_bwd_ms times each call alone, synchronised after it; fwd_bwd_back_to_back_ms times "
+                   f"{SCAN_RUN} calls launched one after another.\n", table(rows),
                    "\nRelative error against the reference (forward y and each gradient), 2 sequences:\n",
                    table(checks)]
         write_report(args.out, report, raw)

@@ -21,7 +21,7 @@ def test_quick_run_writes_tables(tmp_path):
     bench.main(["--device", "cpu", "--quick", "--only", "scan,model", "--profile", "--out", str(tmp_path)])
     raw = json.loads((tmp_path / "bench.json").read_text())
     assert raw["scan"] and raw["model"]
-    assert all(math.isfinite(r["fwd_bwd_ms"]) for r in raw["scan"])
+    assert all(math.isfinite(r["fwd_bwd_ms"]) and r["fwd_bwd_back_to_back_ms"] > 0 for r in raw["scan"])
     assert all(r["train_img_s"] > 0 and r["train_back_to_back_img_s"] > 0 for r in raw["model"])
     shares = [r["share"] for r in raw["model_profile"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
