@@ -94,8 +94,14 @@ def set_scan_backend(name):
 
 
 def active_scan_backend(device):
+    """The scan backend that runs on `device`, or SystemExit with the reason. The CUDA scan's
+    extension is compiled here (on first use, one to three minutes), before anything is timed."""
     try:
-        return scan_backend(device)
+        backend = scan_backend(device)
+        if backend == "cuda":
+            import scan_cuda
+            scan_cuda.build()
+        return backend
     except (RuntimeError, ValueError) as e:
         raise SystemExit(str(e))
 

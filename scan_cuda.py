@@ -12,6 +12,7 @@ needs the CUDA toolkit matching torch's CUDA (nvcc, found through CUDA_HOME or P
 (pip install ninja); without them the "triton" backend is used.
 """
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -20,6 +21,7 @@ import torch
 MAX_STATES = 16
 CHUNK = 4  # steps between the states the forward pass saves (scan_cuda.cu's QUAD)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+log = logging.getLogger(__name__)
 
 
 def available():
@@ -41,6 +43,18 @@ def _ext():
     if ext.chunk != CHUNK:
         raise RuntimeError(f"scan_cuda.cu saves a state every {ext.chunk} steps, scan_cuda.py expects {CHUNK}")
     return ext
+
+
+def build():
+    """Compile the extension now (or load it from the cache) rather than at the first scan; a
+    build that fails raises RuntimeError saying what to use instead."""
+    if _ext.cache_info().currsize == 0:
+        log.info("loading the CUDA scan extension (compiled on first use: one to three minutes)")
+    try:
+        _ext()
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\nthe CUDA scan could not be built here: use the Triton scan instead "
+                           "(--scan-backend triton, or DIS_SCAN_BACKEND=triton)") from e
 
 
 def supports(u, delta, A, B, C, z, softplus):

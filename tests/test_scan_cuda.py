@@ -156,3 +156,24 @@ def test_compile_keeps_the_cuda_scan_in_one_graph(cpu_stand_in):
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     compiled(**leaves).backward()
     assert all(leaves[k].grad is not None for k in ("u", "delta", "B", "C", "z"))
+
+
+def test_the_cuda_scan_is_built_before_anything_is_timed(monkeypatch):
+    """train.py and sample.py resolve the scan backend before their first step: the CUDA scan's
+    extension is compiled there (minutes on first use, not inside --max-minutes' clock), and a
+    build that fails stops the run saying what to use instead."""
+    import functools
+    import sample
+    monkeypatch.setattr(sample, "scan_backend", lambda device: "cuda")
+    built = []
+    monkeypatch.setattr(scan_cuda, "build", lambda: built.append(True))
+    assert sample.active_scan_backend("cuda") == "cuda" and built
+    monkeypatch.undo()
+    monkeypatch.setattr(sample, "scan_backend", lambda device: "cuda")
+
+    @functools.cache
+    def broken():
+        raise RuntimeError("Error building extension 'dis_scan_cuda'")
+    monkeypatch.setattr(scan_cuda, "_ext", broken)
+    with pytest.raises(SystemExit, match="Error building extension(.|\n)*--scan-backend triton"):
+        sample.active_scan_backend("cuda")
