@@ -93,13 +93,16 @@ def set_scan_backend(name):
         os.environ["DIS_SCAN_BACKEND"] = name
 
 
-def active_scan_backend(device):
+def active_scan_backend(device, say=print):
     """The scan backend that runs on `device`, or SystemExit with the reason. The CUDA scan's
-    extension is compiled here (on first use, one to three minutes), before anything is timed."""
+    extension is compiled here (on first use, one to three minutes, announced through `say`),
+    before anything is timed."""
     try:
         backend = scan_backend(device)
         if backend == "cuda":
             import scan_cuda
+            if not scan_cuda.loaded():
+                say("Loading the CUDA scan extension (compiled on first use: one to three minutes)")
             scan_cuda.build()
         return backend
     except (RuntimeError, ValueError) as e:

@@ -12,7 +12,6 @@ needs the CUDA toolkit matching torch's CUDA (nvcc, found through CUDA_HOME or P
 (pip install ninja); without them the "triton" backend is used.
 """
 import functools
-import logging
 import os
 from typing import Optional
 
@@ -21,7 +20,6 @@ import torch
 MAX_STATES = 16
 CHUNK = 4  # steps between the states the forward pass saves (scan_cuda.cu's QUAD)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-log = logging.getLogger(__name__)
 
 
 def available():
@@ -45,11 +43,14 @@ def _ext():
     return ext
 
 
+def loaded():
+    """Whether the extension is loaded in this process already."""
+    return _ext.cache_info().currsize > 0
+
+
 def build():
     """Compile the extension now (or load it from the cache) rather than at the first scan; a
     build that fails raises RuntimeError saying what to use instead."""
-    if _ext.cache_info().currsize == 0:
-        log.info("loading the CUDA scan extension (compiled on first use: one to three minutes)")
     try:
         _ext()
     except RuntimeError as e:

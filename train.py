@@ -794,7 +794,7 @@ def set_scan_save_every(every, device):
         raise SystemExit(f"--scan-save-every must be at least 1, got {every}")
     if every == 1:
         return
-    backend = active_scan_backend(device)
+    backend = active_scan_backend(device, say=log.info)
     if backend not in OUR_KERNELS:
         raise SystemExit(f"--scan-save-every applies to our Triton and CUDA scans; this run uses the {backend} scan")
     import scan_triton
@@ -802,9 +802,9 @@ def set_scan_save_every(every, device):
 
 
 def train(args, parser, rank, world, device):
+    setup_logging(rank)
     set_scan_backend(args.scan_backend)
     set_scan_save_every(args.scan_save_every, device)
-    setup_logging(rank)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     args, ckpt, resume_path, ignored = resolve_run(args, parser, world, device)
@@ -842,7 +842,7 @@ def train(args, parser, rank, world, device):
     diffusion = create_diffusion("", learn_sigma=config["learn_sigma"])
     grid_diffusion = create_diffusion(GRID_RESPACING, learn_sigma=config["learn_sigma"])
 
-    backend = active_scan_backend(device)
+    backend = active_scan_backend(device, say=log.info)
     params = sum(p.numel() for p in model.parameters())
     space = f"latent space ({args.vae})" if args.vae != "none" else "pixel space"
     log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), {params:,} parameters, "

@@ -165,9 +165,11 @@ def test_the_cuda_scan_is_built_before_anything_is_timed(monkeypatch):
     import functools
     import sample
     monkeypatch.setattr(sample, "scan_backend", lambda device: "cuda")
-    built = []
+    built, said = [], []
     monkeypatch.setattr(scan_cuda, "build", lambda: built.append(True))
-    assert sample.active_scan_backend("cuda") == "cuda" and built
+    monkeypatch.setattr(scan_cuda, "loaded", lambda: False)
+    assert sample.active_scan_backend("cuda", say=said.append) == "cuda" and built
+    assert "one to three minutes" in said[0]
     monkeypatch.undo()
     monkeypatch.setattr(sample, "scan_backend", lambda device: "cuda")
 
@@ -176,4 +178,4 @@ def test_the_cuda_scan_is_built_before_anything_is_timed(monkeypatch):
         raise RuntimeError("Error building extension 'dis_scan_cuda'")
     monkeypatch.setattr(scan_cuda, "_ext", broken)
     with pytest.raises(SystemExit, match="Error building extension(.|\n)*--scan-backend triton"):
-        sample.active_scan_backend("cuda")
+        sample.active_scan_backend("cuda", say=lambda message: None)
