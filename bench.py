@@ -75,7 +75,7 @@ SCAN_SHAPES = [  # (label, batch, channels E, length L) of one scan direction
 ]
 QUICK_SCAN_SHAPES = [("tiny", 2, 8, 9)]
 # fwd_bwd_ms times each call alone, synchronised after it: that includes the host's time to the
-# first launch (Python, allocations; 0.06-0.09 ms on the H100 machine, BENCHMARKS.md session 16).
+# first launch (Python, allocations; 0.07-0.1 ms on the H100 machine, BENCHMARKS.md session 16).
 # fwd_bwd_back_to_back_ms times SCAN_RUN calls launched one after another: the GPU's time.
 SCAN_RUN = 10
 
