@@ -35,6 +35,7 @@
 // the end of the sequence run with delta = u = g = 0, which leaves every state and sum alone.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -60,6 +61,7 @@ struct Params {
   int64_t sz_b, sz_l, sy_b, sy_l;  // z; y (forward) or dy (backward)
   int64_t per_b;  // backward: the batch stride of dA, dD, dbias (one buffer of partial sums)
   int batch, L, E, ND, N, save_every, n_saved;
+  int blk0;  // backward: the first block of the launch (blocks are numbered batch-major)
   bool save_states;
 };
 
@@ -92,8 +94,8 @@ struct Lane {
   int lane, warp, q, m, e;
   bool active;  // e < E
   template <int THREADS>
-  __device__ static Lane of(int E) {
-    const int tid = threadIdx.x, e = (int)blockIdx.x * (THREADS / QUAD) + tid / QUAD;
+  __device__ static Lane of(int E, int block) {  // block: which block of THREADS / 4 channels
+    const int tid = threadIdx.x, e = block * (THREADS / QUAD) + tid / QUAD;
     return Lane{tid & 31, tid >> 5, tid & 3, (tid >> 3) & 3, e, e < E};
   }
   __device__ int state(int j) const { return 4 * q + (j ^ m); }  // which state register j holds
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
   constexpr int OWN = K / QUAD;
   static_assert(K % QUAD == 0 && K * 32 <= THREADS, "a segment's B and C are one value per thread");
   __shared__ __align__(16) float bc[2][bc_floats<K>()];
-  const Lane ln = Lane::of<THREADS>(p.E);
+  const Lane ln = Lane::of<THREADS>(p.E, blockIdx.x);
   const int b = blockIdx.y, n_seg = (p.L + K - 1) / K;
   float A2[SL];
   direction_A2(p, d, ln, A2);
@@ -329,8 +331,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
   static_assert(K * 32 <= THREADS, "a segment's B and C are one value per thread");
   __shared__ __align__(16) float bc[2][bc_floats<K>()];
   __shared__ float red[2][K * 2 * WARPS * NS];  // [step][B, C][warp][state]: per-warp channel sums
-  const Lane ln = Lane::of<THREADS>(p.E);
-  const int tid = threadIdx.x, b = blockIdx.y, last = (p.L + K - 1) / K - 1;
+  // a 1-D grid, possibly split in two launches (launch_bwd_direction): block (channels cb, batch b)
+  const int n_cb = (p.E + THREADS / QUAD - 1) / (THREADS / QUAD), blk = p.blk0 + (int)blockIdx.x;
+  const int cb = blk % n_cb, b = blk / n_cb;
+  const Lane ln = Lane::of<THREADS>(p.E, cb);
+  const int tid = threadIdx.x, last = (p.L + K - 1) / K - 1;
   float A2[SL];
   direction_A2(p, d, ln, A2);
   const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
@@ -451,7 +456,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += rs[((i * 2 + kind) * WARPS + w) * NS + n];
         const int64_t t = time_of(p, d, st);
-        p.dBC[((((int64_t)blockIdx.x * p.batch + b) * p.L + t) * p.ND + d) * 2 * p.N + kind * p.N + n] = sum;
+        p.dBC[((((int64_t)cb * p.batch + b) * p.L + t) * p.ND + d) * 2 * p.N + kind * p.N + n] = sum;
       }
     }
   }
@@ -577,13 +582,34 @@ struct Sums {
   torch::Tensor dB, dC, dA, dD, dbias;
 };
 
+// The backward pass's last, partial wave of blocks runs latency-bound: a block alone on an SM
+// still takes about 0.6 of a full wave's time (BENCHMARKS.md, session 16). When those blocks are
+// at most one per SM, they run as a second launch of the kernel compiled for one block per SM,
+// without the register cap (no spills, about 14% fewer instructions per segment).
+template <typename T, int d>
+void launch_bwd_direction(const Params& p, int n_blocks, cudaStream_t stream) {
+  auto capped = scan_bwd_kernel<T, d, BWD_THREADS, BWD_MIN_BLOCKS>;
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, capped, BWD_THREADS, 0));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int total = n_blocks * p.batch, wave = per_sm * sms, tail = wave > 0 ? total % wave : 0;
+  Params q = p;
+  q.blk0 = 0;
+  if (total > wave && tail > 0 && tail <= sms) {
+    capped<<<total - tail, BWD_THREADS, 0, stream>>>(q);
+    q.blk0 = total - tail;
+    scan_bwd_kernel<T, d, BWD_THREADS, 1><<<tail, BWD_THREADS, 0, stream>>>(q);
+  } else {
+    capped<<<total, BWD_THREADS, 0, stream>>>(q);
+  }
+}
+
 template <typename T>
 void launch_bwd(const Params& p, const Sums& out) {
   const int n_blocks = (p.E + BWD_CHANNELS - 1) / BWD_CHANNELS;
-  const dim3 grid(n_blocks, p.batch);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  scan_bwd_kernel<T, 0, BWD_THREADS, BWD_MIN_BLOCKS><<<grid, BWD_THREADS, 0, stream>>>(p);
-  if (p.ND > 1) scan_bwd_kernel<T, 1, BWD_THREADS, BWD_MIN_BLOCKS><<<grid, BWD_THREADS, 0, stream>>>(p);
+  launch_bwd_direction<T, 0>(p, n_blocks, stream);
+  if (p.ND > 1) launch_bwd_direction<T, 1>(p, n_blocks, stream);
   const int64_t rows = (int64_t)p.batch * p.L * p.ND, n_A = (int64_t)p.ND * p.E * p.N, n_D = (int64_t)p.ND * p.E;
   const int64_t total = rows * 2 * p.N + p.per_b, threads = 256;
   finish_bwd_kernel<T><<<(total + threads - 1) / threads, threads, 0, stream>>>(

@@ -55,6 +55,17 @@ def test_gpu_cuda_sparse_checkpoints(poisoned, cuda_calls, monkeypatch, save_eve
 
 @pytest.mark.gpu
 @needs_extension
+@pytest.mark.parametrize("batch, L, ND, E", [(6, 65, 2, 3072), (23, 70, 1, 768)])
+def test_gpu_cuda_last_partial_wave(poisoned, cuda_calls, batch, L, ND, E):
+    """Shapes whose backward ends in a partial wave of at most one block per SM on an H100 (132
+    SMs, two blocks of 64 channels each: 288 and 276 blocks): those blocks run as a second
+    launch, of the kernel compiled for one block per SM."""
+    check_bimamba(batch, L, ND, E, 16, torch.bfloat16, "cuda", 1e-2, impl="cuda")
+    assert cuda_calls
+
+
+@pytest.mark.gpu
+@needs_extension
 def test_gpu_cuda_without_d_and_bias(poisoned, cuda_calls):
     check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, D=False, delta_bias=False, impl="cuda")
     assert cuda_calls
