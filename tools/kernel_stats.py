@@ -123,9 +123,10 @@ def cuda_kernels():
                          f"spills {'/'.join(spills.groups()) if spills else '?'} B")
     kernels = {}
     for name, body in re.findall(r"\.text\.(\w+):\n(.*?)(?=\n\s*\.section|\Z)", sass, re.S):
-        kind = re.search(r"(scan_(?:fwd|bwd)_kernel)I\d*(\w+?)Li(\d)E", name)
+        kind = re.search(r"(scan_(?:fwd|bwd)_kernel)I\d*(\w+?)Li(\d)E((?:Li\d+E)*)", name)
         dtype = {"f": "float"}.get(kind.group(2), kind.group(2)) if kind else ""
-        label = f"{kind.group(1)}<{dtype}, direction {kind.group(3)}>" if kind else name
+        min_blocks = re.findall(r"Li(\d+)E", kind.group(4))[-1] if kind and kind.group(4) else "?"
+        label = f"{kind.group(1)}<{dtype}, direction {kind.group(3)}, {min_blocks} blocks/SM>" if kind else name
         kernels[label] = (reports.get(name, "?"), body)
     return kernels
 
