@@ -79,13 +79,27 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+// The approximate log2 and reciprocal, flushing denormals to zero like ex2 above: the intrinsics
+// __expf, __logf and __fdividef keep denormals, at a few instructions each to rescale them.
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
 
 // torch's softplus (threshold 20); log1p(w) by Goldberg's trick on the fast log. Both sides of
 // the selects are computed, so that no branch splits a segment's steps (see the kernels).
 __device__ __forceinline__ float softplus(float x) {
-  const float w = __expf(x), v = 1.f + w;
-  const float goldberg = __logf(v) * __fdividef(w, v - 1.f);
+  const float w = ex2(x * LOG2E), v = 1.f + w;
+  const float goldberg = lg2(v) * LN2 * w * rcp(v - 1.f);
   return x > 20.f ? x : (v == 1.f ? w : goldberg);
 }
 
@@ -150,7 +164,7 @@ struct BCLoader {
   // Loaded values stay in their own type until used: converting them right away would make the
   // thread wait for the load there (the compiler places the conversion next to the load).
   __device__ T fetch(const Params& p, int dir) {
-    const T v = on && seg * K + i < p.L && seg >= 0 ? __ldg(at) : from_f<T>(0.f);
+    const T v = on && seg * K + i < p.L ? __ldg(at) : from_f<T>(0.f);
     at += step;
     seg += dir;
     return v;
@@ -193,15 +207,15 @@ struct Stream {
   __device__ void move() { at += seg_step; }
 };
 
-// The owner's values of one per-channel input in segment seg (steps 4k + q); zero past the end,
-// for idle lanes and when not `on`; then the stream moves on.
+// The owner's values of one per-channel input in segment seg >= 0 (steps 4k + q); zero past the
+// end, for idle lanes and when not `on`; then the stream moves on.
 template <typename T, int K>
 __device__ __forceinline__ void load_owned(Stream<const T, K>& w, int seg, int L, const Lane& ln, bool on,
                                            T (&x)[K / QUAD]) {
 #pragma unroll
   for (int k = 0; k < K / QUAD; ++k) {
     const int s = seg * K + QUAD * k + ln.q;
-    x[k] = on && ln.active && s < L && s >= 0 ? __ldg(w.ptr(k)) : from_f<T>(0.f);
+    x[k] = on && ln.active && s < L ? __ldg(w.ptr(k)) : from_f<T>(0.f);
   }
   w.move();
 }
@@ -215,10 +229,11 @@ __device__ __forceinline__ void direction_A2(const Params& p, int d, const Lane&
   }
 }
 
-// The saved state k of direction d: this lane's four registers.
+// The saved state k of direction d: this lane's four registers. State k + 1 is saved_step further.
 __device__ __forceinline__ float4* saved_state(const Params& p, int b, int d, int k, const Lane& ln) {
   return reinterpret_cast<float4*>(p.states + ((((int64_t)b * p.ND + d) * p.n_saved + k) * p.E + ln.e) * NS) + ln.q;
 }
+__device__ __forceinline__ int64_t saved_step(const Params& p) { return (int64_t)p.E * NS / 4; }
 
 // ---- forward --------------------------------------------------------------------------------------------
 // Direction d; grid (E / (THREADS / 4), batch). Direction 1 adds its gated output onto direction 0's.
@@ -250,7 +265,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
   load_owned(wyp, 0, p.L, ln, d > 0, ny);
   store_bc<T, K>(bc[0], bcl.fetch(p, 1));
   __syncthreads();
-  int phase = 0, saved = 0;  // which chunk of QUAD steps: c % save_every, c / save_every
+  int phase = 0;  // which chunk of QUAD steps: c % save_every
+  float4* saved = p.save_states ? saved_state(p, b, d, 0, ln) : nullptr;  // state c / save_every
   for (int seg = 0; seg < n_seg; ++seg) {
     T uu[OWN], xx[OWN], zz[OWN], yp[OWN];
 #pragma unroll
@@ -274,8 +290,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
 #pragma unroll
     for (int g = 0; g < OWN; ++g) {  // a chunk of QUAD steps: the backward pass's segment
       if (p.save_states && phase == 0 && ln.active && seg * K + QUAD * g < p.L)
-        *saved_state(p, b, d, saved, ln) = make_float4(h[0], h[1], h[2], h[3]);
-      if (++phase == p.save_every) { phase = 0; ++saved; }
+        *saved = make_float4(h[0], h[1], h[2], h[3]);
+      if (++phase == p.save_every) {
+        phase = 0;
+        if (p.save_states) saved += saved_step(p);
+      }
       float acc[QUAD];  // this lane's part of each step's sum over states, C h
 #pragma unroll
       for (int i4 = 0; i4 < QUAD; ++i4) {
