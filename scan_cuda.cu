@@ -41,6 +41,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
 
 namespace {
 
@@ -608,10 +612,24 @@ struct Sums {
 template <typename T, int d>
 void launch_bwd_direction(const Params& p, int n_blocks, cudaStream_t stream) {
   auto capped = scan_bwd_kernel<T, d, BWD_THREADS, BWD_MIN_BLOCKS>;
-  int per_sm = 0, sms = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, capped, BWD_THREADS, 0));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int total = n_blocks * p.batch, wave = per_sm * sms, tail = wave > 0 ? total % wave : 0;
+  // blocks of the capped kernel in one wave on this device, and its SMs: asked once per device
+  // and kernel (these statics are per instantiation), not at every call
+  static std::mutex mutex;
+  static std::map<int, std::pair<int, int>> waves;
+  int wave, sms;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const int device = c10::cuda::current_device();
+    auto known = waves.find(device);
+    if (known == waves.end()) {
+      int per_sm = 0, n_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, capped, BWD_THREADS, 0));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+      known = waves.emplace(device, std::make_pair(per_sm * n_sm, n_sm)).first;
+    }
+    std::tie(wave, sms) = known->second;
+  }
+  const int total = n_blocks * p.batch, tail = wave > 0 ? total % wave : 0;
   Params q = p;
   q.blk0 = 0;
   if (total > wave && tail > 0 && tail <= sms) {
