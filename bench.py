@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import scan
 from model import BiMamba, DiS_models, timestep_embedding
-from sample import write_text
+from storage import write_text
 
 
 # ----------------------------------------------------------------------------- timing

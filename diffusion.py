@@ -407,3 +407,30 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=Fals
     var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
     return GaussianDiffusion(betas, timestep_map, predict_xstart=predict_xstart, var_type=var_type,
                              use_kl=use_kl, rescale_learned_sigmas=rescale_learned_sigmas)
+
+
+@torch.no_grad()
+def generate(model, diffusion, noise, labels=None, cfg_scale=1.0, sampler="ddpm", vae=None, cfg_channels=None,
+             bf16=False):
+    """noise (B, C, h, w), labels (B,) or None -> images (B, C_img, H, W) in [-1, 1].
+
+    With labels and cfg_scale != 1 the batch is doubled with the null class and the model's
+    guided forward is used (DiT's convention). Pixel-space samples have x_0 clipped to [-1, 1]
+    at each step (ADM); latents are not clipped and go through the VAE decoder in float32.
+    """
+    fn, kwargs, guided = model, {}, labels is not None and cfg_scale != 1
+    if labels is not None:
+        kwargs["y"] = labels
+    if guided:
+        noise = torch.cat([noise, noise])
+        kwargs = dict(y=torch.cat([labels, torch.full_like(labels, model.num_classes)]), cfg_scale=cfg_scale,
+                      cfg_channels=cfg_channels)
+        fn = model.forward_with_cfg
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=bf16):
+        x = loop(fn, noise.shape, noise=noise, clip_denoised=vae is None, model_kwargs=kwargs, device=noise.device)
+    if guided:
+        x = x[: len(labels)]
+    if vae is not None:
+        x = vae.decode(x / vae.config.scaling_factor).sample
+    return x.clamp(-1, 1)

@@ -154,3 +154,27 @@ def causal_conv1d(x, weight, bias=None, silu=True, fused=True):
     width = weight.shape[-1]
     out = F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
     return F.silu(out) if silu else out
+
+
+def set_scan_backend(name):
+    """--scan-backend: 'auto' lets scan.py pick the fastest on the device; others are forced."""
+    if name == "auto":
+        os.environ.pop("DIS_SCAN_BACKEND", None)
+    else:
+        os.environ["DIS_SCAN_BACKEND"] = name
+
+
+def active_scan_backend(device, say=print):
+    """The scan backend that runs on `device`, or SystemExit with the reason. The CUDA scan's
+    extension is compiled here (on first use, one to three minutes, announced through `say`),
+    before anything is timed."""
+    try:
+        backend = scan_backend(device)
+        if backend == "cuda":
+            import scan_cuda
+            if not scan_cuda.loaded():
+                say("Loading the CUDA scan extension (compiled on first use: one to three minutes)")
+            scan_cuda.build()
+        return backend
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(str(e))

@@ -97,10 +97,11 @@ from tqdm.auto import tqdm
 
 import model as dis
 from diffusion import create_diffusion
-from sample import (active_scan_backend, barrier, derived_seed, generate, grid_labels, load_checkpoint, load_vae,
-                    model_config, process_group, resolve_vae, save_grid, set_scan_backend, to_uint8,
-                    vae_downsampling, write_atomically, write_text)
-from scan import BACKENDS, OUR_KERNELS
+from data import load_vae, resolve_vae, vae_downsampling
+from diffusion import generate
+from distributed import barrier, derived_seed, process_group
+from scan import BACKENDS, OUR_KERNELS, active_scan_backend, set_scan_backend
+from storage import grid_labels, load_checkpoint, model_config, save_grid, to_uint8, write_atomically, write_text
 
 # name: (default image size, default classes); None: from the data
 DATASETS = {"fashion-mnist": (32, 10), "cifar10": (32, 0), "celeba": (64, 0), "imagenet": (256, None),

@@ -174,19 +174,18 @@ def test_the_cuda_scan_is_built_before_anything_is_timed(monkeypatch):
     extension is compiled there (minutes on first use, not inside --max-minutes' clock), and a
     build that fails stops the run saying what to use instead."""
     import functools
-    import sample
-    monkeypatch.setattr(sample, "scan_backend", lambda device: "cuda")
+    monkeypatch.setattr(scan, "scan_backend", lambda device: "cuda")
     built, said = [], []
     monkeypatch.setattr(scan_cuda, "build", lambda: built.append(True))
     monkeypatch.setattr(scan_cuda, "loaded", lambda: False)
-    assert sample.active_scan_backend("cuda", say=said.append) == "cuda" and built
+    assert scan.active_scan_backend("cuda", say=said.append) == "cuda" and built
     assert "one to three minutes" in said[0]
     monkeypatch.undo()
-    monkeypatch.setattr(sample, "scan_backend", lambda device: "cuda")
+    monkeypatch.setattr(scan, "scan_backend", lambda device: "cuda")
 
     @functools.cache
     def broken():
         raise RuntimeError("Error building extension 'dis_scan_cuda'")
     monkeypatch.setattr(scan_cuda, "_ext", broken)
     with pytest.raises(SystemExit, match="Error building extension(.|\n)*--scan-backend triton"):
-        sample.active_scan_backend("cuda", say=lambda message: None)
+        scan.active_scan_backend("cuda", say=lambda message: None)

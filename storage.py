@@ -1,0 +1,155 @@
+"""What is written to and read from disk: checkpoints (ours and the original implementation's),
+the model configuration they record, sample grids and .npz files, all written atomically."""
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import model as dis
+from data import SD_VAES, load_vae, resolve_vae, vae_downsampling
+
+DIS_KEYS = ("pos_embed", "patch_embed.proj.weight", "final_layer.linear.weight")
+
+
+def parse_model_name(name):
+    """'DiS-S/2' -> ('S', 2)."""
+    if name not in dis.DiS_models:
+        raise SystemExit(f"unknown model {name!r}; choose one of {', '.join(dis.DiS_models)}")
+    size, patch = name.split("-")[1].split("/")
+    return size, int(patch)
+
+
+def model_config(name, img_size, channels, num_classes, embed_dim=None, depth=None, **options):
+    """Constructor keywords of model.DiS for the named size, with optional width/depth overrides;
+    `options`: learn_sigma, drop_path_rate, class_dropout_prob, skip, cond, dt_init."""
+    size, patch = parse_model_name(name)
+    if img_size % patch:
+        raise SystemExit(f"the model input is {img_size}x{img_size}, which the patch size {patch} of {name} does not "
+                         f"divide; pick an --image-size (in latent space: divided by the VAE's downsampling) "
+                         f"divisible by {patch}")
+    default_dim, default_depth = dis.SIZES[size]
+    return dict(img_size=img_size, patch_size=patch, channels=channels, num_classes=num_classes,
+                embed_dim=embed_dim or default_dim, depth=depth or default_depth, **options)
+
+
+def describe(state_dict):
+    """What a DiS state dict holds, read off its shapes: 'DiS-S/2 (D=368, depth 24) at 32x32, ...'."""
+    dim, patch = state_dict["pos_embed"].shape[-1], state_dict["patch_embed.proj.weight"].shape[-1]
+    channels = state_dict["patch_embed.proj.weight"].shape[1]
+    depth = 2 * len({key.split(".")[1] for key in state_dict if key.startswith("in_blocks.")})
+    table = state_dict.get("label_emb.embedding_table.weight")
+    classes = 0 if table is None else table.shape[0] - 1
+    adaln = "mid_block.adaLN_modulation.1.weight" in state_dict
+    side = math.isqrt(state_dict["pos_embed"].shape[1] - (0 if adaln else 1 + (classes > 0))) * patch
+    out = state_dict["final_layer.linear.weight"].shape[0] // patch ** 2
+    name = next((f"DiS-{s}/{patch} " for s, shape in dis.SIZES.items() if shape == (dim, depth)), "DiS ")
+    return (f"{name}(D={dim}, depth {depth}{', adaLN' if adaln else ''}) at {side}x{side} with {channels} channels, "
+            f"{classes} classes, {'learned' if out == 2 * channels else 'fixed'} sigma")
+
+
+def load_checkpoint(path, mmap=False):
+    """A checkpoint file -> dict, loaded safely (tensors and plain containers only); mmap=True
+    maps the tensors from the file (shared by the processes of one machine) instead of reading them."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # pickle errors of every kind: not a torch checkpoint, or one holding arbitrary objects
+        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def pick_weights(ckpt, use_ema, path):
+    """(which, state dict) to sample with: the EMA weights by default, else the raw model's;
+    which is "ema", "model" or "raw" (a bare state dict)."""
+    key = "ema" if use_ema and "ema" in ckpt else "model" if "model" in ckpt else "raw"
+    state_dict = ckpt if key == "raw" else ckpt[key]
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DDP-saved dicts carry module.
+    if not all(k in state_dict for k in DIS_KEYS):
+        raise SystemExit(f"{path} holds no DiS weights: neither a DiS state dict nor 'model'/'ema' entries with one "
+                         f"(a DiS state dict has {', '.join(DIS_KEYS)}, ...)")
+    if use_ema and key == "model":
+        print(f"{path} has no EMA weights; sampling with 'model'")
+    return key, state_dict
+
+
+def load_model(args, ckpt, device):
+    """(DiS in eval mode on device, VAE or None, info dict) for a train.py checkpoint or, given
+    --model and friends, a bare state dict of the original implementation."""
+    weights, state_dict = pick_weights(ckpt, args.use_ema, args.ckpt)
+    if "config" in ckpt:  # ours: everything is recorded
+        config = ckpt["config"]
+        vae_name = ckpt["args"]["vae"] if args.vae in (None, "auto") else SD_VAES.get(args.vae, args.vae)
+        image_size, model_name = ckpt["args"]["image_size"], ckpt["args"]["model"]
+        vae = load_vae(vae_name, device) if vae_name != "none" else None
+    else:
+        image_size, model_name = args.image_size, args.model
+        vae_name = resolve_vae(args.vae, image_size)
+        vae = load_vae(vae_name, device) if vae_name != "none" else None
+        if vae is not None and image_size % vae_downsampling(vae):
+            raise SystemExit(f"--image-size {image_size} is not divisible by the VAE's downsampling "
+                             f"{vae_downsampling(vae)}")
+        size = image_size // vae_downsampling(vae) if vae else image_size
+        channels = vae.config.latent_channels if vae else (args.channels or 3)
+        config = model_config(args.model, size, channels, args.num_classes, args.embed_dim, args.depth,
+                              learn_sigma=args.learn_sigma, skip=args.skip, cond=args.cond)
+    model = dis.DiS(**config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != {k: tuple(v.shape) for k, v in state_dict.items()}:
+        raise SystemExit(f"{args.ckpt} holds {describe(state_dict)}, but the settings ask for "
+                         f"{describe(model.state_dict())}; pass the checkpoint's --model, --image-size, --num-classes "
+                         f"and --channels")
+    model.load_state_dict(state_dict)
+    info = dict(ckpt=os.path.abspath(args.ckpt), model=model_name, architecture=describe(state_dict), weights=weights,
+                image_size=image_size, vae=vae_name, num_classes=model.num_classes)
+    return model.to(device).eval(), vae, info
+
+
+def to_uint8(images):
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8 numpy, as ADM stores samples."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_labels(num_classes, rows=10, columns=10):
+    """Labels of a rows x columns grid with one class per row, classes spread over the range
+    (0..9 for 10 classes); None for unconditional models. Returns (labels or None, count)."""
+    if num_classes == 0:
+        return None, rows * columns
+    classes = torch.linspace(0, num_classes - 1, min(rows, num_classes)).round().long()
+    return classes.repeat_interleave(columns), len(classes) * columns
+
+
+def save_grid(images, path, columns, text=None):
+    """Tile uint8 images (B, H, W, C) into one PNG (grayscale for C = 1) with a 2-pixel black
+    border, written atomically; `text` goes into the PNG's metadata."""
+    b, h, w, c = images.shape
+    rows = math.ceil(b / columns)
+    canvas = np.zeros((rows * (h + 2) + 2, columns * (w + 2) + 2, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        canvas[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = image
+    info = PngInfo()
+    if text:
+        info.add_text("dis", text)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+def save_npz(path, **arrays):
+    """np.savez written atomically."""
+    write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def write_atomically(path, write, mode="wb"):
+    """write(f) into path + ".tmp", then rename it over path: an interrupted run never leaves a
+    half-written file, and the previous version stays intact until the new one is complete."""
+    with open(path + ".tmp", mode) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
+def write_text(path, text):
+    write_atomically(path, lambda f: f.write(text), "w")
