@@ -26,84 +26,19 @@ processes), skips the batches on disk and produces the same .npz as an uninterru
 """
 import argparse
 import json
-import math
 import os
-import shutil
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import model as dis
 from diffusion import create_diffusion, generate
-from distributed import barrier, derived_seed, process_group
+from distributed import process_group
 from scan import BACKENDS, active_scan_backend, set_scan_backend
-from storage import grid_labels, load_checkpoint, load_model, save_grid, save_npz, to_uint8, write_text
+from storage import grid_labels, load_checkpoint, load_model, save_grid, to_uint8, write_samples_npz, write_text
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def batch_inputs(i, count, shape, num_classes, class_labels, seed, device):
-    """Noise (count, *shape) and labels (count,) or None of batch i, seeded by (seed, i) alone.
-    The default generator is seeded too, since the DDPM sampler draws its noise from it."""
-    torch.manual_seed(derived_seed(seed, "batch", i))
-    noise = torch.randn(count, *shape, device=device)
-    if num_classes == 0:
-        return noise, None
-    if class_labels:
-        start = i * count
-        return noise, torch.tensor([class_labels[(start + j) % len(class_labels)] for j in range(count)], device=device)
-    return noise, torch.randint(0, num_classes, (count,), device=device)
-
-
-def sample_npz(args, model, vae, diffusion, info, rank, world, device):
-    """Write args.num_samples samples to sample_dir/NAME.npz (see the module docstring); returns its path."""
-    name = (f"{os.path.splitext(os.path.basename(args.ckpt))[0]}-{info['weights']}-{args.sampler}"
-            f"{args.num_sampling_steps}-cfg{args.cfg_scale:g}-seed{args.seed}-n{args.num_samples}")
-    final, batch_dir = os.path.join(args.sample_dir, name + ".npz"), os.path.join(args.sample_dir, name)
-    if os.path.isfile(final):
-        if rank == 0:
-            print(f"{final} exists already")
-        return final
-    if rank == 0:
-        os.makedirs(batch_dir, exist_ok=True)
-    barrier()
-    per_batch = args.per_proc_batch_size
-    batches = math.ceil(args.num_samples / per_batch)
-    batch_path = lambda i: os.path.join(batch_dir, f"batch_{i:06d}.npz")
-    todo = [i for i in range(rank, batches, world) if not os.path.isfile(batch_path(i))]
-    shape = (model.in_channels, model.img_size, model.img_size)
-    for i in tqdm(todo, desc=f"sampling ({world} processes)", disable=rank != 0):
-        count = min(per_batch, args.num_samples - i * per_batch)
-        noise, labels = batch_inputs(i, per_batch, shape, model.num_classes, args.class_labels, args.seed, device)
-        noise, labels = noise[:count], None if labels is None else labels[:count]
-        images = generate(model, diffusion, noise, labels, args.cfg_scale, args.sampler, vae, args.cfg_channels,
-                          args.precision == "bf16")
-        arrays = {"images": to_uint8(images)}
-        if labels is not None:
-            arrays["labels"] = labels.cpu().numpy()
-        save_npz(batch_path(i), **arrays)
-    barrier()
-    if rank == 0:
-        images, labels = [], []
-        for i in range(batches):  # one file open at a time: there can be more batches than file handles
-            with np.load(batch_path(i)) as part:
-                images.append(part["images"])
-                if model.num_classes:
-                    labels.append(part["labels"])
-        images, meta = np.concatenate(images), json.dumps(info)
-        arrays = dict(arr_0=images, meta=np.array(meta))
-        if model.num_classes:
-            arrays["arr_1"] = np.concatenate(labels).astype(np.int64)
-        save_npz(final, **arrays)
-        write_text(os.path.join(args.sample_dir, name + ".json"), meta + "\n")
-        save_grid(images[:100], os.path.join(args.sample_dir, name + ".png"), min(10, len(images)), meta)
-        shutil.rmtree(batch_dir)
-        print(f"Saved {final} [arr_0 {images.dtype} {images.shape}]")
-    barrier()
-    return final
-
+# ----------------------------------------------------------------------------- FID
 
 def fid_of(npz_path, reference, weights=None):
     """fid.evaluate on an .npz of samples (grayscale replicated to RGB, as the Inception net needs)."""
@@ -189,7 +124,11 @@ def main(argv=None):
                   f"{args.sampler} {args.num_sampling_steps} steps, cfg {args.cfg_scale:g}, "
                   f"{world} process(es) on {device}")
         if args.num_samples:
-            path = sample_npz(args, model, vae, diffusion, info, rank, world, device)
+            name = (f"{os.path.splitext(os.path.basename(args.ckpt))[0]}-{info['weights']}-{args.sampler}"
+                    f"{args.num_sampling_steps}-cfg{args.cfg_scale:g}-seed{args.seed}-n{args.num_samples}")
+            path = write_samples_npz(model, diffusion, vae, args.num_samples, args.per_proc_batch_size,
+                                     args.sample_dir, name, args.seed, args.cfg_scale, args.sampler, args.class_labels,
+                                     args.precision, args.cfg_channels, info, rank, world, device)
             if args.fid_ref and rank == 0:
                 metrics = fid_of(path, args.fid_ref, args.inception_weights)
                 print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None))

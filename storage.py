@@ -1,15 +1,20 @@
 """What is written to and read from disk: checkpoints (ours and the original implementation's),
 the model configuration they record, sample grids and .npz files, all written atomically."""
+import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
 import model as dis
 from data import SD_VAES, load_vae, resolve_vae, vae_downsampling
+from diffusion import generate
+from distributed import barrier, derived_seed
 
 DIS_KEYS = ("pos_embed", "patch_embed.proj.weight", "final_layer.linear.weight")
 
@@ -153,3 +158,102 @@ def write_atomically(path, write, mode="wb"):
 
 def write_text(path, text):
     write_atomically(path, lambda f: f.write(text), "w")
+
+
+# ----------------------------------------------------------------------------- sample .npz files
+
+def batch_inputs(i, count, shape, num_classes, class_labels, seed, device):
+    """Noise (count, *shape) and labels (count,) or None of batch i, seeded by (seed, i) alone.
+    The default generator is seeded too, since the DDPM sampler draws its noise from it."""
+    torch.manual_seed(derived_seed(seed, "batch", i))
+    noise = torch.randn(count, *shape, device=device)
+    if num_classes == 0:
+        return noise, None
+    if class_labels:
+        start = i * count
+        return noise, torch.tensor([class_labels[(start + j) % len(class_labels)] for j in range(count)], device=device)
+    return noise, torch.randint(0, num_classes, (count,), device=device)
+
+
+def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, name, seed=0, cfg_scale=1.0,
+                      sampler="ddpm", class_labels=None, precision="fp32", cfg_channels=None, info=None,
+                      rank=0, world=1, device="cpu", progress=True):
+    """Sample num_samples images into out_dir/name.npz in the ADM evaluator's format; returns its path.
+
+    arr_0: uint8 (N, H, W, C) (C = 1 for grayscale data); arr_1: int64 labels (N,) when the model
+    is class-conditional; meta: `info` (a dict of the settings) as a JSON string, also written
+    to name.json beside it with a grid of the first 100 images in name.png.
+    The work is split into batches of batch_size, batch i going to rank i mod world; every batch
+    is written to out_dir/name/batch_NNNNNN.npz as it finishes, and its noise and labels depend
+    only on (seed, i), so an interrupted run, started again with the same arguments (any world
+    size), skips the batches on disk and produces the same .npz as an uninterrupted one. Every
+    rank must call this (it holds barriers). class_labels: labels cycled over the samples, or
+    None for uniform random classes. precision: "fp32" or "bf16" (autocast of the model).
+    """
+    check_sampling_arguments(model, num_samples=num_samples, batch_size=batch_size, cfg_scale=cfg_scale,
+                             class_labels=class_labels, precision=precision, rank=rank, world=world)
+    final, batch_dir = os.path.join(out_dir, name + ".npz"), os.path.join(out_dir, name)
+    if os.path.isfile(final):
+        if rank == 0:
+            print(f"{final} exists already")
+        return final
+    if rank == 0:
+        os.makedirs(batch_dir, exist_ok=True)
+    barrier()
+    batches = math.ceil(num_samples / batch_size)
+    batch_path = lambda i: os.path.join(batch_dir, f"batch_{i:06d}.npz")
+    todo = [i for i in range(rank, batches, world) if not os.path.isfile(batch_path(i))]
+    shape = (model.in_channels, model.img_size, model.img_size)
+    for i in tqdm(todo, desc=f"sampling ({world} processes)", disable=rank != 0 or not progress):
+        count = min(batch_size, num_samples - i * batch_size)
+        noise, labels = batch_inputs(i, batch_size, shape, model.num_classes, class_labels, seed, device)
+        noise, labels = noise[:count], None if labels is None else labels[:count]
+        images = generate(model, diffusion, noise, labels, cfg_scale, sampler, vae, cfg_channels, precision == "bf16")
+        arrays = {"images": to_uint8(images)}
+        if labels is not None:
+            arrays["labels"] = labels.cpu().numpy()
+        save_npz(batch_path(i), **arrays)
+    barrier()
+    if rank == 0:
+        gather_batches(final, [batch_path(i) for i in range(batches)], model.num_classes > 0, info or {})
+        shutil.rmtree(batch_dir)
+    barrier()
+    return final
+
+
+def gather_batches(final, paths, labelled, info):
+    """The batch files, in order, -> one ADM .npz at `final`, with its .json and .png beside it."""
+    images, labels = [], []
+    for path in paths:  # one file open at a time: there can be more batches than file handles
+        with np.load(path) as part:
+            images.append(part["images"])
+            if labelled:
+                labels.append(part["labels"])
+    images, meta = np.concatenate(images), json.dumps(info)
+    arrays = dict(arr_0=images, meta=np.array(meta))
+    if labelled:
+        arrays["arr_1"] = np.concatenate(labels).astype(np.int64)
+    save_npz(final, **arrays)
+    stem = final[: -len(".npz")]
+    write_text(stem + ".json", meta + "\n")
+    save_grid(images[:100], stem + ".png", min(10, len(images)), meta)
+    print(f"Saved {final} [arr_0 {images.dtype} {images.shape}]")
+
+
+def check_sampling_arguments(model, num_samples, batch_size, cfg_scale, class_labels, precision, rank, world):
+    """ValueError naming the first argument of write_samples_npz outside its range."""
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"num_samples must be a positive integer, not {num_samples!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale must be >= 0 (1: no guidance), not {cfg_scale!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank!r} must be in 0..world-1 for world {world!r}")
+    if model.num_classes == 0 and (class_labels or cfg_scale != 1):
+        raise ValueError("class_labels and cfg_scale != 1 need a class-conditional model; this one is unconditional")
+    bad = [c for c in class_labels or [] if not 0 <= c < model.num_classes]
+    if bad:
+        raise ValueError(f"class_labels {bad} are outside the model's classes 0..{model.num_classes - 1}")
