@@ -56,7 +56,7 @@ def space_timesteps(num_timesteps, section_counts):
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             if not section_counts[len("ddim"):].isdigit():
-                raise ValueError(f"timestep_respacing {section_counts!r} must be 'ddim' followed by a step count")
+                raise ValueError("'ddim' must be followed by a step count")
             wanted = int(section_counts[len("ddim"):])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == wanted:
@@ -64,7 +64,7 @@ def space_timesteps(num_timesteps, section_counts):
             raise ValueError(f"no integer stride gives {wanted} steps out of {num_timesteps}; "
                              f"pick another ddim step count")
         if not re.fullmatch(r"\d+(,\d+)*", section_counts):
-            raise ValueError(f"timestep_respacing {section_counts!r} is not 'ddimN' or comma-separated step counts")
+            raise ValueError("use 'ddimN' or comma-separated step counts")
         section_counts = [int(n) for n in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     kept, start = set(), 0
@@ -73,8 +73,12 @@ def space_timesteps(num_timesteps, section_counts):
         if not 1 <= count <= size:
             raise ValueError(f"cannot keep {count} steps from a section of {size}; "
                              f"ask for 1 to {size} steps per section")
-        stride = (size - 1) / (count - 1) if count > 1 else 1
-        kept.update(start + round(stride * j) for j in range(count))
+        # The fractional stride is accumulated before rounding, as in [iDDPM]'s and DiT's code, so
+        # that every step count keeps their set of steps (rounding stride * j differs for some).
+        stride, position = ((size - 1) / (count - 1) if count > 1 else 1), 0.0
+        for _ in range(count):
+            kept.add(start + round(position))
+            position += stride
         start += size
     return kept
 
@@ -100,16 +104,32 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def discretized_gaussian_log_likelihood(x, means, log_scales):
+def approx_standard_normal_cdf(x):
+    """The tanh approximation of the standard normal CDF that [iDDPM]'s and DiT's code use
+    (absolute error below 2e-4): 0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales, exact_cdf=False):
     """Elementwise log-probability (nats) of images x in [-1, 1] with 256 levels under a
     Gaussian integrated over each pixel's bin of width 2/255 ([DDPM] eq. 13); the edge bins
-    extend to -inf and +inf. x, means, log_scales: same shape."""
-    centered = (x - means) * torch.exp(-log_scales)
-    half_bin = torch.exp(-log_scales) / 255.0
-    upper, lower = centered + half_bin, centered - half_bin
-    log_cdf_upper = torch.special.log_ndtr(upper)               # bin at -1: (-inf, upper]
-    log_sf_lower = torch.special.log_ndtr(-lower)               # bin at +1: [lower, inf)
-    log_delta = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    extend to -inf and +inf. x, means, log_scales: same shape.
+
+    By default the normal CDF is [iDDPM]'s tanh approximation, so that bits/dim match theirs and
+    DiT's; exact_cdf=True integrates the Gaussian exactly (the t = 0 term then differs by about
+    0.01 bits/dim)."""
+    inv_scale = torch.exp(-log_scales)
+    upper, lower = inv_scale * (x - means + 1.0 / 255.0), inv_scale * (x - means - 1.0 / 255.0)
+    if exact_cdf:
+        log_cdf_upper = torch.special.log_ndtr(upper)               # bin at -1: (-inf, upper]
+        log_sf_lower = torch.special.log_ndtr(-lower)               # bin at +1: [lower, inf)
+        delta = torch.special.ndtr(upper) - torch.special.ndtr(lower)
+    else:
+        cdf_upper, cdf_lower = approx_standard_normal_cdf(upper), approx_standard_normal_cdf(lower)
+        log_cdf_upper = torch.log(cdf_upper.clamp(min=1e-12))
+        log_sf_lower = torch.log((1.0 - cdf_lower).clamp(min=1e-12))
+        delta = cdf_upper - cdf_lower
+    log_delta = torch.log(delta.clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_delta))
 
 
@@ -133,15 +153,17 @@ class GaussianDiffusion:
     betas: (T,) float64, already respaced; timestep_map: (T,) original step of each index.
     var_type: "learned_range" ([iDDPM] eq. 15), "fixed_large" (beta_t) or "fixed_small" (the
     posterior variance beta~_t), both fixed choices of [DDPM] section 3.2.
+    exact_decoder_cdf: the decoder likelihood at t = 0 with the exact normal CDF instead of
+    [iDDPM]'s tanh approximation (see discretized_gaussian_log_likelihood).
     """
 
     def __init__(self, betas, timestep_map=None, predict_xstart=False, var_type="learned_range",
-                 use_kl=False, rescale_learned_sigmas=False):
+                 use_kl=False, rescale_learned_sigmas=False, exact_decoder_cdf=False):
         if var_type not in ("learned_range", "fixed_large", "fixed_small"):
             raise ValueError(f"unknown var_type {var_type!r}; use learned_range, fixed_large or fixed_small")
         self.betas = np.asarray(betas, dtype=np.float64)
-        if self.betas.ndim != 1 or not ((self.betas > 0) & (self.betas <= 1)).all():
-            raise ValueError("betas must be a 1-D array with values in (0, 1]")
+        if self.betas.ndim != 1 or len(self.betas) < 2 or not ((self.betas > 0) & (self.betas <= 1)).all():
+            raise ValueError("betas must be a 1-D array of at least 2 values in (0, 1]")
         self.num_timesteps = len(self.betas)
         self.timestep_map = (np.arange(self.num_timesteps) if timestep_map is None
                              else np.asarray(timestep_map, dtype=np.int64))
@@ -150,6 +172,7 @@ class GaussianDiffusion:
         self.learn_sigma = var_type == "learned_range"
         self.use_kl = use_kl
         self.rescale_learned_sigmas = rescale_learned_sigmas
+        self.exact_decoder_cdf = exact_decoder_cdf
 
         # [DDPM] eq. 4: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
         alphas = 1.0 - self.betas
@@ -258,7 +281,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x_start, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+            x_start, out["mean"], 0.5 * out["log_variance"], self.exact_decoder_cdf)) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
@@ -393,20 +416,39 @@ def _model_device(model):
 
 
 def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=False, sigma_small=False,
-                     predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=True, diffusion_steps=1000):
-    """The diffusion DiS trains and samples with (DiT's factory and defaults).
+                     predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False, diffusion_steps=1000,
+                     exact_decoder_cdf=False):
+    """The diffusion DiS trains and samples with: DiT's factory, with DiT's defaults.
 
-    timestep_respacing: "" or None for all steps, "250" for 250 evenly spaced steps, "ddim50"
-    for DDIM's stride rule, or "10,15,20" for per-section counts (see space_timesteps).
-    sigma_small selects the fixed variance used when learn_sigma is False (beta~_t instead of beta_t).
-    rescale_learned_sigmas scales the vb term by num_timesteps / 1000 (for respaced training)."""
+    timestep_respacing: "" or None for all steps, "250" or 250 for 250 evenly spaced steps,
+    "ddim50" for DDIM's stride rule, or "10,15,20" / [10, 15, 20] for per-section counts (see
+    space_timesteps). sigma_small selects the fixed variance used when learn_sigma is False
+    (beta~_t instead of beta_t). rescale_learned_sigmas scales the vb term by
+    num_timesteps / 1000 (for respaced training; no effect at 1000 steps). exact_decoder_cdf:
+    see GaussianDiffusion (not in DiT, whose decoder uses the tanh approximation)."""
+    if not (isinstance(diffusion_steps, int) and diffusion_steps >= 2):
+        raise ValueError(f"diffusion_steps must be an integer >= 2, not {diffusion_steps!r}")
     if timestep_respacing in (None, ""):
         timestep_respacing = [diffusion_steps]
+    elif isinstance(timestep_respacing, int) and not isinstance(timestep_respacing, bool):
+        timestep_respacing = [timestep_respacing]
+    elif not (isinstance(timestep_respacing, str) or (isinstance(timestep_respacing, (list, tuple))
+                                                      and all(isinstance(n, int) for n in timestep_respacing))):
+        raise ValueError(f"timestep_respacing must be a step count, a string like '250', 'ddim50' or '10,15,20', "
+                         f"or a list of counts, not {timestep_respacing!r}")
+    if noise_schedule not in ("linear", "cosine"):
+        raise ValueError(f"noise_schedule must be 'linear' or 'cosine', not {noise_schedule!r}")
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
-    betas, timestep_map = respace_betas(betas, space_timesteps(diffusion_steps, timestep_respacing))
+    try:
+        kept = space_timesteps(diffusion_steps, timestep_respacing)
+    except ValueError as e:
+        raise ValueError(f"timestep_respacing {timestep_respacing!r}: {e}") from None
+    if len(kept) < 2:
+        raise ValueError(f"timestep_respacing {timestep_respacing!r} keeps {len(kept)} step; at least 2 are needed")
+    betas, timestep_map = respace_betas(betas, kept)
     var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
-    return GaussianDiffusion(betas, timestep_map, predict_xstart=predict_xstart, var_type=var_type,
-                             use_kl=use_kl, rescale_learned_sigmas=rescale_learned_sigmas)
+    return GaussianDiffusion(betas, timestep_map, predict_xstart=predict_xstart, var_type=var_type, use_kl=use_kl,
+                             rescale_learned_sigmas=rescale_learned_sigmas, exact_decoder_cdf=exact_decoder_cdf)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Tests for diffusion.py against independent references: diffusers' schedulers, scipy
 densities and float64 numpy recomputations from the definitions (DDPM / improved DDPM / DDIM)."""
+import inspect
 import math
 
 import diffusers
@@ -8,7 +9,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from diffusion import create_diffusion, discretized_gaussian_log_likelihood, normal_kl
+from diffusion import create_diffusion, discretized_gaussian_log_likelihood, normal_kl, space_timesteps
 
 T = 1000
 LOG2 = math.log(2.0)
@@ -25,6 +26,34 @@ def diffusers_linear(scheduler, **kwargs):
 def reference_alphas_cumprod():
     """alpha_bar_t = prod_{s<=t} (1 - beta_s) for DiS's linear betas, float64."""
     return np.cumprod(1.0 - np.linspace(1e-4, 2e-2, T))
+
+
+def iddpm_space_timesteps(num_timesteps, section_counts):
+    """IDDPM's / DiT's respace.space_timesteps for a list of per-section counts, restated: the
+    fractional stride is accumulated, then each position rounded."""
+    size_per, extra = num_timesteps // len(section_counts), num_timesteps % len(section_counts)
+    start_idx, all_steps = 0, []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return set(all_steps)
+
+
+def iddpm_decoder_log_likelihood(x, means, log_scales):
+    """IDDPM's / DiT's discretized_gaussian_log_likelihood restated in float64 numpy: the
+    normal CDF approximated by 0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), logs clamped at 1e-12."""
+    cdf = lambda v: 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
+    inv_stdv = np.exp(-log_scales)
+    cdf_plus, cdf_min = cdf(inv_stdv * (x - means + 1 / 255)), cdf(inv_stdv * (x - means - 1 / 255))
+    log_cdf_plus = np.log(np.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = np.log(np.maximum(1 - cdf_min, 1e-12))
+    log_delta = np.log(np.maximum(cdf_plus - cdf_min, 1e-12))
+    return np.where(x < -0.999, log_cdf_plus, np.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def grid_images(shape, seed):
@@ -109,7 +138,7 @@ def test_discretized_gaussian_log_likelihood_matches_scipy():
     rng = np.random.default_rng(1)
     means = x + torch.tensor(rng.normal(0.0, 0.05, x.shape))
     log_scales = torch.tensor(rng.uniform(-6.0, -1.0, x.shape))
-    ours = discretized_gaussian_log_likelihood(x, means, log_scales).numpy()
+    ours = discretized_gaussian_log_likelihood(x, means, log_scales, exact_cdf=True).numpy()
     xn, mn, sn = x.numpy(), means.numpy(), np.exp(log_scales.numpy())
     upper, lower = (xn + 1 / 255 - mn) / sn, (xn - 1 / 255 - mn) / sn
     ref = np.where(xn == -1, stats.norm.logcdf(upper),
@@ -119,11 +148,24 @@ def test_discretized_gaussian_log_likelihood_matches_scipy():
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-9)
 
 
-def test_discretized_gaussian_bins_sum_to_one():
+def test_decoder_likelihood_is_iddpms_by_default():
+    x = grid_images((6, 50), seed=0).double()
+    rng = np.random.default_rng(1)
+    means = x + torch.tensor(rng.normal(0.0, 0.05, x.shape))
+    log_scales = torch.tensor(rng.uniform(-6.0, -1.0, x.shape))
+    ours = discretized_gaussian_log_likelihood(x, means, log_scales).numpy()
+    ref = iddpm_decoder_log_likelihood(x.numpy(), means.numpy(), log_scales.numpy())
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-9)   # float64 cancellation in 1 - cdf
+    exact = discretized_gaussian_log_likelihood(x, means, log_scales, exact_cdf=True).numpy()
+    assert np.abs(exact - ref).max() > 1e-3     # the two CDFs are distinguishable here
+
+
+@pytest.mark.parametrize("exact_cdf", [False, True])
+def test_discretized_gaussian_bins_sum_to_one(exact_cdf):
     levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
     for mean, log_scale in [(0.1, -2.0), (-0.97, -5.0), (1.2, -1.0)]:
         means, log_scales = torch.full_like(levels, mean), torch.full_like(levels, log_scale)
-        logp = discretized_gaussian_log_likelihood(levels, means, log_scales)
+        logp = discretized_gaussian_log_likelihood(levels, means, log_scales, exact_cdf)
         assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -146,10 +188,52 @@ def test_respaced_step_sets():
     assert {0, 333, 334, 666, 667, 999} <= set(steps.tolist())
 
 
-@pytest.mark.parametrize("spacing", ["ddim999", "2000", "ddimx", "fifty", "10,,5"])
+def test_respacing_is_iddpms_for_every_step_count():
+    assert space_timesteps(T, "1") == iddpm_space_timesteps(T, [1]) == {0}
+    for count in range(2, T + 1):
+        kept = set(create_diffusion(str(count)).timestep_map.tolist())
+        assert kept == iddpm_space_timesteps(T, [count]), count
+    assert {499, 500} & set(create_diffusion(21).timestep_map.tolist()) == {499}
+    for sections in ([10, 15, 20], [7, 1, 33], [3, 100, 9, 250]):
+        assert set(create_diffusion(sections).timestep_map.tolist()) == iddpm_space_timesteps(T, sections)
+        assert set(create_diffusion(",".join(map(str, sections))).timestep_map.tolist()) == \
+            iddpm_space_timesteps(T, sections)
+
+
+@pytest.mark.parametrize("spacing", ["ddim999", "2000", "ddimx", "fifty", "10,,5", "0", "1", 2.5, [10, "5"]])
 def test_bad_respacing_raises(spacing):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timestep_respacing"):
         create_diffusion(spacing)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(noise_schedule="quadratic"), "noise_schedule"),
+                                         (dict(diffusion_steps=0), "diffusion_steps"),
+                                         (dict(diffusion_steps=1000.0), "diffusion_steps")])
+def test_bad_create_diffusion_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        create_diffusion("", **kwargs)
+
+
+def test_create_diffusion_defaults_are_dits():
+    """DiT's diffusion/__init__.py: create_diffusion(timestep_respacing, noise_schedule="linear",
+    use_kl=False, sigma_small=False, predict_xstart=False, learn_sigma=True,
+    rescale_learned_sigmas=False, diffusion_steps=1000), the loss then being LossType.MSE."""
+    dit = dict(noise_schedule="linear", use_kl=False, sigma_small=False, predict_xstart=False, learn_sigma=True,
+               rescale_learned_sigmas=False, diffusion_steps=1000)
+    defaults = {name: p.default for name, p in inspect.signature(create_diffusion).parameters.items()}
+    assert {name: defaults[name] for name in dit} == dit
+    # MSE (not RESCALED_MSE) on a respaced process: the vb term is the bound itself, unscaled.
+    d = create_diffusion("100")
+    B, C = 2, 1
+    x0, noise = grid_images((B, C, 4, 4), seed=8), torch.randn(B, C, 4, 4)
+    output = torch.cat([torch.randn(B, C, 4, 4), torch.rand(B, C, 4, 4) * 2 - 1], dim=1)
+    t = torch.tensor([3, 60])
+    vb = d.training_losses(lambda x, s: output, x0, t, noise=noise)["vb"]
+    frozen_vb = d.vb_terms_bpd(output, x0, d.q_sample(x0, t, noise), t)["output"]
+    torch.testing.assert_close(vb, frozen_vb)
+    rescaled = create_diffusion("100", rescale_learned_sigmas=True).training_losses(lambda x, s: output, x0, t,
+                                                                                    noise=noise)["vb"]
+    torch.testing.assert_close(rescaled, 0.1 * frozen_vb)
 
 
 def test_respaced_ddpm_step_matches_diffusers():
@@ -234,11 +318,7 @@ def reference_losses(x0, t, noise, output):
         mean = posterior_mean((x_t - math.sqrt(1 - a) * eps) / math.sqrt(a))
         mse.append(np.mean((noise[b] - eps) ** 2))
         if s == 0:
-            sd = np.exp(0.5 * log_var)
-            upper, lower = (x0[b] + 1 / 255 - mean) / sd, (x0[b] - 1 / 255 - mean) / sd
-            logp = np.where(x0[b] < -0.999, stats.norm.logcdf(upper),
-                            np.where(x0[b] > 0.999, stats.norm.logsf(lower),
-                                     np.log(stats.norm.cdf(upper) - stats.norm.cdf(lower))))
+            logp = iddpm_decoder_log_likelihood(x0[b], mean, 0.5 * log_var)
             vb.append(-np.mean(logp) / LOG2)
         else:
             var, true_mean = np.exp(log_var), posterior_mean(x0[b])
@@ -355,10 +435,12 @@ def test_calc_bpd_loop_shapes():
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
-def test_calc_bpd_loop_with_exact_posterior():
+@pytest.mark.parametrize("exact_cdf", [False, True])
+def test_calc_bpd_loop_with_exact_posterior(exact_cdf):
     """A model that knows x_0 predicts the true noise; with the posterior variance (fixed_small)
-    every KL term vanishes and the bound is prior + decoder NLL, both in closed form."""
-    d = create_diffusion("10", learn_sigma=False, sigma_small=True)
+    every KL term vanishes and the bound is prior + decoder NLL, both in closed form (the
+    decoder's with IDDPM's CDF approximation by default, scipy's exact CDF with exact_decoder_cdf)."""
+    d = create_diffusion("10", learn_sigma=False, sigma_small=True, exact_decoder_cdf=exact_cdf)
     abar_all = reference_alphas_cumprod()
     abar_torch = torch.tensor(abar_all, dtype=torch.float64)
 
@@ -377,8 +459,11 @@ def test_calc_bpd_loop_with_exact_posterior():
     s1 = d.timestep_map[1]                        # decoder variance = posterior variance of respaced step 1
     beta1 = 1 - abar_all[s1] / abar_all[0]
     sd = math.sqrt(beta1 * (1 - abar_all[0]) / (1 - abar_all[s1]))
-    upper, lower = stats.norm.cdf(1 / 255 / sd), stats.norm.cdf(-1 / 255 / sd)
-    logp = np.where(xn == -1, np.log(upper), np.where(xn == 1, np.log(1 - lower), np.log(upper - lower)))
+    if exact_cdf:
+        upper, lower = stats.norm.cdf(1 / 255 / sd), stats.norm.cdf(-1 / 255 / sd)
+        logp = np.where(xn == -1, np.log(upper), np.where(xn == 1, np.log(1 - lower), np.log(upper - lower)))
+    else:
+        logp = iddpm_decoder_log_likelihood(xn, xn, np.full_like(xn, math.log(sd)))
     decoder = -logp.mean(axis=(1, 2, 3)) / LOG2
     np.testing.assert_allclose(out["vb"][:, 0].numpy(), decoder, rtol=1e-4)
     assert out["vb"][:, 1:].abs().max() < 1e-4
