@@ -2,6 +2,7 @@
 scipy's sqrtm, closed forms, numpy brute force, and the ADM evaluator's printed numbers."""
 import math
 import os
+import subprocess
 import sys
 import urllib.error
 
@@ -258,42 +259,49 @@ def write_pngs(folder, images):
     for i, im in enumerate(images):
         sub = folder / f"part{i % 2}"
         sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(im).save(sub / f"{i:03d}.png")
+        Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(sub / f"{i:03d}.png")
 
 
 def test_folder_reader_recursive_sorted_and_checks(tmp_path):
     images = random_images(5, 9, 7, seed=9)
     write_pngs(tmp_path / "imgs", images)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
-    _, count, batches = fid.open_source(tmp_path / "imgs", batch_size=2, num_workers=0)
-    got = np.concatenate(list(batches))
+    source = fid.open_source(tmp_path / "imgs", batch_size=2, num_workers=0)
+    got = np.concatenate(list(source.batches))
     order = [0, 2, 4, 1, 3]  # part0/000, part0/002, part0/004, part1/001, part1/003
-    assert count == 5 and np.array_equal(got, images[order])
+    assert source.count == 5 and np.array_equal(got, images[order])
     Image.fromarray(random_images(1, 4, 4)[0]).save(tmp_path / "imgs" / "part1" / "zz.png")
     with pytest.raises(fid.FIDError, match="differ in size"):
-        list(fid.open_source(tmp_path / "imgs", batch_size=8, num_workers=0)[2])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(fid.FIDError, match="no .png"):
-        fid.open_source(tmp_path / "empty", 2, 0)
-    (tmp_path / "grayonly").mkdir()
-    Image.fromarray(images[0]).convert("L").save(tmp_path / "grayonly" / "a.JPG")
-    assert next(fid.open_source(tmp_path / "grayonly", 1, 0)[2]).shape == (1, 9, 7, 3)
+        list(fid.open_source(tmp_path / "imgs", batch_size=8, num_workers=0).batches)
+    (tmp_path / "imgs" / "part1" / "zz.png").write_bytes(b"not a png")
+    with pytest.raises(fid.FIDError, match="zz.png is not a readable image"):
+        list(fid.open_source(tmp_path / "imgs", batch_size=8, num_workers=1).batches)
+
+
+def test_grayscale_features_match_pytorch_fid_on_replicated_channels(nets, tmp_path):
+    """sample.py's Fashion-MNIST .npz (arr_0 (N, 32, 32, 1)) gives pytorch-fid's features of the
+    image repeated in R, G and B; a folder of 8-bit grayscale PNGs reads as those RGB images."""
+    ours, _, theirs, _ = nets
+    gray = random_images(2, 32, 32, seed=16)[..., :1]
+    np.savez(tmp_path / "samples.npz", gray, np.arange(2))
+    source = fid.open_source(str(tmp_path / "samples.npz"), "samples", batch_size=2)
+    pool = fid.extract_features(ours, source.batches, source.count, "cpu", progress=False)["pool"]
+    with torch.no_grad():
+        x01 = torch.from_numpy(gray).permute(0, 3, 1, 2).float().repeat(1, 3, 1, 1) / 255
+        assert_rel_close(pool, theirs(x01)[0].flatten(1), 1e-5)
+    write_pngs(tmp_path / "pngs", np.concatenate([gray, gray[::-1]]))
+    folder = np.concatenate(list(fid.open_source(tmp_path / "pngs", "samples", batch_size=3).batches))
+    np.testing.assert_array_equal(folder, np.repeat(gray[[0, 1, 1, 0]], 3, axis=-1))  # part0/000, 002, part1/001, 003
 
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
 def test_npz_reader_streams_arr_0(tmp_path, save):
     images = random_images(7, 5, 6, seed=10)
     save(tmp_path / "batch.npz", images, np.arange(7))
-    stored, count, batches = fid.open_source(str(tmp_path / "batch.npz"), batch_size=3, num_workers=0)
-    got = list(batches)
-    assert stored == {} and count == 7 and [len(b) for b in got] == [3, 3, 1]
+    source = fid.open_source(str(tmp_path / "batch.npz"), batch_size=3, num_workers=0)
+    got = list(source.batches)
+    assert source.stats == {} and source.count == 7 and [len(b) for b in got] == [3, 3, 1]
     assert np.array_equal(np.concatenate(got), images)
-    np.savez(tmp_path / "bad.npz", images.astype(np.float32))
-    with pytest.raises(fid.FIDError, match="uint8"):
-        fid.open_source(str(tmp_path / "bad.npz"), 3, 0)
-    np.savez(tmp_path / "neither.npz", foo=np.zeros(3))
-    with pytest.raises(fid.FIDError, match="neither"):
-        fid.open_source(str(tmp_path / "neither.npz"), 3, 0)
 
 
 def test_statistics_cache_round_trips(tmp_path):
@@ -336,71 +344,130 @@ def test_evaluate_end_to_end_and_from_cache(nets, tmp_path):
     assert cached_run["sfid"] is cached_run["precision"] is cached_run["recall"] is None
 
 
-def test_evaluate_runs_on_the_device_of_a_given_net(nets, monkeypatch):
-    """A CPU net passed to evaluate() on a machine with a GPU: the net's device is used, not the
-    machine's default (here a device nothing can run on, so a wrong choice fails)."""
-    _, adm, _, _ = nets
-    monkeypatch.setattr(fid, "default_device", lambda: "meta")
-    images = random_images(5, 16, 16, seed=13)
-    with pytest.warns(UserWarning, match="biased"):
-        result = fid.evaluate(images, images, net=adm, batch_size=5, progress=False)
-    assert result["precision"] == result["recall"] == 1.0
+# ----------------------------------------------------------------------------------------------
+# Bad arguments and inputs: exit status 2 and one line naming the argument, before any weights are
+# looked for (the hub cache is empty and the network unreachable, so reaching them would say so).
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty $TORCH_HOME and no network; a folder of inputs good and bad."""
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    monkeypatch.chdir(tmp_path)
+    np.savez("gray.npz", random_images(3, 8, 8)[..., :1], np.arange(3))
+    np.savez("float.npz", np.zeros((3, 8, 8, 3), np.float32))
+    np.savez("rgba.npz", np.zeros((3, 8, 8, 4), np.uint8))
+    np.savez("one.npz", np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez("labels.npz", labels=np.arange(3))
+    np.savez("stats3.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez("badstats.npz", mu=np.zeros(3), sigma=np.eye(4))
+    np.savez("pytorch_fid_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048), mode=np.array("pytorch-fid"))
+    (tmp_path / "text.npz").write_text("not a zip")
+    os.mkdir("empty")
+    return tmp_path
+
+
+BAD_ARGUMENTS = [  # (argv, words the one line must contain)
+    ("gray.npz missing.npz", "REFERENCE missing.npz"),
+    ("missing gray.npz", "SAMPLES missing"),
+    ("gray.npz empty", "REFERENCE empty"),
+    ("float.npz gray.npz", "SAMPLES float.npz arr_0"),
+    ("gray.npz rgba.npz", "(N, H, W, 1)"),
+    ("gray.npz one.npz", "at least 2"),
+    ("labels.npz gray.npz", "SAMPLES labels.npz"),
+    ("gray.npz text.npz", "REFERENCE text.npz"),
+    ("gray.npz badstats.npz", "REFERENCE badstats.npz"),
+    ("gray.npz stats3.npz", "REFERENCE stats3.npz"),
+    ("gray.npz pytorch_fid_stats.npz", "--mode pytorch-fid"),
+    ("gray.npz", "--save-stats"),
+    ("gray.npz gray.npz gray.npz", "SAMPLES REFERENCE"),
+    ("gray.npz gray.npz --batch-size 0", "--batch-size"),
+    ("gray.npz gray.npz --batch-size two", "--batch-size"),
+    ("gray.npz gray.npz --num-workers -1", "--num-workers"),
+    ("gray.npz gray.npz --device cuda:7", "--device"),
+    ("gray.npz gray.npz --device gpu0", "--device"),
+    ("gray.npz gray.npz --mode tf", "--mode"),
+    ("gray.npz gray.npz --inception-weights missing.pth", "--inception-weights"),
+    ("gray.npz gray.npz --save-stats empty", "--save-stats"),
+    ("gray.npz gray.npz --save-stats gray.npz/ref.npz", "--save-stats"),
+    ("gray.npz gray.npz", "--inception-weights PATH"),  # all inputs fine: now the missing weights
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD_ARGUMENTS)
+def test_bad_argument_is_one_line_exit_2(offline, capsys, argv, words):
+    if argv.endswith("--save-stats empty"):
+        os.mkdir("empty.npz")
+    with pytest.raises(SystemExit) as stop:
+        fid.main(argv.split())
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("fid.py: error: ") and err.count("\n") == 1
+    assert words in err
+    hub_path = os.path.join(str(offline), "torch", "hub", "checkpoints", fid.WEIGHTS_NAME)
+    assert (hub_path in err and fid.WEIGHTS_URL in err) == (argv == "gray.npz gray.npz")
+
+
+def test_bad_argument_end_to_end_has_no_traceback(offline):
+    env = dict(os.environ, TORCH_HOME=str(offline / "torch"))
+    script = os.path.join(os.path.dirname(__file__), "..", "fid.py")
+    done = subprocess.run([sys.executable, script, "float.npz", "gray.npz"], capture_output=True, text=True, env=env,
+                          check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "SAMPLES float.npz" in done.stderr
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"batch_size": 0}, "batch_size"), ({"num_workers": -2}, "num_workers"), ({"mode": "tf"}, "mode"),
+    ({"device": "cuda:7"}, "device"), ({"weights": "missing.pth"}, "weights"), ({"save_stats": "empty"}, "save_stats"),
+    ({"samples": np.zeros((3, 8, 8), np.uint8)}, "samples"), ({"reference": "missing.npz"}, "reference"),
+])
+def test_evaluate_bad_argument_raises_value_error_naming_it(offline, kwargs, name):
+    os.mkdir("empty.npz")
+    args = {"samples": "gray.npz", "reference": "gray.npz", **kwargs}
+    with pytest.raises(ValueError, match=f"^{name}"):
+        fid.evaluate(**args)
 
 
 # ----------------------------------------------------------------------------------------------
 # Weights
 
 
-def test_missing_weights_error_is_clear_and_offline(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("network is unreachable")
-
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    expected = os.path.join(str(tmp_path / "hub"), "checkpoints", fid.WEIGHTS_NAME)
-    with pytest.raises(fid.FIDError) as error:
-        fid.evaluate(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 8, 8, 3), np.uint8), device="cpu")
-    message = str(error.value)
-    assert expected in message and fid.WEIGHTS_URL in message and "--inception-weights" in message
-    with pytest.raises(fid.FIDError, match="not found at"):
-        fid.find_weights(str(tmp_path / "nowhere.pth"))
-    (tmp_path / "wrong.pth").write_bytes(b"not the weights")
-    with pytest.raises(fid.FIDError, match="SHA-256"):
-        fid.find_weights(str(tmp_path / "wrong.pth"))
-    monkeypatch.setattr(sys, "argv", ["fid.py", "a", "b"])
-    with pytest.raises(SystemExit, match=fid.WEIGHTS_NAME):
-        fid.main()
-
-
 def test_weights_load_from_hub_cache_and_cli(nets, tmp_path, monkeypatch, capsys):
     _, _, _, state = nets
-    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.save(state, checkpoints / fid.WEIGHTS_NAME)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", fid.sha256_prefix(checkpoints / fid.WEIGHTS_NAME))
     net = fid.load_inception(mode="pytorch-fid")
     assert not net.training and net.mode == "pytorch-fid"
     for key, value in net.state_dict().items():
         assert torch.equal(value, state[key]), key
+    (tmp_path / "wrong.pth").write_bytes(b"not the weights")
+    with pytest.raises(fid.FIDError, match="SHA-256"):
+        fid.find_weights(str(tmp_path / "wrong.pth"))
     images = random_images(2, 8, 8, seed=13)
     np.savez(tmp_path / "tiny.npz", images)
-    monkeypatch.setattr(sys, "argv", ["fid.py", str(tmp_path / "tiny.npz"), "--save-stats", str(tmp_path / "s.npz"),
-                                      "--device", "cpu", "--num-workers", "0", "--mode", "pytorch-fid"])
     with pytest.warns(UserWarning, match="biased"):
-        fid.main()
+        fid.main([str(tmp_path / "tiny.npz"), "--save-stats", str(tmp_path / "s.npz"), "--device", "cpu",
+                  "--num-workers", "0", "--mode", "pytorch-fid"])
     saved = np.load(tmp_path / "s.npz")
     assert str(saved["mode"]) == "pytorch-fid" and saved["pool"].shape == (2, 2048) and saved["mu_s"].shape == (2023,)
-    rng = np.random.default_rng(14)
-    np.savez(tmp_path / "small.npz", mu=np.zeros(3), sigma=np.eye(3), pool=rng.uniform(0, 1, (5, 2048)))
+    x01 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        pool_ref = build_pytorch_fid(mp, state)(x01)[0].flatten(1).numpy()
+    assert_rel_close(saved["pool"], pool_ref, 1e-5)
+    np.savez(tmp_path / "small.npz", mu=np.zeros(3), sigma=np.eye(3), pool=pool_ref)
     np.savez(tmp_path / "bare.npz", mu=np.zeros(3), sigma=np.eye(3))
-    monkeypatch.setattr(sys, "argv", ["fid.py", str(tmp_path / "small.npz"), str(tmp_path / "bare.npz"),
-                                      "--device", "cpu"])
     with pytest.warns(UserWarning, match="skipped"):
-        fid.main()
+        fid.main([str(tmp_path / "small.npz"), str(tmp_path / "bare.npz"), "--device", "cpu", "--mode", "pytorch-fid"])
     out = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    assert out["Statistics saved"] == str(tmp_path / "s.npz")
-    assert out["FID"] == "0.0000" and float(out["Inception Score"]) >= 1
+    logits = pool_ref.astype(np.float64) @ state["fc.weight"].double().numpy().T
+    assert float(out["FID"]) == 0 and float(out["Inception Score"]) == pytest.approx(fid.inception_score(logits), abs=1e-4)
     assert out["sFID"] == out["Precision"] == out["Recall"] == "skipped"
 
 
