@@ -41,3 +41,25 @@ def process_group(kind="auto"):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank_seed(global_seed, rank, world):
+    """DiT's per-rank seed, global_seed * world_size + rank."""
+    return global_seed * world + rank
+
+
+def rng_states(world, device):
+    """Every rank's default generator states, gathered on all ranks: [{"cpu", "cuda"}] by rank."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(state, device):
+    """Restore one rank's default generators from an entry of rng_states."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,5 +1,20 @@
+"""Shared by the test modules: the repository on sys.path, a tiny training configuration, a
+Fashion-MNIST subset, checkpoint loading and the one-line error check."""
+import gzip
+import os
+import sys
+
+import numpy as np
 import pytest
 import torch
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+# A DiS-S/2 shrunk to D=16 and 2 blocks + mid, on 8x8 images: a training step takes milliseconds.
+TINY = ["--device", "cpu", "--embed-dim", "16", "--depth", "2", "--image-size", "8", "--global-batch-size", "8",
+        "--warmup-steps", "1", "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-download"]
 
 
 @pytest.fixture
@@ -19,3 +34,44 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def one_line_error(argv, main):
+    """The message of the SystemExit that main(argv) raises, checked to be a single line."""
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    message = str(error.value.code)
+    assert "\n" not in message
+    return message
+
+
+def fashion_arrays(count):
+    """The first `count` Fashion-MNIST training images (count, 28, 28) and labels, read with the
+    IDX layout's fixed header sizes (16 and 8 bytes); random images when the package is absent."""
+    if os.path.isdir(FASHION):
+        with gzip.open(os.path.join(FASHION, "train-images-idx3-ubyte.gz")) as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:count]
+        with gzip.open(os.path.join(FASHION, "train-labels-idx1-ubyte.gz")) as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
+        return images, labels
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), (np.arange(count) % 10).astype(np.uint8)
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_fashion_subset(folder, count=32):
+    """A Fashion-MNIST folder holding only the first `count` training images."""
+    images, labels = fashion_arrays(count)
+    os.makedirs(folder, exist_ok=True)
+    write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), labels)
+    return str(folder)

@@ -1,7 +1,6 @@
 """train.py end to end on tiny configurations (CPU): data pipeline against numpy/PIL, resume
 equals an uninterrupted run, torchrun with 2 gloo processes equals 1 process, the latent path
 with a random SD-architecture VAE against diffusers' own encoder, stopping, and the errors."""
-import gzip
 import json
 import os
 import shutil
@@ -14,47 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, REPO)
-import diffusion  # noqa: E402
-import model as dis  # noqa: E402
-import train  # noqa: E402
-
-FASHION = "/usr/share/datasets/fashion-mnist"
-# A DiS-S/2 shrunk to D=16 and 2 blocks + mid, on 8x8 images: a training step takes milliseconds.
-TINY = ["--device", "cpu", "--embed-dim", "16", "--depth", "2", "--image-size", "8", "--global-batch-size", "8", "--warmup-steps", "1",
-        "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-download"]
-
+import data
+import diffusion
+import model as dis
+import train
+from conftest import REPO, TINY, fashion_arrays, load, one_line_error, write_fashion_subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fashion_arrays(count):
-    """The first `count` Fashion-MNIST training images (count, 28, 28) and labels, read with the
-    IDX layout's fixed header sizes (16 and 8 bytes); random images when the package is absent."""
-    if os.path.isdir(FASHION):
-        with gzip.open(os.path.join(FASHION, "train-images-idx3-ubyte.gz")) as f:
-            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:count]
-        with gzip.open(os.path.join(FASHION, "train-labels-idx1-ubyte.gz")) as f:
-            labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
-        return images, labels
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), (np.arange(count) % 10).astype(np.uint8)
-
-
-def write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-def write_fashion_subset(folder, count=32):
-    """A Fashion-MNIST folder holding only the first `count` training images."""
-    images, labels = fashion_arrays(count)
-    os.makedirs(folder, exist_ok=True)
-    write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), images)
-    write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), labels)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +30,6 @@ def fashion(tmp_path_factory):
 def run_dir(results):
     (name,) = os.listdir(results)
     return os.path.join(results, name)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_state(a, b, atol=0.0):
@@ -95,8 +56,7 @@ def poison_step(monkeypatch, call, ranks):
 
 def test_fashion_mnist_pipeline_matches_numpy_and_pil(fashion):
     images, labels = fashion_arrays(32)
-    args, _ = train.parse_args(["--data-path", fashion, "--image-size", "32", "--no-download"])
-    source, where = train.load_dataset(args, torch.device("cpu"))
+    source, where = data.load_dataset("fashion-mnist", fashion, 32, torch.device("cpu"), download=False)
     assert where == fashion and len(source) == 32
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # 28 -> 32 with black
     np.testing.assert_array_equal(source.images[:, 0].numpy(), padded)
@@ -109,16 +69,15 @@ def test_fashion_mnist_pipeline_matches_numpy_and_pil(fashion):
     np.testing.assert_allclose(x[:, 0].numpy(), expected, atol=1e-6)
     np.testing.assert_array_equal(y.numpy(), labels[[3, 0, 7]])
     # Other sizes: antialiased bilinear like PIL's, to one grey level.
-    args.image_size = 16
-    small = train.load_dataset(args, torch.device("cpu"))[0].images[:, 0].numpy().astype(int)
+    small = data.load_dataset("fashion-mnist", fashion, 16, torch.device("cpu"))[0].images[:, 0].numpy().astype(int)
     pil = np.stack([np.asarray(Image.fromarray(p).resize((16, 16), Image.BILINEAR)) for p in padded]).astype(int)
     assert np.abs(small - pil).max() <= 1
 
 
 def test_batch_plan_covers_each_epoch_and_splits_over_ranks():
     n, batch = 20, 6  # 3 steps per epoch, 2 images dropped
-    single = train.batch_plan(n, batch, 0, 1, seed=5, start_step=0)
-    halves = [train.batch_plan(n, batch, r, 2, seed=5, start_step=0) for r in range(2)]
+    single = data.batch_plan(n, batch, 0, 1, seed=5, start_step=0)
+    halves = [data.batch_plan(n, batch, r, 2, seed=5, start_step=0) for r in range(2)]
     for step in range(7):
         idx, flip = next(single)
         parts = [next(h) for h in halves]
@@ -129,8 +88,8 @@ def test_batch_plan_covers_each_epoch_and_splits_over_ranks():
         seen += idx.tolist()
         if step % 3 == 2:
             assert len(set(seen)) == 18  # no image twice in an epoch
-    resumed = train.batch_plan(n, batch, 0, 1, seed=5, start_step=4)
-    fresh = train.batch_plan(n, batch, 0, 1, seed=5, start_step=0)
+    resumed = data.batch_plan(n, batch, 0, 1, seed=5, start_step=4)
+    fresh = data.batch_plan(n, batch, 0, 1, seed=5, start_step=0)
     for _ in range(4):
         next(fresh)
     assert torch.equal(next(resumed)[0], next(fresh)[0])
@@ -316,24 +275,16 @@ def test_repeated_nonfinite_losses_stop_with_a_checkpoint(fashion, tmp_path, mon
 
 # ----------------------------------------------------------------------------- errors
 
-def one_line_error(argv, main=train.main):
-    """The message of the SystemExit that main(argv) raises, checked to be a single line."""
-    with pytest.raises(SystemExit) as error:
-        main(argv)
-    message = str(error.value.code)
-    assert "\n" not in message
-    return message
-
-
 def test_error_missing_dataset(tmp_path):
-    message = one_line_error(["--data-path", str(tmp_path / "nowhere"), *TINY, "--results-dir", str(tmp_path)])
+    message = one_line_error(["--data-path", str(tmp_path / "nowhere"), *TINY, "--results-dir", str(tmp_path)],
+                             train.main)
     assert str(tmp_path / "nowhere") in message and "apt-get install dataset-fashion-mnist" in message
 
 
 def test_error_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     message = one_line_error(["--dataset", "folder", "--data-path", str(tmp_path / "empty"), *TINY,
-                              "--results-dir", str(tmp_path / "r")])
+                              "--results-dir", str(tmp_path / "r")], train.main)
     assert "no images" in message and str(tmp_path / "empty") in message
 
 
@@ -351,7 +302,7 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
 
 def test_error_patch_size_does_not_divide(fashion, tmp_path):
     message = one_line_error(["--data-path", fashion, *TINY, "--model", "DiS-S/4", "--image-size", "10",
-                              "--results-dir", str(tmp_path)])
+                              "--results-dir", str(tmp_path)], train.main)
     assert "patch size 4 of DiS-S/4" in message and "10x10" in message
 
 
@@ -366,7 +317,7 @@ def test_error_vae_missing_offline(fashion, tmp_path):
 
 def test_error_latents_folder_without_latents(tmp_path):
     message = one_line_error(["--dataset", "latents", "--data-path", str(tmp_path), *TINY, "--sample-every", "0",
-                              "--results-dir", str(tmp_path / "r")])
+                              "--results-dir", str(tmp_path / "r")], train.main)
     assert "latents.npy" in message
 
 
@@ -374,7 +325,7 @@ def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", out_of_memory)
-    message = one_line_error(["--data-path", fashion, *TINY, "--results-dir", str(tmp_path)])
+    message = one_line_error(["--data-path", fashion, *TINY, "--results-dir", str(tmp_path)], train.main)
     assert "--global-batch-size" in message and "--grad-checkpointing" in message and "bf16" in message
 
 
@@ -391,9 +342,10 @@ def test_out_of_memory_advice_fits_the_run():
 
 
 def test_scan_save_every_needs_the_triton_scan(fashion, tmp_path):
-    message = one_line_error(["--data-path", fashion, *TINY, "--scan-save-every", "2", "--results-dir", str(tmp_path)])
+    args = ["--data-path", fashion, *TINY, "--results-dir", str(tmp_path)]
+    message = one_line_error(args + ["--scan-save-every", "2"], train.main)
     assert "--scan-save-every applies to our Triton and CUDA scans" in message
-    message = one_line_error(["--data-path", fashion, *TINY, "--scan-save-every", "0", "--results-dir", str(tmp_path)])
+    message = one_line_error(args + ["--scan-save-every", "0"], train.main)
     assert "at least 1" in message
 
 
@@ -401,8 +353,8 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     modes = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append(kwargs.get("mode")))
     config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=10)
-    for flags, expected in ((["--compile"], ["default"]), (["--compile", "--compile-mode", "reduce-overhead"], ["reduce-overhead"]),
-                            ([], [])):
+    for flags, expected in ((["--compile"], ["default"]), ([], []),
+                            (["--compile", "--compile-mode", "reduce-overhead"], ["reduce-overhead"])):
         modes.clear()
         args, _ = train.parse_args(["--data-path", "unused", *TINY, *flags])
         train.build_model(config, None, args, torch.device("cpu"), 1)
