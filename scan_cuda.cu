@@ -1,8 +1,11 @@
 // The selective scan of DiS's bidirectional Mamba mixer as CUDA kernels, forward and backward,
-// with the contract of scan_triton.py's _scan_forward / _scan_backward (token-major layout
-// (batch, L, directions, E), direction 1 walking the same memory backwards; the gate z and the
-// output y shared by the directions). scan_cuda.py builds and calls them; the readable
-// definition is scan.py's selective_scan_ref, which the tests compare against.
+// in token-major layout (batch, L, directions, E), direction 1 walking the same memory
+// backwards; the gate z and the output y are shared by the directions. The readable definition
+// is scan.py's selective_scan_ref, which the tests compare against.
+//
+// Device code only, with no #include: scan_cuda.py compiles this file at run time with NVRTC
+// (one program per input dtype, the kernels instantiated through name expressions), allocates
+// the outputs and launches the kernels.
 //
 // Four lanes (a quad) own one channel e of one batch element, each lane four of its 16 states,
 // in registers: a warp holds 8 channels, so that even one direction at (32, 768, 1026) gives the
@@ -27,26 +30,16 @@
 // with element 4q + j = B[4q + (j ^ m)].
 //
 // Training: the forward pass saves the state at the start of every save_every-th chunk of four
-// steps (float32, (batch, directions, saved, E, 16), register order). The backward pass walks
-// the chunks last to first: from the saved state it recomputes the chunk forwards, keeping
-// a_s = exp(delta_s A) and a_s h_{s-1} per step in registers and forming dC_s = sum_e g_s h_s
-// (g = dy silu(z)) on the way, then runs the adjoint dh_s = C_s g_s + a_{s+1} dh_{s+1}
-// backwards, forming dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past
-// the end of the sequence run with delta = u = g = 0, which leaves every state and sum alone.
-#include <torch/extension.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <limits>
-#include <map>
-#include <mutex>
-#include <tuple>
-#include <utility>
+// steps ((batch, directions, saved, E, 16) in register order, float32 or the inputs' 16-bit
+// type). The backward pass walks the chunks last to first: from the saved state it recomputes
+// the chunk forwards, keeping a_s = exp(delta_s A) and a_s h_{s-1} per step in registers and
+// forming dC_s = sum_e g_s h_s (g = dy silu(z)) on the way, then runs the adjoint
+// dh_s = C_s g_s + a_{s+1} dh_{s+1} backwards, forming dB_s = sum_e dh_s delta_s u_s and the
+// per-channel gradients. Steps past the end of the sequence run with delta = u = g = 0, which
+// leaves every state and sum alone.
+namespace dis {
 
-namespace {
+typedef long long i64;
 
 constexpr int NS = 16;       // states per channel, padded with zero states
 constexpr int QUAD = 4;      // lanes per channel
@@ -55,27 +48,76 @@ constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
+// The arguments of the scan kernels, passed by value; scan_cuda.py's Params mirrors this layout
+// (and appends static_asserts on it to this source when it compiles it).
 struct Params {
   const void *u, *dl, *B, *C, *z, *dy;
   const float *A, *D, *bias;
   void *y, *du, *ddl, *dz;
-  float *states, *dBC, *dA, *dD, *dbias;
-  int64_t su_b, su_l, su_d, sd_b, sd_l, sd_d;
-  int64_t sB_b, sB_l, sB_d, sB_n, sC_b, sC_l, sC_d, sC_n;
-  int64_t sz_b, sz_l, sy_b, sy_l;  // z; y (forward) or dy (backward)
-  int64_t per_b;  // backward: the batch stride of dA, dD, dbias (one buffer of partial sums)
+  void* states;  // float32, or u's 16-bit type (the template parameter S of the kernels)
+  float *dBC, *dA, *dD, *dbias;
+  i64 su_b, su_l, su_d, sd_b, sd_l, sd_d;
+  i64 sB_b, sB_l, sB_d, sB_n, sC_b, sC_l, sC_d, sC_n;
+  i64 sz_b, sz_l, sy_b, sy_l;  // z; y (forward) or dy (backward)
+  i64 per_b;  // backward: the batch stride of dA, dD, dbias (one buffer of partial sums)
   int batch, L, E, ND, N, save_every, n_saved;
   int blk0;  // backward: the first block of the launch (blocks are numbered batch-major)
   bool save_states;
 };
 
+// ---- 16-bit storage types ----------------------------------------------------------------------------
+// bfloat16 and float16 as bits: all arithmetic is in float32, these types are only loaded, stored
+// and converted (with no header, so that NVRTC compiles this file as it is).
+struct bf16 {
+  unsigned short bits;
+};
+struct f16 {
+  unsigned short bits;
+};
+
 __device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float((unsigned)x.bits << 16); }
+__device__ __forceinline__ float to_f(f16 x) {
+  float y;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(x.bits));
+  return y;
+}
+
+// float32 -> bfloat16 rounded to nearest, ties to even, by integer arithmetic: adding 0x7fff
+// plus the lowest kept bit carries into the kept bits exactly when the dropped half is above one
+// half, or one half with an odd kept part. Infinities stay infinite; a NaN is kept a NaN (its
+// top mantissa bit set), which the carry could turn into an infinity.
+__device__ __forceinline__ unsigned short bf16_rne(float x) {
+  const unsigned u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The same rounding in one instruction where the GPU has it (sm_80 and later).
+__device__ __forceinline__ unsigned short bf16_bits(float x) {
+#if __CUDA_ARCH__ >= 800
+  unsigned short y;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(x));
+  return y;
+#else
+  return bf16_rne(x);
+#endif
+}
+
 template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return bf16{bf16_bits(x)}; }
+template <> __device__ __forceinline__ f16 from_f<f16>(float x) {
+  f16 y;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(y.bits) : "f"(x));
+  return y;
+}
+
+// A load through the read-only data cache.
+__device__ __forceinline__ float ldg(const float* p) { return __ldg(p); }
+template <typename T> __device__ __forceinline__ T ldg(const T* p) {
+  return T{__ldg(reinterpret_cast<const unsigned short*>(p))};
+}
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -152,23 +194,23 @@ __device__ __forceinline__ int time_of(const Params& p, int d, int s) { return d
 template <typename T, int K>
 struct BCLoader {
   const T* at;    // this thread's value in the segment `seg`
-  int64_t step;   // one segment along, in the direction of travel
+  i64 step;   // one segment along, in the direction of travel
   int seg, i;     // which segment comes next, which of its steps this thread loads
   bool on;        // a thread with a value to load (idx < K * 32, n < N)
   __device__ BCLoader(const Params& p, int b, int d, int seg0, int dir) : seg(seg0) {
     const int idx = threadIdx.x, kind = (idx >> 4) & 1, n = idx & 15;
     i = idx >> 5;
     on = idx < K * 32 && n < p.N;
-    const int64_t sb = kind ? p.sC_b : p.sB_b, sl = kind ? p.sC_l : p.sB_l, sd = kind ? p.sC_d : p.sB_d,
+    const i64 sb = kind ? p.sC_b : p.sB_b, sl = kind ? p.sC_l : p.sB_l, sd = kind ? p.sC_d : p.sB_d,
                   sn = kind ? p.sC_n : p.sB_n;
     const int s = seg0 * K + i;
-    at = (const T*)(kind ? p.C : p.B) + b * sb + d * sd + n * sn + (int64_t)time_of(p, d, s) * sl;
+    at = (const T*)(kind ? p.C : p.B) + b * sb + d * sd + n * sn + (i64)time_of(p, d, s) * sl;
     step = (d ? -sl : sl) * K * dir;
   }
   // Loaded values stay in their own type until used: converting them right away would make the
   // thread wait for the load there (the compiler places the conversion next to the load).
   __device__ T fetch(const Params& p, int dir) {
-    const T v = on && seg * K + i < p.L ? __ldg(at) : from_f<T>(0.f);
+    const T v = on && seg * K + i < p.L ? ldg(at) : from_f<T>(0.f);
     at += step;
     seg += dir;
     return v;
@@ -199,11 +241,11 @@ __device__ __forceinline__ void unpack(float4 v, float (&x)[SL]) { x[0] = v.x; x
 template <typename T, int K>
 struct Stream {
   T* at;
-  int64_t own_step, seg_step;
-  __device__ Stream(const void* base, int64_t offset, int64_t stride_l, const Params& p, int d, int seg0, int dir,
+  i64 own_step, seg_step;
+  __device__ Stream(const void* base, i64 offset, i64 stride_l, const Params& p, int d, int seg0, int dir,
                     const Lane& ln) {
-    const int64_t sl = d ? -stride_l : stride_l;
-    at = (T*)base + offset + (d ? (int64_t)(p.L - 1) * stride_l : 0) + (int64_t)(seg0 * K + ln.q) * sl;
+    const i64 sl = d ? -stride_l : stride_l;
+    at = (T*)base + offset + (d ? (i64)(p.L - 1) * stride_l : 0) + (i64)(seg0 * K + ln.q) * sl;
     own_step = QUAD * sl;
     seg_step = K * sl * dir;
   }
@@ -219,7 +261,7 @@ __device__ __forceinline__ void load_owned(Stream<const T, K>& w, int seg, int L
 #pragma unroll
   for (int k = 0; k < K / QUAD; ++k) {
     const int s = seg * K + QUAD * k + ln.q;
-    x[k] = on && ln.active && s < L ? __ldg(w.ptr(k)) : from_f<T>(0.f);
+    x[k] = on && ln.active && s < L ? ldg(w.ptr(k)) : from_f<T>(0.f);
   }
   w.move();
 }
@@ -229,19 +271,38 @@ __device__ __forceinline__ void direction_A2(const Params& p, int d, const Lane&
 #pragma unroll
   for (int j = 0; j < SL; ++j) {
     const int n = ln.state(j);
-    A2[j] = ln.active && n < p.N ? p.A[((int64_t)d * p.E + ln.e) * p.N + n] * LOG2E : 0.f;
+    A2[j] = ln.active && n < p.N ? p.A[((i64)d * p.E + ln.e) * p.N + n] * LOG2E : 0.f;
   }
 }
 
-// The saved state k of direction d: this lane's four registers. State k + 1 is saved_step further.
-__device__ __forceinline__ float4* saved_state(const Params& p, int b, int d, int k, const Lane& ln) {
-  return reinterpret_cast<float4*>(p.states + ((((int64_t)b * p.ND + d) * p.n_saved + k) * p.E + ln.e) * NS) + ln.q;
+// The saved state k of direction d, in S (float32 or u's 16-bit type): this lane's four
+// registers. State k + 1 is saved_step further.
+template <typename S>
+__device__ __forceinline__ S* saved_state(const Params& p, int b, int d, int k, const Lane& ln) {
+  return (S*)p.states + ((((i64)b * p.ND + d) * p.n_saved + k) * p.E + ln.e) * NS + 4 * ln.q;
 }
-__device__ __forceinline__ int64_t saved_step(const Params& p) { return (int64_t)p.E * NS / 4; }
+__device__ __forceinline__ i64 saved_step(const Params& p) { return (i64)p.E * NS; }
+
+// Four states to and from their storage: one 16-byte access in float32, 8 bytes in 16 bits.
+__device__ __forceinline__ void put_state(float* at, const float (&h)[SL]) {
+  *reinterpret_cast<float4*>(at) = make_float4(h[0], h[1], h[2], h[3]);
+}
+template <typename S> __device__ __forceinline__ void put_state(S* at, const float (&h)[SL]) {
+  const unsigned lo = from_f<S>(h[0]).bits | (unsigned)from_f<S>(h[1]).bits << 16;
+  const unsigned hi = from_f<S>(h[2]).bits | (unsigned)from_f<S>(h[3]).bits << 16;
+  *reinterpret_cast<uint2*>(at) = make_uint2(lo, hi);
+}
+__device__ __forceinline__ float4 get_state(const float* at) { return *reinterpret_cast<const float4*>(at); }
+template <typename S> __device__ __forceinline__ float4 get_state(const S* at) {
+  const uint2 v = *reinterpret_cast<const uint2*>(at);
+  return make_float4(to_f(S{(unsigned short)(v.x & 0xffffu)}), to_f(S{(unsigned short)(v.x >> 16)}),
+                     to_f(S{(unsigned short)(v.y & 0xffffu)}), to_f(S{(unsigned short)(v.y >> 16)}));
+}
 
 // ---- forward --------------------------------------------------------------------------------------------
 // Direction d; grid (E / (THREADS / 4), batch). Direction 1 adds its gated output onto direction 0's.
-template <typename T, int d, int K, int THREADS, int MIN_BLOCKS>
+// T: the type of u, delta, B, C, z and y; S: the type of the saved states.
+template <typename T, typename S, int d, int K, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p) {
   constexpr int OWN = K / QUAD;
   static_assert(K % QUAD == 0 && K * 32 <= THREADS, "a segment's B and C are one value per thread");
@@ -270,7 +331,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
   store_bc<T, K>(bc[0], bcl.fetch(p, 1));
   __syncthreads();
   int phase = 0;  // which chunk of QUAD steps: c % save_every
-  float4* saved = p.save_states ? saved_state(p, b, d, 0, ln) : nullptr;  // state c / save_every
+  S* saved = p.save_states ? saved_state<S>(p, b, d, 0, ln) : nullptr;  // state c / save_every
   for (int seg = 0; seg < n_seg; ++seg) {
     T uu[OWN], xx[OWN], zz[OWN], yp[OWN];
 #pragma unroll
@@ -294,7 +355,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
 #pragma unroll
     for (int g = 0; g < OWN; ++g) {  // a chunk of QUAD steps: the backward pass's segment
       if (p.save_states && phase == 0 && ln.active && seg * K + QUAD * g < p.L)
-        *saved = make_float4(h[0], h[1], h[2], h[3]);
+        put_state(saved, h);
       if (++phase == p.save_every) {
         phase = 0;
         if (p.save_states) saved += saved_step(p);
@@ -330,31 +391,32 @@ template <typename T>
 __device__ void advance(const Params& p, int b, int d, int c, const Lane& ln, float bias, const float (&A2)[SL],
                         float (&h)[SL]) {
   for (int i = 0; i < QUAD; ++i) {
-    const int64_t t = time_of(p, d, c * QUAD + i);
-    const float dt = ln.active ? softplus(to_f(__ldg((const T*)p.dl + b * p.sd_b + t * p.sd_l + d * p.sd_d + ln.e)) + bias) : 0.f;
-    const float du = ln.active ? dt * to_f(__ldg((const T*)p.u + b * p.su_b + t * p.su_l + d * p.su_d + ln.e)) : 0.f;
+    const i64 t = time_of(p, d, c * QUAD + i);
+    const float dt = ln.active ? softplus(to_f(ldg((const T*)p.dl + b * p.sd_b + t * p.sd_l + d * p.sd_d + ln.e)) + bias) : 0.f;
+    const float du = ln.active ? dt * to_f(ldg((const T*)p.u + b * p.su_b + t * p.su_l + d * p.su_d + ln.e)) : 0.f;
 #pragma unroll
     for (int j = 0; j < SL; ++j) {
       const int n = ln.state(j);
-      const float Bn = n < p.N ? to_f(__ldg((const T*)p.B + b * p.sB_b + t * p.sB_l + d * p.sB_d + n * p.sB_n)) : 0.f;
+      const float Bn = n < p.N ? to_f(ldg((const T*)p.B + b * p.sB_b + t * p.sB_l + d * p.sB_d + n * p.sB_n)) : 0.f;
       h[j] = fmaf(ex2(dt * A2[j]), h[j], du * Bn);
     }
   }
 }
 
+template <typename S>
 __device__ __forceinline__ float4 load_state(const Params& p, int b, int d, int k, const Lane& ln) {
-  return ln.active && k >= 0 ? *saved_state(p, b, d, k, ln) : make_float4(0.f, 0.f, 0.f, 0.f);
+  return ln.active && k >= 0 ? get_state(saved_state<S>(p, b, d, k, ln)) : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 // Direction d, walking time backwards in segments of one chunk (QUAD steps, one owned by each
 // lane of a quad); grid (E / (THREADS / 4), batch). Direction 1 adds its dz onto direction 0's.
-template <typename T, int d, int THREADS, int MIN_BLOCKS>
+template <typename T, typename S, int d, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p) {
   constexpr int K = QUAD, WARPS = THREADS / 32;
   static_assert(K * 32 <= THREADS, "a segment's B and C are one value per thread");
   __shared__ __align__(16) float bc[2][bc_floats<K>()];
   __shared__ float red[2][K * 2 * WARPS * NS];  // [step][B, C][warp][state]: per-warp channel sums
-  // a 1-D grid, possibly split in two launches (launch_bwd_direction): block (channels cb, batch b)
+  // a 1-D grid, possibly split in two launches (scan_cuda.py): block (channels cb, batch b)
   const int n_cb = (p.E + THREADS / QUAD - 1) / (THREADS / QUAD), blk = p.blk0 + (int)blockIdx.x;
   const int cb = blk % n_cb, b = blk / n_cb;
   const Lane ln = Lane::of<THREADS>(p.E, cb);
@@ -369,10 +431,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
   Stream<const T, K> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d, last, -1, ln);
   Stream<const T, K> wg(p.dy, b * p.sy_b + ln.e, p.sy_l, p, d, last, -1, ln);
   // dz, du, ddelta: contiguous; direction 0's dz (wdzp) is read as its y is forward
-  Stream<const T, K> wdzp(p.dz, (int64_t)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
-  Stream<T, K> wdz(p.dz, (int64_t)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
-  Stream<T, K> wdu(p.du, ((int64_t)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
-  Stream<T, K> wddl(p.ddl, ((int64_t)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
+  Stream<const T, K> wdzp(p.dz, (i64)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
+  Stream<T, K> wdz(p.dz, (i64)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
+  Stream<T, K> wdu(p.du, ((i64)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
+  Stream<T, K> wddl(p.ddl, ((i64)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
   BCLoader<T, K> bcl(p, b, d, last, -1);
   float dh[SL], dA[SL], a_after[SL];  // a_after: a of the step after the segment
 #pragma unroll
@@ -385,7 +447,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
   load_owned(wg, last, p.L, ln, true, ng);
   load_owned(wdzp, last, p.L, ln, d > 0, nq);
   int phase = last % p.save_every, saved = last / p.save_every;  // seg % save_every, seg / save_every
-  float4 nh = load_state(p, b, d, saved, ln);
+  float4 nh = load_state<S>(p, b, d, saved, ln);
   store_bc<T, K>(bc[last & 1], bcl.fetch(p, -1));
   __syncthreads();
   for (int seg = last; seg >= 0; --seg) {
@@ -403,7 +465,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
       load_owned(wz, seg - 1, p.L, ln, true, nz);
       load_owned(wg, seg - 1, p.L, ln, true, ng);
       load_owned(wdzp, seg - 1, p.L, ln, d > 0, nq);
-      nh = load_state(p, b, d, saved, ln);
+      nh = load_state<S>(p, b, d, saved, ln);
     }
     for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, ln, bias, A2, h);
     const float* cur = bc[seg & 1];
@@ -478,8 +540,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
         float sum = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += rs[((i * 2 + kind) * WARPS + w) * NS + n];
-        const int64_t t = time_of(p, d, st);
-        p.dBC[((((int64_t)cb * p.batch + b) * p.L + t) * p.ND + d) * 2 * p.N + kind * p.N + n] = sum;
+        const i64 t = time_of(p, d, st);
+        p.dBC[((((i64)cb * p.batch + b) * p.L + t) * p.ND + d) * 2 * p.N + kind * p.N + n] = sum;
       }
     }
   }
@@ -487,7 +549,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
 #pragma unroll
     for (int j = 0; j < SL; ++j) {
       const int n = ln.state(j);
-      if (n < p.N) p.dA[b * p.per_b + ((int64_t)d * p.E + ln.e) * p.N + n] = dA[j];
+      if (n < p.N) p.dA[b * p.per_b + ((i64)d * p.E + ln.e) * p.N + n] = dA[j];
     }
   }
   // the channel's sums over its owners
@@ -505,21 +567,35 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
 // One launch finishes what the backward kernels leave as partial sums, each in a fixed order (no
 // atomics, so results do not change between runs): dB and dC over the blocks of channels,
 // (blocks, batch, L, ND, 2, N) -> (batch, L, ND, N) in B's type; dA, dD and dbias over the batch.
+// The arguments of finish_bwd_kernel (scan_cuda.py's Sums mirrors them).
+struct Sums {
+  const float* dBC;          // (n_blocks, rows, 2, N): partial sums of dB and dC
+  const float* per_channel;  // (batch, n_A + 2 n_D): partial sums of dA, dD and dbias
+  void *dB, *dC;             // (rows, N) in T
+  float *dA, *dD, *dbias;    // (n_A,), (n_D,), (n_D,)
+  i64 rows, n_A, n_D;        // rows = batch * L * ND
+  int n_blocks, N, batch;
+};
+
 template <typename T>
-__global__ void finish_bwd_kernel(const float* __restrict__ dBC, int n_blocks, int64_t rows, int N, T* dB, T* dC,
-                                  const float* __restrict__ per_channel, float* dA, int64_t n_A, float* dD,
-                                  float* dbias, int64_t n_D, int batch) {
-  const int64_t n_BC = rows * 2 * N, i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+__global__ void finish_bwd_kernel(Sums a) {
+  const float* __restrict__ dBC = a.dBC;
+  const float* __restrict__ per_channel = a.per_channel;
+  T *dB = (T*)a.dB, *dC = (T*)a.dC;
+  float *dA = a.dA, *dD = a.dD, *dbias = a.dbias;
+  const i64 rows = a.rows, n_A = a.n_A, n_D = a.n_D;
+  const int n_blocks = a.n_blocks, N = a.N, batch = a.batch;
+  const i64 n_BC = rows * 2 * N, i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n_BC) {  // dBC element (row, kind, n), row = (b, t, d)
     float sum = 0.f;
     for (int k = 0; k < n_blocks; ++k) sum += __ldg(dBC + k * n_BC + i);
-    const int64_t row = i / (2 * N);
+    const i64 row = i / (2 * N);
     const int kind = (int)(i / N) & 1, n = (int)(i % N);
     (kind ? dC : dB)[row * N + n] = from_f<T>(sum);
     return;
   }
   // per-channel gradients: dA (batch, ND, E, N), then dD and dbias (batch, ND, E), one buffer
-  const int64_t j = i - n_BC, per_b = n_A + 2 * n_D;
+  const i64 j = i - n_BC, per_b = n_A + 2 * n_D;
   if (j >= per_b) return;
   float sum = 0.f;
   for (int b = 0; b < batch; ++b) sum += __ldg(per_channel + b * per_b + j);
@@ -528,197 +604,4 @@ __global__ void finish_bwd_kernel(const float* __restrict__ dBC, int n_blocks, i
   else dbias[j - n_A - n_D] = sum;
 }
 
-// ---- host side --------------------------------------------------------------------------------------------
-// One configuration, tuned on the H100 at DiS's shapes (BENCHMARKS.md): the forward pass in
-// segments of 8 steps, 64 channels (256 threads) per block, capped at 64 registers; the backward
-// pass in segments of 4 steps (QUAD), BWD_THREADS / 4 channels per block, capped at 128 registers.
-constexpr int FWD_SEGMENT = 8, FWD_THREADS = 256, FWD_MIN_BLOCKS = 4;
-constexpr int BWD_THREADS = 256, BWD_MIN_BLOCKS = 2;
-constexpr int BWD_CHANNELS = BWD_THREADS / QUAD;  // per block: the partial sums of dB and dC
-
-// Tests set this so that every buffer the extension allocates starts as NaN, and an element the
-// kernels fail to write shows in the results.
-bool poison_outputs = false;
-
-torch::Tensor new_buffer(c10::IntArrayRef sizes, const torch::TensorOptions& options) {
-  auto t = torch::empty(sizes, options);
-  if (poison_outputs) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  return t;
-}
-
-torch::Tensor unit_stride(const torch::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
-
-torch::Tensor param(const torch::Tensor& x) {  // skips torch's dispatcher when x is already as read
-  return x.scalar_type() == torch::kFloat && x.is_contiguous() ? x : x.to(torch::kFloat).contiguous();
-}
-
-c10::optional<torch::Tensor> param(const c10::optional<torch::Tensor>& x) {
-  if (!x) return c10::nullopt;
-  return param(*x);
-}
-
-// The inputs as the kernels read them (kept alive by the caller until the launches are queued):
-// u, delta, z, dy with unit stride along E, A, D and bias as contiguous float32.
-struct Inputs {
-  torch::Tensor u, delta, A, B, C, z;
-  c10::optional<torch::Tensor> D, bias;
-  Inputs(const torch::Tensor& u_, const torch::Tensor& delta_, const torch::Tensor& A_, const torch::Tensor& B_,
-         const torch::Tensor& C_, const c10::optional<torch::Tensor>& D_, const torch::Tensor& z_,
-         const c10::optional<torch::Tensor>& bias_)
-      : u(unit_stride(u_)), delta(unit_stride(delta_)), A(param(A_)), B(B_), C(C_),
-        z(unit_stride(z_)), D(param(D_)), bias(param(bias_)) {}
-};
-
-Params common_params(const Inputs& in, int64_t save_every) {
-  const torch::Tensor &u = in.u, &delta = in.delta, &A = in.A, &B = in.B, &C = in.C, &z = in.z;
-  const auto t = u.scalar_type();
-  TORCH_CHECK(delta.scalar_type() == t && B.scalar_type() == t && C.scalar_type() == t && z.scalar_type() == t,
-              "scan_cuda: u, delta, B, C and z must have one dtype (scan_cuda.supports says which calls fit)");
-  Params p{};
-  p.u = u.data_ptr(); p.dl = delta.data_ptr(); p.B = B.data_ptr(); p.C = C.data_ptr();
-  p.z = z.data_ptr();
-  p.A = A.data_ptr<float>();
-  p.D = in.D ? in.D->data_ptr<float>() : nullptr;
-  p.bias = in.bias ? in.bias->data_ptr<float>() : nullptr;
-  p.su_b = u.stride(0); p.su_l = u.stride(1); p.su_d = u.stride(2);
-  p.sd_b = delta.stride(0); p.sd_l = delta.stride(1); p.sd_d = delta.stride(2);
-  p.sB_b = B.stride(0); p.sB_l = B.stride(1); p.sB_d = B.stride(2); p.sB_n = B.stride(3);
-  p.sC_b = C.stride(0); p.sC_l = C.stride(1); p.sC_d = C.stride(2); p.sC_n = C.stride(3);
-  p.sz_b = z.stride(0); p.sz_l = z.stride(1);
-  p.batch = u.size(0); p.L = u.size(1); p.ND = u.size(2); p.E = u.size(3); p.N = A.size(2);
-  p.save_every = save_every;
-  p.n_saved = ((p.L + QUAD - 1) / QUAD + save_every - 1) / save_every;  // a state per chunk of QUAD steps
-  return p;
-}
-
-template <typename T>
-void launch_fwd(const Params& p) {
-  constexpr int channels = FWD_THREADS / QUAD;
-  const dim3 grid((p.E + channels - 1) / channels, p.batch);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  scan_fwd_kernel<T, 0, FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS><<<grid, FWD_THREADS, 0, stream>>>(p);
-  if (p.ND > 1) scan_fwd_kernel<T, 1, FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS><<<grid, FWD_THREADS, 0, stream>>>(p);
-}
-
-// The outputs of the backward pass's sums (finish_bwd_kernel).
-struct Sums {
-  torch::Tensor dB, dC, dA, dD, dbias;
-};
-
-// The backward pass's last, partial wave of blocks runs latency-bound: a block alone on an SM
-// still takes about 0.6 of a full wave's time (BENCHMARKS.md, session 16). When those blocks are
-// at most one per SM, they run as a second launch of the kernel compiled for one block per SM,
-// without the register cap (no spills, about 14% fewer instructions per segment).
-template <typename T, int d>
-void launch_bwd_direction(const Params& p, int n_blocks, cudaStream_t stream) {
-  auto capped = scan_bwd_kernel<T, d, BWD_THREADS, BWD_MIN_BLOCKS>;
-  // blocks of the capped kernel in one wave on this device, and its SMs: asked once per device
-  // and kernel (these statics are per instantiation), not at every call
-  static std::mutex mutex;
-  static std::map<int, std::pair<int, int>> waves;
-  int wave, sms;
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    const int device = c10::cuda::current_device();
-    auto known = waves.find(device);
-    if (known == waves.end()) {
-      int per_sm = 0, n_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, capped, BWD_THREADS, 0));
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
-      known = waves.emplace(device, std::make_pair(per_sm * n_sm, n_sm)).first;
-    }
-    std::tie(wave, sms) = known->second;
-  }
-  const int total = n_blocks * p.batch, tail = wave > 0 ? total % wave : 0;
-  Params q = p;
-  q.blk0 = 0;
-  if (total > wave && tail > 0 && tail <= sms) {
-    capped<<<total - tail, BWD_THREADS, 0, stream>>>(q);
-    q.blk0 = total - tail;
-    scan_bwd_kernel<T, d, BWD_THREADS, 1><<<tail, BWD_THREADS, 0, stream>>>(q);
-  } else {
-    capped<<<total, BWD_THREADS, 0, stream>>>(q);
-  }
-}
-
-template <typename T>
-void launch_bwd(const Params& p, const Sums& out) {
-  const int n_blocks = (p.E + BWD_CHANNELS - 1) / BWD_CHANNELS;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  launch_bwd_direction<T, 0>(p, n_blocks, stream);
-  if (p.ND > 1) launch_bwd_direction<T, 1>(p, n_blocks, stream);
-  const int64_t rows = (int64_t)p.batch * p.L * p.ND, n_A = (int64_t)p.ND * p.E * p.N, n_D = (int64_t)p.ND * p.E;
-  const int64_t total = rows * 2 * p.N + p.per_b, threads = 256;
-  finish_bwd_kernel<T><<<(total + threads - 1) / threads, threads, 0, stream>>>(
-      p.dBC, n_blocks, rows, p.N, (T*)out.dB.data_ptr(), (T*)out.dC.data_ptr(), p.dA, out.dA.data_ptr<float>(), n_A,
-      out.dD.data_ptr<float>(), out.dbias.data_ptr<float>(), n_D, p.batch);
-}
-
-template <typename F>
-void by_dtype(const torch::Tensor& u, F&& f) {
-  switch (u.scalar_type()) {
-    case torch::kFloat: f(float{}); break;
-    case torch::kBFloat16: f(__nv_bfloat16{}); break;
-    case torch::kHalf: f(__half{}); break;
-    default: TORCH_CHECK(false, "scan_cuda: unsupported dtype ", u.scalar_type());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-}  // namespace
-
-// The kernels compute DiS's mixer: delta = softplus(delta + bias), output gated by silu(z).
-// Returns y (batch, L, E) in u's dtype and the states (batch, ND, saved, E, 16) float32 the
-// backward pass starts from (saved = 0 without save_states).
-std::vector<torch::Tensor> scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
-                                    torch::Tensor C, c10::optional<torch::Tensor> D, torch::Tensor z,
-                                    c10::optional<torch::Tensor> bias, bool save_states, int64_t save_every) {
-  const c10::cuda::CUDAGuard guard(u.device());
-  const Inputs in(u, delta, A, B, C, D, z, bias);
-  Params p = common_params(in, save_every);
-  auto y = new_buffer({p.batch, p.L, p.E}, u.options());
-  auto states = new_buffer({p.batch, p.ND, save_states ? p.n_saved : 0, p.E, NS}, u.options().dtype(torch::kFloat));
-  p.y = y.data_ptr(); p.sy_b = y.stride(0); p.sy_l = y.stride(1);
-  p.save_states = save_states;
-  p.states = save_states ? states.data_ptr<float>() : nullptr;
-  by_dtype(u, [&](auto t) { launch_fwd<decltype(t)>(p); });
-  return {y, states};
-}
-
-// Returns du, ddelta (batch, L, ND, E), dA (ND, E, N) in A's dtype, dB, dC (batch, L, ND, N), dD,
-// dbias (ND, E) float32, dz (batch, L, E): all contiguous.
-std::vector<torch::Tensor> scan_bwd(torch::Tensor dy, torch::Tensor u, torch::Tensor delta, torch::Tensor A,
-                                    torch::Tensor B, torch::Tensor C, c10::optional<torch::Tensor> D,
-                                    torch::Tensor z, c10::optional<torch::Tensor> bias, torch::Tensor states,
-                                    int64_t save_every) {
-  const c10::cuda::CUDAGuard guard(u.device());
-  const Inputs in(u, delta, A, B, C, D, z, bias);
-  const torch::Tensor dy_ = unit_stride(dy);
-  Params p = common_params(in, save_every);
-  const auto f32 = u.options().dtype(torch::kFloat);
-  auto du = new_buffer(u.sizes(), u.options()), ddelta = new_buffer(delta.sizes(), delta.options());
-  auto dz = new_buffer(z.sizes(), z.options());
-  // partial sums: dB and dC per block of channels, the per-channel parameters' per batch element
-  const int n_blocks = (p.E + BWD_CHANNELS - 1) / BWD_CHANNELS;
-  auto dBC = new_buffer({n_blocks, p.batch, p.L, p.ND, 2, p.N}, f32);
-  p.per_b = (int64_t)p.ND * p.E * (p.N + 2);
-  auto per_channel = new_buffer({p.batch, p.per_b}, f32);
-  const Sums out{new_buffer({p.batch, p.L, p.ND, p.N}, B.options()), new_buffer({p.batch, p.L, p.ND, p.N}, C.options()),
-                 new_buffer({p.ND, p.E, p.N}, f32), new_buffer({p.ND, p.E}, f32), new_buffer({p.ND, p.E}, f32)};
-  p.dy = dy_.data_ptr(); p.sy_b = dy_.stride(0); p.sy_l = dy_.stride(1);
-  p.states = states.data_ptr<float>();
-  p.du = du.data_ptr(); p.ddl = ddelta.data_ptr(); p.dz = dz.data_ptr();
-  p.dBC = dBC.data_ptr<float>();
-  p.dA = per_channel.data_ptr<float>();
-  p.dD = p.dA + (int64_t)p.ND * p.E * p.N;
-  p.dbias = p.dD + (int64_t)p.ND * p.E;
-  by_dtype(u, [&](auto t) { launch_bwd<decltype(t)>(p, out); });
-  return {du, ddelta, out.dA.to(A.scalar_type()), out.dB, out.dC, out.dD, dz, out.dbias};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("chunk") = QUAD;  // the steps between saved states
-  m.def("scan_fwd", &scan_fwd, "DiS selective scan, forward (both directions)");
-  m.def("scan_bwd", &scan_bwd, "DiS selective scan, backward (both directions)");
-  m.def("poison_outputs", [](bool on) { poison_outputs = on; }, "fill every buffer allocated here with NaN (tests)");
-}
+}  // namespace dis

@@ -1,191 +1,234 @@
-"""scan_cuda.py (our CUDA scan kernels) against the float64 loop reference of test_scan_triton.py,
-on the GPU; the extension is built on first use (a minute or more). Without a GPU, nvcc or ninja
-these tests are skipped, and the CPU checks at the end run."""
+"""scan_cuda.bimamba_scan (our CUDA scan kernels) on the GPU, against scan.selective_scan_ref in
+float64, one direction at a time, as the oracle. The kernels are compiled with NVRTC on first use
+(seconds) and cached on disk. Without a GPU these tests are skipped; tests/test_scan_cuda_compile.py
+checks the rest without one."""
+import ctypes
+
 import pytest
 import torch
 
-import scan
 import scan_cuda
-from scan_triton import bimamba_scan
-from test_scan_triton import check_bimamba, make_inputs, poisoned_empty  # noqa: F401 (a fixture)
+from scan import selective_scan_ref
 
-needs_extension = pytest.mark.skipif(not scan_cuda.available(), reason="needs a GPU, nvcc and ninja")
-
-
-@pytest.fixture
-def poisoned(poisoned_empty):
-    """poisoned_empty, and the buffers the extension allocates NaN too: an element the kernels
-    skip (an output, or a partial sum the extension finishes) shows in the results."""
-    scan_cuda._ext().poison_outputs(True)
-    yield
-    scan_cuda._ext().poison_outputs(False)
-
-
-@pytest.fixture
-def cuda_calls(monkeypatch):
-    """Counts the calls that reach the CUDA kernels (the others run the Triton ones)."""
-    calls = []
-    real = scan_cuda.forward
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(scan_cuda, "forward", spy)
-    return calls
+pytestmark = pytest.mark.gpu
+needs_scan = pytest.mark.skipif(torch.cuda.is_available() and not scan_cuda.available(),
+                                reason=scan_cuda.why_unavailable() if torch.cuda.is_available() else "no GPU")
+bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+# Relative errors (norm of the difference over the norm of the float64 reference) of y and of
+# every gradient. The kernels compute in float32; what differs from the reference is float32's
+# rounding (1e-4 leaves room for the ex2/lg2 approximations) and, for 16-bit inputs, the rounding
+# of y and of the gradients to the inputs' type: half a unit in the last place is 2^-9 = 0.2% for
+# bfloat16, 2^-12 = 0.02% for float16, and norm-wise errors are smaller still. Saved states in 16
+# bits add one such rounding of the state that the backward pass recomputes each chunk from; the
+# same bounds hold with room to spare, while a wrong index or a missed element errs by O(1).
+TOL = {f32: 1e-4, bf16: 1e-2, f16: 5e-3}
 
 
-@pytest.mark.gpu
-@needs_extension
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4), (torch.float16, 5e-3)])
+def make_inputs(batch, L, ND, E, N, dtype, device="cuda", D=True, delta_bias=True, seed=0):
+    """Inputs laid out as DiS's mixer passes them: B, C strided slices of an x_proj output, z the
+    second half of an in_proj output; delta around softplus(-1), A negative."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device)
+    x_proj = r(batch, L, ND, 3 + 2 * N).to(dtype)
+    xz = r(batch, L, 2 * E).to(dtype)
+    return dict(u=r(batch, L, ND, E).to(dtype), delta=r(batch, L, ND, E, scale=0.5, shift=-1.0).to(dtype),
+                A=(-torch.rand(ND, E, N, generator=g, dtype=torch.float64) * 3 - 0.2).to(device, f32),
+                B=x_proj[..., 3:3 + N], C=x_proj[..., 3 + N:], D=r(ND, E).float() if D else None,
+                z=xz[..., E:], delta_bias=r(ND, E, scale=0.3).float() if delta_bias else None)
+
+
+def reference(u, delta, A, B, C, D, z, delta_bias):
+    """The bidirectional scan from selective_scan_ref ((batch, E, L) layout), in the inputs' dtype
+    (float64 here): direction 1 is the scan of the time-flipped inputs, flipped back."""
+    y = 0
+    for d in range(u.shape[2]):
+        def channel_major(x):  # (batch, L, channels) -> (batch, channels, L), flipped for direction 1
+            return (x.flip(1) if d else x).transpose(1, 2)
+        y_d = selective_scan_ref(channel_major(u[:, :, d]), channel_major(delta[:, :, d]), A[d],
+                                 channel_major(B[:, :, d]), channel_major(C[:, :, d]), None if D is None else D[d],
+                                 channel_major(z), None if delta_bias is None else delta_bias[d], delta_softplus=True)
+        y = y + (y_d.flip(-1) if d else y_d).transpose(1, 2)
+    return y
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def run(inputs, dy, **options):
+    """y and the gradients of every input given, from bimamba_scan with every buffer it allocates
+    poisoned with NaN (an element the kernels skip shows)."""
+    names = [k for k, v in inputs.items() if v is not None]
+    leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in names}
+    y = scan_cuda.bimamba_scan(**{**inputs, **leaves}, poison_outputs=True, **options)
+    return y, dict(zip(names, torch.autograd.grad(y, [leaves[k] for k in names], dy)))
+
+
+def check(batch, L, ND, E, N, dtype, states_dtype=None, save_every=1, **make):
+    inputs = make_inputs(batch, L, ND, E, N, dtype, **make)
+    dy = torch.randn(batch, L, E, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to("cuda", dtype)
+    y, grads = run(inputs, dy, states_dtype=states_dtype, save_every=save_every)
+    ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    y_ref = reference(**{**inputs, **ref_leaves})
+    ref_grads = torch.autograd.grad(y_ref, list(ref_leaves.values()), dy.double())
+    tol = TOL[dtype]
+    assert y.shape == (batch, L, E) and y.dtype == dtype and torch.isfinite(y).all()
+    assert rel_err(y, y_ref) < tol, ("y", rel_err(y, y_ref))
+    for (k, leaf), ref in zip(ref_leaves.items(), ref_grads):
+        g = grads[k]
+        assert g.shape == leaf.shape and g.dtype == inputs[k].dtype and torch.isfinite(g).all(), k
+        assert rel_err(g, ref) < tol, (k, rel_err(g, ref))
+
+
+@needs_scan
+@pytest.mark.parametrize("dtype, states_dtype", [(f32, f32), (bf16, bf16), (bf16, f32), (f16, f32), (f16, f16)])
 @pytest.mark.parametrize("batch, L, ND, E, N", [(2, 259, 2, 200, 16), (3, 130, 1, 96, 16), (2, 37, 2, 300, 12)])
-def test_gpu_cuda_bimamba(poisoned, cuda_calls, dtype, tol, batch, L, ND, E, N):
-    check_bimamba(batch, L, ND, E, N, dtype, "cuda", tol, impl="cuda")
-    assert cuda_calls
+def test_gpu_matches_reference(dtype, states_dtype, batch, L, ND, E, N):
+    check(batch, L, ND, E, N, dtype, states_dtype)
 
 
-@pytest.mark.gpu
-@needs_extension
+@needs_scan
 @pytest.mark.parametrize("save_every", [2, 3])
-def test_gpu_cuda_sparse_checkpoints(poisoned, cuda_calls, monkeypatch, save_every):
-    import scan_triton
-    monkeypatch.setattr(scan_triton, "SCAN_SAVE_EVERY", save_every)
-    check_bimamba(2, 259, 2, 200, 16, torch.float32, "cuda", 1e-4, impl="cuda")
-    assert cuda_calls
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_gpu_sparse_checkpoints(dtype, save_every):
+    check(2, 259, 2, 200, 16, dtype, save_every=save_every)
 
 
-@pytest.mark.gpu
-@needs_extension
+@needs_scan
 @pytest.mark.parametrize("batch, L, ND, E", [(6, 65, 2, 3072), (23, 70, 1, 768)])
-def test_gpu_cuda_last_partial_wave(poisoned, cuda_calls, batch, L, ND, E):
-    """Shapes whose backward ends in a partial wave of at most one block per SM on an H100 (132
-    SMs, two blocks of 64 channels each: 288 and 276 blocks): those blocks run as a second
-    launch, of the kernel compiled for one block per SM."""
-    check_bimamba(batch, L, ND, E, 16, torch.bfloat16, "cuda", 1e-2, impl="cuda")
-    assert cuda_calls
+def test_gpu_last_partial_wave(batch, L, ND, E):
+    """Shapes whose backward ends in a partial wave of at most one block per SM on an H100 or
+    H200 (132 SMs, two blocks of 64 channels each: 288 and 276 blocks): those blocks run as a
+    second launch, of the kernel compiled for one block per SM."""
+    check(batch, L, ND, E, 16, bf16)
 
 
-@pytest.mark.gpu
-@needs_extension
-def test_gpu_cuda_without_d_and_bias(poisoned, cuda_calls):
-    check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, D=False, delta_bias=False, impl="cuda")
-    assert cuda_calls
+@needs_scan
+def test_gpu_without_d_and_bias():
+    check(2, 77, 2, 40, 16, f32, D=False, delta_bias=False)
 
 
-@pytest.mark.gpu
-@needs_extension
-def test_gpu_cuda_hands_other_calls_to_triton(cuda_calls):
-    """No softplus, or no gate: not DiS's mixer, so the Triton kernels compute it, still correctly.
-    (Without softplus the step must stay positive: no delta_bias, see make_inputs.)"""
-    check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, delta_bias=False, softplus=False, impl="cuda")
-    check_bimamba(2, 77, 2, 40, 16, torch.float32, "cuda", 1e-4, z=False, impl="cuda")
-    assert not cuda_calls
+@needs_scan
+@pytest.mark.parametrize("dtype", [bf16, f32])
+def test_gpu_is_deterministic(dtype):
+    """Two runs give bitwise the same y and gradients: every sum over channels, blocks or the
+    batch is taken in a fixed order (no atomics)."""
+    inputs = make_inputs(4, 300, 2, 384, 16, dtype)
+    dy = torch.randn(4, 300, 384, device="cuda", dtype=dtype)
+    y1, g1 = run(inputs, dy)
+    y2, g2 = run(inputs, dy)
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
-@pytest.mark.gpu
-@needs_extension
-def test_gpu_cuda_is_the_default_backend():
-    assert scan.available_backends("cuda")[0] == "cuda"
+@needs_scan
+def test_gpu_inference_saves_no_states():
+    inputs = make_inputs(2, 37, 2, 40, 16, bf16)
+    with torch.no_grad():
+        y = scan_cuda.bimamba_scan(**inputs, poison_outputs=True)
+    _, states = scan_cuda.forward(*inputs.values(), False, 1)
+    assert states is None and torch.isfinite(y).all()
+    assert rel_err(y, reference(**{k: None if v is None else v.double() for k, v in inputs.items()})) < TOL[bf16]
 
 
-def test_bad_impl_is_a_clear_error():
-    with pytest.raises(ValueError, match="impl must be 'triton' or 'cuda'"):
-        bimamba_scan(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(2, 8, 16),
-                     torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16), impl="cpp")
+@needs_scan
+def test_gpu_states_take_the_dtype_asked_for():
+    inputs = make_inputs(2, 37, 2, 40, 16, bf16)
+    for states_dtype, size in ((None, 2), (bf16, 2), (f32, 4)):
+        _, states = scan_cuda.forward(*inputs.values(), True, 1, states_dtype)
+        assert states.shape == (2, 2, 10, 40, 16) and states.element_size() == size
 
 
-def test_supports_only_dis_mixer_calls():
-    u = torch.zeros(1, 4, 2, 8)
-    A, B, z = torch.zeros(2, 8, 16), torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 8)
-    assert not scan_cuda.supports(u, u, A, B, B, z, True)  # CPU tensors
-    if torch.cuda.is_available():
-        g = [x.cuda() for x in (u, A, B, z)]
-        assert scan_cuda.supports(g[0], g[0], g[1], g[2], g[2], g[3], True)
-        assert not scan_cuda.supports(g[0], g[0], g[1], g[2], g[2], g[3], False)
-        assert not scan_cuda.supports(g[0], g[0], g[1], g[2], g[2], None, True)
-        assert not scan_cuda.supports(g[0], g[0], torch.zeros(2, 8, 17, device="cuda"), g[2], g[2], g[3], True)
-        assert not scan_cuda.supports(g[0].double(), g[0].double(), g[1], g[2].double(), g[2].double(),
-                                      g[3].double(), True)
+@needs_scan
+def test_gpu_runs_on_the_current_stream():
+    inputs = make_inputs(2, 259, 2, 200, 16, bf16)
+    dy = torch.randn(2, 259, 200, device="cuda", dtype=bf16)
+    y, grads = run(inputs, dy)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y_side, grads_side = run(inputs, dy)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(y, y_side) and all(torch.equal(grads[k], grads_side[k]) for k in grads)
 
 
-def test_one_direction_calls_prefer_the_triton_kernel(monkeypatch):
-    """selective_scan (one direction) runs the Triton kernel unless the CUDA one is forced: for one
-    direction it is the faster (BENCHMARKS.md)."""
-    seen = []
-    monkeypatch.setattr(scan, "scan_backend", lambda device, backend=None: "cuda")
-    import scan_triton
-    monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, impl: seen.append(impl))
-    monkeypatch.delenv("DIS_SCAN_BACKEND", raising=False)
-    u = torch.zeros(1, 8, 4)
-    scan.selective_scan(u, u, torch.zeros(8, 16), torch.zeros(1, 16, 4), torch.zeros(1, 16, 4))
-    scan.selective_scan(u, u, torch.zeros(8, 16), torch.zeros(1, 16, 4), torch.zeros(1, 16, 4), backend="cuda")
-    assert seen == ["triton", "cuda"]
+@needs_scan
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_on_another_device_than_the_current_one():
+    inputs = make_inputs(2, 37, 2, 40, 16, f32, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    y = scan_cuda.bimamba_scan(**inputs, poison_outputs=True)
+    assert y.device == torch.device("cuda:1")
+    assert rel_err(y, reference(**{k: None if v is None else v.double() for k, v in inputs.items()})) < TOL[f32]
 
 
-def test_unavailable_extension_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(scan_cuda, "available", lambda: False)
-    scan_cuda._ext.cache_clear()
-    with pytest.raises(RuntimeError, match="DIS_SCAN_BACKEND=triton"):
-        scan_cuda._ext()
-    scan_cuda._ext.cache_clear()
+@needs_scan
+def test_gpu_second_load_comes_from_the_disk_cache(monkeypatch, tmp_path):
+    """A fresh process (no kernels loaded) compiles once; the next loads the cached cubin."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compiled = []
+    real = scan_cuda.compile_program
+    monkeypatch.setattr(scan_cuda, "compile_program", lambda *a, **k: compiled.append(a) or real(*a, **k))
+    inputs = make_inputs(2, 37, 2, 40, 16, f16)
+    results = []
+    for _ in range(2):
+        monkeypatch.setattr(scan_cuda, "_loaded", {})  # as in a new process
+        results.append(scan_cuda.bimamba_scan(**inputs))
+    assert compiled == [(f16, f32, scan_cuda._device(0).arch)]
+    assert len(list((tmp_path / "dis").iterdir())) == 1
+    assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.gpu
-@needs_extension
+@needs_scan
+def test_gpu_bf16_rounding_without_the_instruction():
+    """bf16_rne, the rounding of GPUs older than sm_80 (which have no cvt.rn.bf16.f32), against
+    torch's float32 -> bfloat16 on random bit patterns and the edge cases: ties, the largest
+    finite values, infinities, NaNs, subnormals."""
+    kernel = """
+struct RoundArgs { const float* x; unsigned short* out; int n; };
+extern "C" __global__ void round_bf16(RoundArgs a) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < a.n) a.out[i] = dis::bf16_rne(a.x[i]);
+}
+"""
+
+    class RoundArgs(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_void_p), ("out", ctypes.c_void_p), ("n", ctypes.c_int)]
+    edges = [0x3f808000, 0x3f818000, 0x3f80ffff, 0x7f7fffff, 0x7f7f8000, 0x7f800000, 0xff800000, 0x7fc00000,
+             0x7f800001, 0xffffffff, 0x00000001, 0x807fffff, 0x00008000, 0x80000000]
+    bits = torch.cat([torch.tensor(edges, dtype=torch.int64),
+                      torch.randint(0, 2 ** 32, (1 << 20,), generator=torch.Generator().manual_seed(0))])
+    x = bits.to(torch.int32).view(f32).cuda()  # two's complement keeps the bits
+    out = torch.empty(x.shape, dtype=torch.int16, device="cuda")
+    program = scan_cuda.nvrtc_compile(scan_cuda.source() + kernel, ["round_bf16"], scan_cuda._device(0).arch)
+    function = scan_cuda.load_module(0, program.image, [program.names["round_bf16"]])[program.names["round_bf16"]]
+    with scan_cuda._Current(scan_cuda._device(0).context):
+        args = RoundArgs(x.data_ptr(), out.data_ptr(), x.numel())
+        scan_cuda.launch(function, (x.numel() // 256 + 1, 1), 256, torch.cuda.current_stream().cuda_stream,
+                         scan_cuda.arguments(args))
+    ours, torch_bf16 = out.view(bf16), x.to(bf16)
+    nan = torch.isnan(torch_bf16)
+    assert torch.equal(torch.isnan(ours), nan)
+    assert torch.equal(ours[~nan].view(torch.int16), torch_bf16[~nan].view(torch.int16))
+
+
+@needs_scan
+def test_gpu_available_here():
+    assert scan_cuda.available() and scan_cuda.why_unavailable() == ""
+    scan_cuda.build("cuda")
+    assert scan_cuda.loaded("cuda")
+
+
+@needs_scan
 def test_gpu_operators_match_their_fake_implementations():
     """The shapes, dtypes and strides that torch.compile is told (register_fake) are the real ones."""
-    inputs = make_inputs(2, 37, 2, 40, 16, torch.bfloat16, "cuda")
-    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    y, states = torch.ops.dis.scan_cuda_fwd(*args, True, 1)
-    torch.library.opcheck(torch.ops.dis.scan_cuda_fwd, (*args, True, 1), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.dis.scan_cuda_bwd, (torch.randn_like(y), *args, states, 1),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
-@pytest.fixture
-def cpu_stand_in(monkeypatch):
-    """The operators on the CPU as zeros of the shapes their fake implementations give (kernels
-    registered once per process, only ever reached from tests), and every call routed to them."""
-    for op, fake in ((scan_cuda._fwd_op, scan_cuda._fwd_fake), (scan_cuda._bwd_op, scan_cuda._bwd_fake)):
-        if "cpu" not in op._backend_fns:
-            op.register_kernel("cpu")(lambda *a, fake=fake: _zeros(fake(*a)))
-    monkeypatch.setattr(scan_cuda, "supports", lambda *a: True)
-
-
-def _zeros(out):
-    return type(out)(t.zero_() for t in out)
-
-
-def test_compile_keeps_the_cuda_scan_in_one_graph(cpu_stand_in):
-    """torch.compile traces the CUDA scan's forward and backward without a graph break (the calls
-    into the extension are registered operators), so the glue around it fuses."""
-    torch._dynamo.reset()
-    inputs = make_inputs(2, 9, 2, 8, 16, torch.float32, "cpu")
-    leaves = {k: v.detach().requires_grad_(k != "A") for k, v in inputs.items()}
-
-    def loss(**kw):
-        return (bimamba_scan(**kw, impl="cuda") * kw["u"].sum()).sum()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    compiled(**leaves).backward()
-    assert all(leaves[k].grad is not None for k in ("u", "delta", "B", "C", "z"))
-
-
-def test_the_cuda_scan_is_built_before_anything_is_timed(monkeypatch):
-    """train.py and sample.py resolve the scan backend before their first step: the CUDA scan's
-    extension is compiled there (minutes on first use, not inside --max-minutes' clock), and a
-    build that fails stops the run saying what to use instead."""
-    import functools
-    monkeypatch.setattr(scan, "scan_backend", lambda device: "cuda")
-    built, said = [], []
-    monkeypatch.setattr(scan_cuda, "build", lambda: built.append(True))
-    monkeypatch.setattr(scan_cuda, "loaded", lambda: False)
-    assert scan.active_scan_backend("cuda", say=said.append) == "cuda" and built
-    assert "one to three minutes" in said[0]
-    monkeypatch.undo()
-    monkeypatch.setattr(scan, "scan_backend", lambda device: "cuda")
-
-    @functools.cache
-    def broken():
-        raise RuntimeError("Error building extension 'dis_scan_cuda'")
-    monkeypatch.setattr(scan_cuda, "_ext", broken)
-    with pytest.raises(SystemExit, match="Error building extension(.|\n)*--scan-backend triton"):
-        scan.active_scan_backend("cuda", say=lambda message: None)
+    inputs = make_inputs(2, 37, 2, 40, 16, bf16)
+    args = list(inputs.values())
+    for states_dtype in (bf16, f32):
+        y, states = torch.ops.dis.scan_cuda_fwd(*args, True, 1, states_dtype, False)
+        torch.library.opcheck(torch.ops.dis.scan_cuda_fwd, (*args, True, 1, states_dtype, False),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.dis.scan_cuda_bwd, (torch.randn_like(y), *args, states, 1, False),
+                              test_utils=("test_schema", "test_faketensor"))
