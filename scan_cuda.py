@@ -16,27 +16,31 @@ design of the kernels is at the top of scan_cuda.cu; scan.py's selective_scan_re
 definition the tests compare against.
 
 For training, the forward pass saves the state at the start of every `save_every`-th chunk of
-CHUNK steps, (batch, ND, saved, E, 16), which the backward pass recomputes the chunks from. They are
-float32, or in u's 16-bit type (`states_dtype`), which halves that memory, the largest part of a
-training step's at DiS's sizes. The default is bfloat16 for bfloat16 inputs; float16 inputs keep
-float32 states, as float16's range (65504) is narrower than the states' may be.
+CHUNK steps, (batch, ND, saved, E, 16), from which the backward pass recomputes the chunks. The
+saved states are float32 or u's 16-bit type (`states_dtype`); 16 bits halve what is the largest
+part of a training step's memory at DiS's sizes. The default is bfloat16 for bfloat16 inputs;
+float16 inputs keep float32 states, as float16's range (up to 65504) may be narrower than the
+states'.
 
-The kernels are compiled with NVRTC (which ships with PyTorch's CUDA wheels) for the GPU at hand
-the first time a dtype is used, which takes seconds, and the result is cached on disk
-($XDG_CACHE_HOME/dis or ~/.cache/dis): nothing needs a compiler on the user's machine. Where the
-scan cannot run (no NVIDIA driver, no NVRTC, a failed compile) `available()` is False and
-`why_unavailable()` says why in one line; scan.py then runs the Triton scan. NVRTC and the CUDA
-driver are called through ctypes rather than cuda-bindings, because their C functions used here
-have kept their signatures since CUDA 11 while cuda-bindings' Python API has moved between its
-releases, and a ctypes call passing the kernel's arguments as one Structure costs a microsecond.
+The kernels are compiled with NVRTC, which ships with PyTorch's CUDA wheels, for the GPU at hand:
+one program per input dtype and states dtype, the first time it is used, in seconds. The result
+is cached on disk ($XDG_CACHE_HOME/dis or ~/.cache/dis), so nothing needs a compiler on the
+user's machine. Where the scan cannot run (no NVIDIA driver, no NVRTC, a failed compile)
+`available()` is False and `why_unavailable()` says why in one line; scan.py then runs the Triton
+scan. NVRTC and the CUDA driver are called through ctypes rather than cuda-bindings, because the C
+functions used here have kept their signatures since CUDA 11 while cuda-bindings' Python API has
+moved between its releases, and a ctypes call passing the kernel's arguments as one Structure
+costs about a microsecond.
 """
 import ctypes
 import functools
+import glob
 import hashlib
 import json
 import logging
 import os
 import struct
+import sys
 import tempfile
 import threading
 from typing import NamedTuple, Optional
@@ -206,17 +210,24 @@ def _first_line(text):
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "unknown error")
 
 
-@functools.cache
-def _nvrtc():
-    """libnvrtc, from PyTorch's nvidia wheels (found by cuda.pathfinder, a dependency of them) or
-    the system's library path."""
-    paths, reason = [], "not found"
+def _nvrtc_candidates():
+    """Where libnvrtc may be: as cuda.pathfinder (a dependency of PyTorch's CUDA wheels) finds it,
+    in the nvidia wheels next to PyTorch, on the system's library path."""
     try:
         from cuda import pathfinder
-        paths.append(pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path)
-    except Exception as e:  # cuda.pathfinder missing, or it found no NVRTC
-        reason = _first_line(e)
-    for path in [p for p in paths if p] + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]:
+        yield pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path
+    except Exception:  # no cuda.pathfinder, or it found no NVRTC: look further
+        pass
+    for folder in sys.path:
+        yield from sorted(glob.glob(os.path.join(folder, "nvidia", "*", "lib", "libnvrtc.so.*[0-9]")), reverse=True)
+    yield from ("libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so")
+
+
+@functools.cache
+def _nvrtc():
+    """libnvrtc, the first that loads of _nvrtc_candidates."""
+    reason = "not found"
+    for path in filter(None, _nvrtc_candidates()):
         try:
             return _declare(ctypes.CDLL(path), _NVRTC_FUNCTIONS)
         except (OSError, AttributeError) as e:
@@ -257,7 +268,7 @@ def _supported_archs():
     return list(archs)
 
 
-def target(capability):
+def _target(capability):
     """What NVRTC compiles for a GPU of compute capability (major, minor): "sm_XY", a cubin; for
     a GPU newer than this NVRTC knows, PTX of its newest architecture ("compute_XY"), which the
     driver compiles on loading."""
@@ -289,13 +300,13 @@ def name_expressions(dtype, states_dtype):
 
 
 @functools.cache
-def source():
+def _source():
     """The text NVRTC compiles: scan_cuda.cu and the layout checks of Params and Sums."""
     with open(SOURCE) as f:
         return f.read() + "\n" + _layout_checks()
 
 
-def nvrtc_compile(text, names, arch, options=()):
+def _nvrtc_compile(text, names, arch, options=()):
     """NVRTC-compile `text` (named scan_cuda.cu in messages) for `arch` ("sm_90": a cubin,
     "compute_90": PTX), instantiating the templates `names`; a Program. A failed compile raises
     Unavailable with the log's first error line. Needs NVRTC only, no GPU."""
@@ -342,21 +353,21 @@ def _program_text(size_of, get, prog):
 def compile_program(dtype, states_dtype, arch, options=()):
     """scan_cuda.cu's kernels for inputs of `dtype` and states of `states_dtype`, compiled for
     `arch` by NVRTC (no cache): a Program."""
-    return nvrtc_compile(source(), name_expressions(dtype, states_dtype), arch, options)
+    return _nvrtc_compile(_source(), name_expressions(dtype, states_dtype), arch, options)
 
 
-def cache_dir():
+def _cache_dir():
     """Where compiled kernels are kept: $XDG_CACHE_HOME/dis, or ~/.cache/dis."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dis")
 
 
-def cache_path(dtype, states_dtype, arch):
+def _cache_path(dtype, states_dtype, arch):
     """The cache file of one program: named by a hash of all that determines the compiled image
     (the source, the target, the NVRTC version, the options, the kernels' names)."""
     names = name_expressions(dtype, states_dtype)
-    key = json.dumps([source(), arch, nvrtc_version(), _OPTIONS, names])
+    key = json.dumps([_source(), arch, nvrtc_version(), _OPTIONS, names])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return os.path.join(cache_dir(), f"scan_cuda-{str(dtype)[6:]}-{str(states_dtype)[6:]}-{arch}-{digest}.bin")
+    return os.path.join(_cache_dir(), f"scan_cuda-{str(dtype)[6:]}-{str(states_dtype)[6:]}-{arch}-{digest}.bin")
 
 
 @functools.cache
@@ -364,10 +375,10 @@ def _announce(where):
     log.info("Compiling the CUDA scan kernels with NVRTC (seconds, once: they are cached in %s)", where)
 
 
-def program(dtype, states_dtype, arch):
+def _program(dtype, states_dtype, arch):
     """The compiled Program from the disk cache, or compiled now and written there (to a
     temporary file, then renamed, so that a reader never sees part of one)."""
-    path = cache_path(dtype, states_dtype, arch)
+    path = _cache_path(dtype, states_dtype, arch)
     try:
         with open(path, "rb") as f:
             header, image = f.read().split(b"\n", 1)
@@ -405,7 +416,7 @@ def _device(index):
         _check(lib.cuDeviceGetAttribute(ctypes.byref(v), attribute, dev), "cuDeviceGetAttribute")
         values.append(v.value)
     _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-    return _Device(ctx.value, values[2], target(values[:2]))
+    return _Device(ctx.value, values[2], _target(values[:2]))
 
 
 class _Current:
@@ -428,7 +439,7 @@ class _Current:
             _driver().cuCtxPopCurrent_v2(ctypes.byref(_P()))
 
 
-def load_module(index, image, names):
+def _load_module(index, image, names):
     """Load a compiled image on device `index`: {name: CUfunction handle} for `names`."""
     lib, module = _driver(), _P()
     with _Current(_device(index).context):
@@ -441,14 +452,14 @@ def load_module(index, image, names):
     return functions
 
 
-def arguments(*structs):
+def _arguments(*structs):
     """A kernel's parameters as cuLaunchKernel takes them: the addresses of `structs` (ctypes
     Structures, which the caller keeps alive until its launches are queued)."""
     return (_P * len(structs))(*[ctypes.addressof(s) for s in structs])
 
 
-def launch(function, grid, threads, stream, args):
-    """Queue `function` on `stream` with the parameters `args` (from `arguments`), copied at the
+def _launch(function, grid, threads, stream, args):
+    """Queue `function` on `stream` with the parameters `args` (from `_arguments`), copied at the
     launch: the Structures may change afterwards."""
     rc = _driver().cuLaunchKernel(function, grid[0], grid[1], 1, threads, 1, 1, 0, stream, args, None)
     if rc:
@@ -481,8 +492,8 @@ def _load(index, dtype, states_dtype):
         if key not in _loaded:
             device = _device(index)
             names = name_expressions(dtype, states_dtype)
-            prog = program(dtype, states_dtype, device.arch)
-            f = load_module(index, prog.image, [prog.names[n] for n in names])
+            prog = _program(dtype, states_dtype, device.arch)
+            f = _load_module(index, prog.image, [prog.names[n] for n in names])
             fwd, bwd, bwd_tail, finish = (tuple(f[prog.names[n]] for n in part)
                                           for part in (names[0:2], names[2:4], names[4:6], names[6:7]))
             _loaded[key] = _Kernels(device.context, fwd, bwd, bwd_tail, finish[0],
@@ -605,10 +616,10 @@ def _fwd_impl(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     index = u.device.index
     k = _kernels(index, u.dtype, states_dtype)
     p = _params(u, delta, A, B, C, D, z, delta_bias, save_every, n_saved, y=y, states=states if save_states else None)
-    grid, stream, args = (_cdiv(E, FWD_THREADS // CHUNK), batch), _stream(index), arguments(p)
+    grid, stream, args = (_cdiv(E, FWD_THREADS // CHUNK), batch), _stream(index), _arguments(p)
     with _Current(k.context):
         for d in range(ND):  # direction 1 adds its output onto direction 0's
-            launch(k.fwd[d], grid, FWD_THREADS, stream, args)
+            _launch(k.fwd[d], grid, FWD_THREADS, stream, args)
     return y, states
 
 
@@ -653,11 +664,11 @@ def _bwd_impl(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.T
     sums = Sums.from_buffer_copy(_PACK_SUMS.pack(dBC.data_ptr(), per_channel.data_ptr(), dB.data_ptr(), dC.data_ptr(),
                                                  dA.data_ptr(), dD.data_ptr(), dbias.data_ptr(), rows, ND * E * N,
                                                  ND * E, n_blocks, N, batch))
-    stream, args = _stream(index), arguments(p)
+    stream, args = _stream(index), _arguments(p)
     with _Current(k.context):
         for d in range(ND):  # direction 1 adds its dz onto direction 0's
             _launch_bwd_direction(k, d, n_blocks * batch, stream, p, args)
-        launch(k.finish, (_cdiv(rows * 2 * N + p.per_b, FINISH_THREADS), 1), FINISH_THREADS, stream, arguments(sums))
+        _launch(k.finish, (_cdiv(rows * 2 * N + p.per_b, FINISH_THREADS), 1), FINISH_THREADS, stream, _arguments(sums))
     return [du, ddelta, dA.to(A_dtype), dB, dC, dD, dz, dbias]
 
 
@@ -670,11 +681,11 @@ def _launch_bwd_direction(k, d, total, stream, p, args):
     tail = total % wave if wave > 0 else 0
     p.blk0 = 0
     if total > wave and 0 < tail <= k.sms:
-        launch(k.bwd[d], (total - tail, 1), BWD_THREADS, stream, args)
+        _launch(k.bwd[d], (total - tail, 1), BWD_THREADS, stream, args)
         p.blk0 = total - tail  # args point at p
-        launch(k.bwd_tail[d], (tail, 1), BWD_THREADS, stream, args)
+        _launch(k.bwd_tail[d], (tail, 1), BWD_THREADS, stream, args)
     else:
-        launch(k.bwd[d], (total, 1), BWD_THREADS, stream, args)
+        _launch(k.bwd[d], (total, 1), BWD_THREADS, stream, args)
 
 
 _bwd_op = torch.library.custom_op("dis::scan_cuda_bwd", _bwd_impl, mutates_args=())

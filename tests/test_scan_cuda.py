@@ -202,12 +202,12 @@ extern "C" __global__ void round_bf16(RoundArgs a) {
                       torch.randint(0, 2 ** 32, (1 << 20,), generator=torch.Generator().manual_seed(0))])
     x = bits.to(torch.int32).view(f32).cuda()  # two's complement keeps the bits
     out = torch.empty(x.shape, dtype=torch.int16, device="cuda")
-    program = scan_cuda.nvrtc_compile(scan_cuda.source() + kernel, ["round_bf16"], scan_cuda._device(0).arch)
-    function = scan_cuda.load_module(0, program.image, [program.names["round_bf16"]])[program.names["round_bf16"]]
+    program = scan_cuda._nvrtc_compile(scan_cuda._source() + kernel, ["round_bf16"], scan_cuda._device(0).arch)
+    function = scan_cuda._load_module(0, program.image, [program.names["round_bf16"]])[program.names["round_bf16"]]
     with scan_cuda._Current(scan_cuda._device(0).context):
         args = RoundArgs(x.data_ptr(), out.data_ptr(), x.numel())
-        scan_cuda.launch(function, (x.numel() // 256 + 1, 1), 256, torch.cuda.current_stream().cuda_stream,
-                         scan_cuda.arguments(args))
+        scan_cuda._launch(function, (x.numel() // 256 + 1, 1), 256, torch.cuda.current_stream().cuda_stream,
+                         scan_cuda._arguments(args))
     ours, torch_bf16 = out.view(bf16), x.to(bf16)
     nan = torch.isnan(torch_bf16)
     assert torch.equal(torch.isnan(ours), nan)

@@ -48,7 +48,7 @@ def _layout_only(monkeypatch, **structs):
         monkeypatch.setattr(scan_cuda, name, struct)
     with open(scan_cuda.SOURCE) as f:
         text = f.read() + "\n" + scan_cuda._layout_checks()
-    return scan_cuda.nvrtc_compile(text, [], "compute_90")
+    return scan_cuda._nvrtc_compile(text, [], "compute_90")
 
 
 def _struct(name, fields):
@@ -76,7 +76,7 @@ def test_layout_checks_catch_a_mismatch(monkeypatch):
 @needs_nvrtc
 def test_a_compile_error_is_its_first_error_line():
     with pytest.raises(Unavailable) as e:
-        scan_cuda.nvrtc_compile("__global__ void k() { int x = undefined_name; }\n", [], "compute_90")
+        scan_cuda._nvrtc_compile("__global__ void k() { int x = undefined_name; }\n", [], "compute_90")
     message = str(e.value)
     assert "\n" not in message and 'identifier "undefined_name" is undefined' in message and "compute_90" in message
 
@@ -84,11 +84,11 @@ def test_a_compile_error_is_its_first_error_line():
 @needs_nvrtc
 def test_target_of_each_gpu():
     archs = scan_cuda._supported_archs()
-    assert scan_cuda.target((9, 0)) == "sm_90"
-    assert scan_cuda.target((8, 9)) == "sm_89"
-    assert scan_cuda.target((99, 0)) == f"compute_{max(archs)}"  # newer than NVRTC: PTX, compiled by the driver
+    assert scan_cuda._target((9, 0)) == "sm_90"
+    assert scan_cuda._target((8, 9)) == "sm_89"
+    assert scan_cuda._target((99, 0)) == f"compute_{max(archs)}"  # newer than NVRTC: PTX, compiled by the driver
     with pytest.raises(Unavailable, match="does not compile for sm_30"):
-        scan_cuda.target((3, 0))
+        scan_cuda._target((3, 0))
 
 
 # ---- the kernels' arguments ------------------------------------------------------------------------------
@@ -154,34 +154,34 @@ def fake_compiler(monkeypatch, tmp_path):
 def test_compiled_once_then_loaded_from_disk(fake_compiler, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="scan_cuda"):
         scan_cuda._announce.cache_clear()
-        first = scan_cuda.program(bf16, bf16, "sm_90")
+        first = scan_cuda._program(bf16, bf16, "sm_90")
     assert fake_compiler == [(bf16, bf16, "sm_90")]
     assert "seconds, once" in caplog.text and str(tmp_path / "dis") in caplog.text
-    assert os.listdir(tmp_path / "dis") == [os.path.basename(scan_cuda.cache_path(bf16, bf16, "sm_90"))]
-    again = scan_cuda.program(bf16, bf16, "sm_90")
+    assert os.listdir(tmp_path / "dis") == [os.path.basename(scan_cuda._cache_path(bf16, bf16, "sm_90"))]
+    again = scan_cuda._program(bf16, bf16, "sm_90")
     assert fake_compiler == [(bf16, bf16, "sm_90")]  # not compiled again
     assert (again.image, again.names) == (first.image, first.names)
 
 
 def test_a_damaged_cache_file_is_compiled_anew(fake_compiler):
-    path = scan_cuda.cache_path(f32, f32, "sm_80")
+    path = scan_cuda._cache_path(f32, f32, "sm_80")
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
         f.write(b"{not json")
-    assert scan_cuda.program(f32, f32, "sm_80").names == {"k<float>": "_Z1kIfEvv"}
+    assert scan_cuda._program(f32, f32, "sm_80").names == {"k<float>": "_Z1kIfEvv"}
     assert len(fake_compiler) == 1
-    assert scan_cuda.program(f32, f32, "sm_80").names == {"k<float>": "_Z1kIfEvv"} and len(fake_compiler) == 1
+    assert scan_cuda._program(f32, f32, "sm_80").names == {"k<float>": "_Z1kIfEvv"} and len(fake_compiler) == 1
 
 
 def test_cache_key_covers_what_changes_the_image(fake_compiler, monkeypatch):
-    paths = {scan_cuda.cache_path(bf16, bf16, "sm_90"), scan_cuda.cache_path(bf16, f32, "sm_90"),
-             scan_cuda.cache_path(f16, f16, "sm_90"), scan_cuda.cache_path(bf16, bf16, "sm_89")}
+    paths = {scan_cuda._cache_path(bf16, bf16, "sm_90"), scan_cuda._cache_path(bf16, f32, "sm_90"),
+             scan_cuda._cache_path(f16, f16, "sm_90"), scan_cuda._cache_path(bf16, bf16, "sm_89")}
     monkeypatch.setattr(scan_cuda, "nvrtc_version", lambda: (12, 8))
-    paths.add(scan_cuda.cache_path(bf16, bf16, "sm_90"))
-    monkeypatch.setattr(scan_cuda, "source", lambda: "// another kernel source")
-    paths.add(scan_cuda.cache_path(bf16, bf16, "sm_90"))
+    paths.add(scan_cuda._cache_path(bf16, bf16, "sm_90"))
+    monkeypatch.setattr(scan_cuda, "_source", lambda: "// another kernel source")
+    paths.add(scan_cuda._cache_path(bf16, bf16, "sm_90"))
     monkeypatch.setattr(scan_cuda, "_OPTIONS", ("-std=c++17", "--use_fast_math"))
-    paths.add(scan_cuda.cache_path(bf16, bf16, "sm_90"))
+    paths.add(scan_cuda._cache_path(bf16, bf16, "sm_90"))
     assert len(paths) == 7
 
 
@@ -190,7 +190,7 @@ def test_an_unwritable_cache_only_warns(fake_compiler, monkeypatch, tmp_path, ca
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the folder would go
     with caplog.at_level(logging.WARNING, logger="scan_cuda"):
-        assert scan_cuda.program(f32, f32, "sm_90").names == {"k<float>": "_Z1kIfEvv"}
+        assert scan_cuda._program(f32, f32, "sm_90").names == {"k<float>": "_Z1kIfEvv"}
     assert "could not cache" in caplog.text
 
 
@@ -203,7 +203,7 @@ def pretend_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(scan_cuda, "_loaded", {})
-    caches = (scan_cuda._unavailable_reason, scan_cuda._driver, scan_cuda._nvrtc, scan_cuda._device, scan_cuda.source)
+    caches = (scan_cuda._unavailable_reason, scan_cuda._driver, scan_cuda._nvrtc, scan_cuda._device, scan_cuda._source)
     for cache in caches:
         cache.cache_clear()
     yield
@@ -255,7 +255,7 @@ def test_no_nvrtc_is_a_reason(pretend_gpu, monkeypatch):
 @needs_nvrtc
 def test_a_compile_error_is_a_reason(pretend_gpu, monkeypatch):
     monkeypatch.setattr(scan_cuda, "_device", _sm90)
-    monkeypatch.setattr(scan_cuda, "source", lambda: "namespace dis { int broken = ; }\n")
+    monkeypatch.setattr(scan_cuda, "_source", lambda: "namespace dis { int broken = ; }\n")
     assert not scan_cuda.available()
     reason = scan_cuda.why_unavailable()
     assert "\n" not in reason and "NVRTC could not compile scan_cuda.cu for sm_90: scan_cuda.cu(1): error" in reason

@@ -6,26 +6,25 @@ machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
     python tools/kernel_stats.py                 # T = 4, BLOCK_E 8 and 16
     T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
     DIS_SCAN_SAVE_EVERY=2 python tools/kernel_stats.py   # the states of every other chunk only
-    python tools/kernel_stats.py --cuda          # scan_cuda.cu's kernels instead (needs nvcc; minutes)
+    python tools/kernel_stats.py --cuda          # scan_cuda.cu's kernels instead (NVRTC; a minute)
 
-With --cuda it also counts the global loads whose result an instruction uses within the next 8
-(each makes its warp wait out the load's whole latency there): in scan_cuda.cu only those before
-the segment loops and, in 16-bit types, those of `advance` (save_every > 1) should.
+With --cuda it compiles scan_cuda.cu as scan_cuda.py does (NVRTC, for the H100/H200's sm_90), every
+program (input dtype, saved states' dtype), and also counts the global loads whose result an
+instruction uses within the next 8 (each makes its warp wait out the load's whole latency there):
+in scan_cuda.cu only those before the segment loops and, in 16-bit types, those of `advance`
+(save_every > 1) should.
 
-Static counts, not timings: a guide for kernel work between GPU sessions, which must still
-measure (bench.py). "chunk loops" are the instructions of each direction's loop over chunks, the
-part that runs L/T times; the other counts are over the whole kernel (both directions unrolled).
-The counts depend on the Triton version, which chooses the layouts: with Triton 3.6 (the GPU
-machine's) the backward pass at BLOCK_E 8 has 1037 instructions per chunk, with 3.8
-(requirements.txt's) 746. Run this with the Triton you will time (PYTHONPATH=<another Triton>);
-tools/triton_versions.py times the other version's kernels on the GPU machine.
+Static counts, not timings: a guide for kernel work without a GPU, which must still be measured
+(bench.py). "chunk loops" are the instructions of each direction's loop over chunks, the part
+that runs L/T times; the other counts are over the whole kernel (both directions unrolled).
+The counts depend on the Triton version, which chooses the layouts: run this with the Triton you
+will time (PYTHONPATH=<another Triton>); tools/triton_versions.py times another version's kernels.
 """
 import collections
 import os
 import re
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,35 +98,23 @@ def loop_lengths(sass):
 
 
 def cuda_kernels():
-    """scan_cuda.cu compiled for sm_90a by the CUDA toolkit torch finds: {kernel name: (ptxas
-    report, SASS)}, one entry per instantiation its host code launches."""
-    from torch.utils import cpp_extension
-    src = os.path.join(ROOT, "scan_cuda.cu")
-    nvcc = os.path.join(cpp_extension.CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
-    includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "scan_cuda.cubin")
-        out = subprocess.run([nvcc, "-cubin", "-arch=sm_90a", "-O3", "-std=c++20", "-Xptxas", "-v",
-                              "-DTORCH_EXTENSION_NAME=dis_scan_cuda", *(f"-I{d}" for d in includes), src, "-o", cubin],
-                             capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"nvcc failed:\n{out.stderr[-3000:]}")
-        with open(cubin, "rb") as f:
-            sass = disassemble(f.read())
-    reports = {}
-    for block in out.stderr.split("Compiling entry function '")[1:]:
-        name = block.split("'")[0]
-        regs = re.search(r"Used (\d+) registers", block)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
-        reports[name] = (f"{regs.group(1) if regs else '?'} registers, "
-                         f"spills {'/'.join(spills.groups()) if spills else '?'} B")
+    """scan_cuda.cu's kernels compiled by NVRTC for sm_90, as scan_cuda.py compiles them: {name
+    expression: (ptxas report, SASS)} for every program."""
+    import torch
+    import scan_cuda
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     kernels = {}
-    for name, body in re.findall(r"\.text\.(\w+):\n(.*?)(?=\n\s*\.section|\Z)", sass, re.S):
-        kind = re.search(r"(scan_(?:fwd|bwd)_kernel)I\d*(\w+?)Li(\d)E((?:Li\d+E)*)", name)
-        dtype = {"f": "float"}.get(kind.group(2), kind.group(2)) if kind else ""
-        min_blocks = re.findall(r"Li(\d+)E", kind.group(4))[-1] if kind and kind.group(4) else "?"
-        label = f"{kind.group(1)}<{dtype}, direction {kind.group(3)}, {min_blocks} blocks/SM>" if kind else name
-        kernels[label] = (reports.get(name, "?"), body)
+    for dtype, states_dtype in ((f32, f32), (bf16, bf16), (bf16, f32), (f16, f32), (f16, f16)):
+        program = scan_cuda.compile_program(dtype, states_dtype, "sm_90", options=("--ptxas-options=-v",))
+        reports = {}
+        for block in program.log.split("Compiling entry function '")[1:]:
+            regs = re.search(r"Used (\d+) registers", block)
+            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+            reports[block.split("'")[0]] = (f"{regs.group(1) if regs else '?'} registers, "
+                                            f"spills {'/'.join(spills.groups()) if spills else '?'} B")
+        bodies = dict(re.findall(r"\.text\.(\w+):\n(.*?)(?=\n\s*\.section|\Z)", disassemble(program.image), re.S))
+        for name, lowered in program.names.items():
+            kernels[name] = (reports.get(lowered, "?"), bodies.get(lowered, ""))
     return kernels
 
 
