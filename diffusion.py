@@ -6,6 +6,8 @@ loss L_simple + L_vlb of improved DDPM. References used in the comments:
   [DDPM]   Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
   [iDDPM]  Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
   [DDIM]   Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models".
+  [DPM-Solver++] Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided
+           Sampling of Diffusion Probabilistic Models".
 
 Usage:
     diffusion = create_diffusion("")           # training: all 1000 steps
@@ -15,9 +17,9 @@ Usage:
 
 Models are callables model(x, t, **model_kwargs) -> (B, 2C, ...) with learned sigma (noise,
 then variance interpolation in [-1, 1]) or (B, C, ...) without. t is always given in the
-ORIGINAL 1000-step indices, also when the process is respaced. Classifier-free guidance needs
-nothing here: pass model.forward_with_cfg as the callable with model_kwargs=dict(y=..., cfg_scale=...)
-and a batch holding the conditional and the null-label halves (DiT convention).
+ORIGINAL 1000-step indices, also when the process is respaced. `generate` samples images
+from a DiS with any of the samplers (DDPM, DDIM, DPM-Solver++), classifier-free guidance
+(optionally in an interval of noise levels) and the VAE decoder.
 
 All schedule constants are float64 numpy arrays; per-step values are gathered into float32
 tensors on the data's device by `extract`. Randomness comes only from torch (randn_like), so
@@ -155,10 +157,11 @@ class GaussianDiffusion:
     posterior variance beta~_t), both fixed choices of [DDPM] section 3.2.
     exact_decoder_cdf: the decoder likelihood at t = 0 with the exact normal CDF instead of
     [iDDPM]'s tanh approximation (see discretized_gaussian_log_likelihood).
+    original_num_timesteps: T of the process before respacing (default: the last kept step + 1).
     """
 
     def __init__(self, betas, timestep_map=None, predict_xstart=False, var_type="learned_range",
-                 use_kl=False, rescale_learned_sigmas=False, exact_decoder_cdf=False):
+                 use_kl=False, rescale_learned_sigmas=False, exact_decoder_cdf=False, original_num_timesteps=None):
         if var_type not in ("learned_range", "fixed_large", "fixed_small"):
             raise ValueError(f"unknown var_type {var_type!r}; use learned_range, fixed_large or fixed_small")
         self.betas = np.asarray(betas, dtype=np.float64)
@@ -167,6 +170,7 @@ class GaussianDiffusion:
         self.num_timesteps = len(self.betas)
         self.timestep_map = (np.arange(self.num_timesteps) if timestep_map is None
                              else np.asarray(timestep_map, dtype=np.int64))
+        self.original_num_timesteps = original_num_timesteps or int(self.timestep_map[-1]) + 1
         self.predict_xstart = predict_xstart
         self.var_type = var_type
         self.learn_sigma = var_type == "learned_range"
@@ -342,7 +346,7 @@ class GaussianDiffusion:
         device = noise.device if noise is not None else (device or _model_device(model))
         x = noise if noise is not None else torch.randn(*shape, device=device)
         indices = range(self.num_timesteps - 1, -1, -1)
-        for i in (tqdm(indices) if progress else indices):
+        for i in steps_bar(indices, progress):
             t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():
                 out = step(model, x, t)
@@ -376,6 +380,33 @@ class GaussianDiffusion:
             final = out
         return final["sample"]
 
+    def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
+                               device=None, progress=False):
+        """DPM-Solver++(2M) ([DPM-Solver++] Algorithm 2, multistep second order, on the data
+        prediction) over this process's steps; returns x_0 of `shape` (B, C, ...).
+
+        The model is evaluated once at each of the num_timesteps steps, from the noisiest to
+        t = 0 (the steps DDPM visits), with diffusers' DPMSolverMultistepScheduler stepping
+        between them: first order at the first step (no history yet) and at the last, which goes
+        from t = 0 to sigma = 0 and returns the x_0 estimate there, as DDPM's last step does.
+        The scheduler sees this respaced process as its own (betas of the kept steps), so its
+        alpha_bar at every step is ours. It is given our x_0 estimate (variance channels dropped,
+        clipped to [-1, 1] with clip_denoised)."""
+        from diffusers import DPMSolverMultistepScheduler
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=self.num_timesteps, trained_betas=self.betas,
+                                                solver_order=2, prediction_type="sample", algorithm_type="dpmsolver++",
+                                                lower_order_final=True, final_sigmas_type="zero")
+        indices = list(range(self.num_timesteps - 1, -1, -1))
+        scheduler.set_timesteps(timesteps=indices)
+        device = noise.device if noise is not None else (device or _model_device(model))
+        x = noise if noise is not None else torch.randn(*shape, device=device)
+        for i in steps_bar(indices, progress):
+            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            with torch.no_grad():
+                pred_xstart = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)["pred_xstart"]
+            x = scheduler.step(pred_xstart, i, x).prev_sample
+        return x
+
     # --- likelihood
 
     def prior_bpd(self, x_start):
@@ -391,7 +422,7 @@ class GaussianDiffusion:
         B = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
         indices = range(self.num_timesteps - 1, -1, -1)
-        for i in (tqdm(indices) if progress else indices):
+        for i in steps_bar(indices, progress, "likelihood terms"):
             t = torch.full((B,), i, device=x_start.device, dtype=torch.long)
             noise = torch.randn_like(x_start)
             x_t = self.q_sample(x_start, t, noise)
@@ -405,6 +436,11 @@ class GaussianDiffusion:
         prior_bpd = self.prior_bpd(x_start)
         return {"total_bpd": vb.sum(dim=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb,
                 "xstart_mse": xstart_mse, "mse": mse}
+
+
+def steps_bar(indices, progress, desc="sampling steps"):
+    """indices, behind a progress bar that disappears when done if `progress`."""
+    return tqdm(indices, desc=desc, unit="step", leave=False) if progress else indices
 
 
 def _model_device(model):
@@ -448,31 +484,71 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=Fals
     betas, timestep_map = respace_betas(betas, kept)
     var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
     return GaussianDiffusion(betas, timestep_map, predict_xstart=predict_xstart, var_type=var_type, use_kl=use_kl,
-                             rescale_learned_sigmas=rescale_learned_sigmas, exact_decoder_cdf=exact_decoder_cdf)
+                             rescale_learned_sigmas=rescale_learned_sigmas, exact_decoder_cdf=exact_decoder_cdf,
+                             original_num_timesteps=diffusion_steps)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def sampler_respacing(sampler, steps):
+    """timestep_respacing of `steps` model evaluations for a sampler: DDIM's stride rule for
+    "ddim" (IDDPM's and ADM's convention), evenly spaced steps from T - 1 to 0 for the others."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    return f"ddim{steps}" if sampler == "ddim" else str(steps)
+
+
+def guided_model(model, labels, cfg_scale, cfg_channels=None, cfg_interval=None, num_timesteps=1000):
+    """The callable (x (B, C, h, w), t (B,)) -> output (B, C_out, h, w) a sampler runs for
+    class-conditional sampling with classifier-free guidance (Ho & Salimans 2022).
+
+    The guided output is that of model.forward_with_cfg on the batch doubled with the null class
+    (its first half). cfg_interval (low, high): guidance only at steps with low <= t / T <= high,
+    where t is the step of the T-step process (0: the data, T - 1: pure noise); elsewhere the
+    conditional model alone runs, at half the cost (guidance in a limited interval, Kynkaenniemi
+    et al. 2024). None guides every step."""
+    null = torch.full_like(labels, model.num_classes)
+
+    def denoise(x, t):
+        if cfg_interval is not None and not cfg_interval[0] <= t[0].item() / num_timesteps <= cfg_interval[1]:
+            return model(x, t, labels)
+        doubled = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), cfg_scale,
+                                         cfg_channels)
+        return doubled[: len(x)]
+    return denoise
+
+
+def check_cfg_interval(cfg_interval):
+    """ValueError unless cfg_interval is None or (low, high) with 0 <= low <= high <= 1."""
+    if cfg_interval is None:
+        return
+    if len(cfg_interval) != 2 or not 0 <= cfg_interval[0] <= cfg_interval[1] <= 1:
+        raise ValueError(f"cfg_interval must be (low, high) with 0 <= low <= high <= 1, not {cfg_interval!r}")
 
 
 @torch.no_grad()
 def generate(model, diffusion, noise, labels=None, cfg_scale=1.0, sampler="ddpm", vae=None, cfg_channels=None,
-             bf16=False):
+             bf16=False, cfg_interval=None, progress=False):
     """noise (B, C, h, w), labels (B,) or None -> images (B, C_img, H, W) in [-1, 1].
 
-    With labels and cfg_scale != 1 the batch is doubled with the null class and the model's
-    guided forward is used (DiT's convention). Pixel-space samples have x_0 clipped to [-1, 1]
-    at each step (ADM); latents are not clipped and go through the VAE decoder in float32.
+    sampler: "ddpm" (ancestral), "ddim" (eta = 0) or "dpm++" (DPM-Solver++(2M)), each running the
+    model once per step of `diffusion` (see sampler_respacing). With labels and cfg_scale != 1
+    the model is guided (see guided_model for cfg_interval). Pixel-space samples have x_0
+    clipped to [-1, 1] at each step (ADM); latents are not clipped and go through the VAE decoder
+    in float32. bf16: autocast of the model; progress: a bar over the steps.
     """
-    fn, kwargs, guided = model, {}, labels is not None and cfg_scale != 1
-    if labels is not None:
-        kwargs["y"] = labels
-    if guided:
-        noise = torch.cat([noise, noise])
-        kwargs = dict(y=torch.cat([labels, torch.full_like(labels, model.num_classes)]), cfg_scale=cfg_scale,
-                      cfg_channels=cfg_channels)
-        fn = model.forward_with_cfg
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    check_cfg_interval(cfg_interval)
+    if labels is not None and cfg_scale != 1:
+        fn = guided_model(model, labels, cfg_scale, cfg_channels, cfg_interval, diffusion.original_num_timesteps)
+    else:
+        fn = model if labels is None else (lambda x, t: model(x, t, labels))
+    loop = {"ddpm": diffusion.p_sample_loop, "ddim": diffusion.ddim_sample_loop,
+            "dpm++": diffusion.dpm_solver_sample_loop}[sampler]
     with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = loop(fn, noise.shape, noise=noise, clip_denoised=vae is None, model_kwargs=kwargs, device=noise.device)
-    if guided:
-        x = x[: len(labels)]
+        x = loop(fn, noise.shape, noise=noise, clip_denoised=vae is None, device=noise.device, progress=progress)
     if vae is not None:
         x = vae.decode(x / vae.config.scaling_factor).sample
     return x.clamp(-1, 1)

@@ -3,6 +3,7 @@ the model configuration they record, sample grids and .npz files, all written at
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 import model as dis
 from data import SD_VAES, load_vae, resolve_vae, vae_downsampling
-from diffusion import generate
+from diffusion import SAMPLERS, check_cfg_interval, generate
 from distributed import barrier, derived_seed
 
 DIS_KEYS = ("pos_embed", "patch_embed.proj.weight", "final_layer.linear.weight")
@@ -55,15 +56,33 @@ def describe(state_dict):
             f"{classes} classes, {'learned' if out == 2 * channels else 'fixed'} sigma")
 
 
-def load_checkpoint(path, mmap=False):
-    """A checkpoint file -> dict, loaded safely (tensors and plain containers only); mmap=True
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read or used; the message is one line that names it."""
+
+
+def read_checkpoint(path, mmap=False):
+    """A torch checkpoint file -> dict, loaded safely (tensors and plain containers only); mmap=True
     maps the tensors from the file (shared by the processes of one machine) instead of reading them."""
     if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle errors of every kind: not a torch checkpoint, or one holding arbitrary objects
-        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}): not a PyTorch checkpoint, or "
+                              f"one holding objects other than tensors and plain containers")
+
+
+def load_checkpoint(path, mmap=False):
+    """read_checkpoint for scripts: a problem ends the program with its one-line message."""
+    try:
+        return read_checkpoint(path, mmap)
+    except CheckpointError as e:
+        raise SystemExit(str(e))
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def pick_weights(ckpt, use_ema, path):
@@ -71,45 +90,144 @@ def pick_weights(ckpt, use_ema, path):
     which is "ema", "model" or "raw" (a bare state dict)."""
     key = "ema" if use_ema and "ema" in ckpt else "model" if "model" in ckpt else "raw"
     state_dict = ckpt if key == "raw" else ckpt[key]
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} holds no state dict under {key!r}")
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DDP-saved dicts carry module.
     if not all(k in state_dict for k in DIS_KEYS):
-        raise SystemExit(f"{path} holds no DiS weights: neither a DiS state dict nor 'model'/'ema' entries with one "
-                         f"(a DiS state dict has {', '.join(DIS_KEYS)}, ...)")
+        raise CheckpointError(f"{path} holds no DiS weights: neither a DiS state dict nor 'model'/'ema' entries with "
+                              f"one (a DiS state dict has {', '.join(DIS_KEYS)}, ...)")
     if use_ema and key == "model":
         print(f"{path} has no EMA weights; sampling with 'model'")
     return key, state_dict
 
 
-def load_model(args, ckpt, device):
-    """(DiS in eval mode on device, VAE or None, info dict) for a train.py checkpoint or, given
-    --model and friends, a bare state dict of the original implementation."""
-    weights, state_dict = pick_weights(ckpt, args.use_ema, args.ckpt)
-    if "config" in ckpt:  # ours: everything is recorded
-        config = ckpt["config"]
-        vae_name = ckpt["args"]["vae"] if args.vae in (None, "auto") else SD_VAES.get(args.vae, args.vae)
-        image_size, model_name = ckpt["args"]["image_size"], ckpt["args"]["model"]
-        vae = load_vae(vae_name, device) if vae_name != "none" else None
+# ----------------------------------------------------------------------------- weights in and out
+
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def is_hub_id(source):
+    """'owner/name' that is no local path: a model on the Hugging Face hub."""
+    return (not os.path.exists(source) and HUB_ID.fullmatch(source) is not None
+            and not source.endswith(CHECKPOINT_SUFFIXES))
+
+
+def locate(source):
+    """A checkpoint's local path: `source` itself, or for a hub id the folder that
+    huggingface_hub downloads it to (only model.safetensors and config.json; cached)."""
+    if not is_hub_id(source):
+        if not os.path.exists(source):
+            raise CheckpointError(f"checkpoint {source} not found")
+        return source
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(source, allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG])
+    except Exception as e:  # offline, unknown repository, no permission: every failure is the same to the user
+        raise CheckpointError(f"{source} is no local file or folder, and the Hugging Face hub could not provide it "
+                              f"({type(e).__name__}: {first_line(e)[:200]}); offline? Download it where you are "
+                              f"online (huggingface-cli download {source} --local-dir DIR) and pass DIR")
+
+
+def read_export(folder):
+    """(state dict, recorded settings) of a folder written by export_model."""
+    paths = [os.path.join(folder, name) for name in (EXPORT_WEIGHTS, EXPORT_CONFIG)]
+    if not all(os.path.isfile(p) for p in paths):
+        raise CheckpointError(f"folder {folder} holds no {EXPORT_WEIGHTS} and {EXPORT_CONFIG} (written by sample.py "
+                              f"--export); for a train.py run give one of its checkpoints/NNNNNNN.pt")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        with open(paths[1]) as f:
+            record = json.load(f)
+        state_dict = load_file(paths[0])
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read the export in {folder}: {type(e).__name__}: {first_line(e)}")
+    missing = [k for k in ("model", "image_size", "vae", "config") if k not in record]
+    if missing:
+        raise CheckpointError(f"{paths[1]} lacks {', '.join(missing)}")
+    return state_dict, record
+
+
+def load_weights(source, use_ema=True):
+    """(state dict, which weights, recorded settings or None) of a checkpoint: a train.py
+    checkpoint (EMA weights unless use_ema=False), a state dict of the original implementation
+    (bare or under "model"/"ema"; nothing recorded), a folder written by export_model, or the
+    Hugging Face hub id of one. Recorded settings: model (name), image_size, vae, config
+    (model.DiS's keywords)."""
+    path = locate(source)
+    if os.path.isdir(path):
+        state_dict, record = read_export(path)
+        return state_dict, record.get("weights", "ema"), record
+    ckpt = read_checkpoint(path)
+    which, state_dict = pick_weights(ckpt, use_ema, source)
+    if "config" not in ckpt:
+        return state_dict, which, None
+    args = ckpt["args"]
+    return state_dict, which, dict(model=args["model"], image_size=args["image_size"], vae=args["vae"],
+                                   config=ckpt["config"])
+
+
+ORIGINAL_SETTINGS = dict(model="DiS-H/2", image_size=256, num_classes=1000, channels=None, embed_dim=None, depth=None,
+                         learn_sigma=True, skip="concat", cond="token")
+
+
+def original_record(vae_name, vae, settings):
+    """The settings a train.py checkpoint records, for a state dict of the original implementation:
+    `settings` (keys of ORIGINAL_SETTINGS, DiT's ImageNet 256 by default) and its VAE or None."""
+    o = {**ORIGINAL_SETTINGS, **settings}
+    if vae is not None and o["image_size"] % vae_downsampling(vae):
+        raise CheckpointError(f"--image-size {o['image_size']} is not divisible by the VAE's downsampling "
+                              f"{vae_downsampling(vae)}")
+    size = o["image_size"] // vae_downsampling(vae) if vae else o["image_size"]
+    channels = vae.config.latent_channels if vae else (o["channels"] or 3)
+    config = model_config(o["model"], size, channels, o["num_classes"], o["embed_dim"], o["depth"],
+                          learn_sigma=o["learn_sigma"], skip=o["skip"], cond=o["cond"])
+    return dict(model=o["model"], image_size=o["image_size"], vae=vae_name, config=config)
+
+
+def load_model(source, device="cpu", use_ema=True, vae=None, original=None, load_decoder=True):
+    """(DiS in eval mode on device, VAE or None, info dict) for any checkpoint load_weights reads.
+
+    vae: None or "auto" for the recorded VAE; else "ema", "mse", "none", a hub id or a folder.
+    original: settings of ORIGINAL_SETTINGS for a state dict of the original implementation,
+    which records none. load_decoder=False skips the VAE where the checkpoint records the model
+    configuration (a state dict of the original needs it to size the model).
+    info: ckpt, model, architecture, weights, image_size, vae, num_classes, config."""
+    state_dict, weights, record = load_weights(source, use_ema)
+    if record is not None:
+        vae_name = record["vae"] if vae in (None, "auto") else SD_VAES.get(vae, vae)
+        decoder = load_vae(vae_name, device) if vae_name != "none" and load_decoder else None
     else:
-        image_size, model_name = args.image_size, args.model
-        vae_name = resolve_vae(args.vae, image_size)
-        vae = load_vae(vae_name, device) if vae_name != "none" else None
-        if vae is not None and image_size % vae_downsampling(vae):
-            raise SystemExit(f"--image-size {image_size} is not divisible by the VAE's downsampling "
-                             f"{vae_downsampling(vae)}")
-        size = image_size // vae_downsampling(vae) if vae else image_size
-        channels = vae.config.latent_channels if vae else (args.channels or 3)
-        config = model_config(args.model, size, channels, args.num_classes, args.embed_dim, args.depth,
-                              learn_sigma=args.learn_sigma, skip=args.skip, cond=args.cond)
-    model = dis.DiS(**config)
+        vae_name = resolve_vae(vae, {**ORIGINAL_SETTINGS, **(original or {})}["image_size"])
+        decoder = load_vae(vae_name, device) if vae_name != "none" else None
+        record = original_record(vae_name, decoder, original or {})
+    model = dis.DiS(**record["config"])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if expected != {k: tuple(v.shape) for k, v in state_dict.items()}:
-        raise SystemExit(f"{args.ckpt} holds {describe(state_dict)}, but the settings ask for "
-                         f"{describe(model.state_dict())}; pass the checkpoint's --model, --image-size, --num-classes "
-                         f"and --channels")
+        raise CheckpointError(f"{source} holds {describe(state_dict)}, but the settings ask for "
+                              f"{describe(model.state_dict())}; pass the checkpoint's --model, --image-size, "
+                              f"--num-classes and --channels")
     model.load_state_dict(state_dict)
-    info = dict(ckpt=os.path.abspath(args.ckpt), model=model_name, architecture=describe(state_dict), weights=weights,
-                image_size=image_size, vae=vae_name, num_classes=model.num_classes)
-    return model.to(device).eval(), vae, info
+    info = dict(ckpt=source if is_hub_id(source) else os.path.abspath(source), model=record["model"],
+                architecture=describe(state_dict), weights=weights, image_size=record["image_size"], vae=vae_name,
+                num_classes=model.num_classes, config=record["config"])
+    return model.to(device).eval(), decoder, info
+
+
+def export_model(folder, model, info):
+    """Write the model's weights to folder/model.safetensors and, to folder/config.json, what
+    load_model needs to rebuild it: model (name), image_size, num_classes, vae, weights (which
+    weights of the checkpoint), architecture and config (model.DiS's keywords)."""
+    from safetensors.torch import save
+    os.makedirs(folder, exist_ok=True)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = save(state_dict, metadata={"format": "pt"})
+    write_atomically(os.path.join(folder, EXPORT_WEIGHTS), lambda f: f.write(weights))
+    record = {k: info[k] for k in ("model", "image_size", "num_classes", "vae", "weights", "architecture", "config")}
+    write_text(os.path.join(folder, EXPORT_CONFIG), json.dumps(record, indent=2) + "\n")
+    return folder
 
 
 def to_uint8(images):
@@ -177,7 +295,7 @@ def batch_inputs(i, count, shape, num_classes, class_labels, seed, device):
 
 def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, name, seed=0, cfg_scale=1.0,
                       sampler="ddpm", class_labels=None, precision="fp32", cfg_channels=None, info=None,
-                      rank=0, world=1, device="cpu", progress=True):
+                      rank=0, world=1, device="cpu", progress=True, cfg_interval=None):
     """Sample num_samples images into out_dir/name.npz in the ADM evaluator's format; returns its path.
 
     arr_0: uint8 (N, H, W, C) (C = 1 for grayscale data); arr_1: int64 labels (N,) when the model
@@ -189,9 +307,14 @@ def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, n
     size), skips the batches on disk and produces the same .npz as an uninterrupted one. Every
     rank must call this (it holds barriers). class_labels: labels cycled over the samples, or
     None for uniform random classes. precision: "fp32" or "bf16" (autocast of the model).
+    sampler, cfg_scale, cfg_channels, cfg_interval: see diffusion.generate. progress: bars over
+    the batches and the steps of each (rank 0).
     """
     check_sampling_arguments(model, num_samples=num_samples, batch_size=batch_size, cfg_scale=cfg_scale,
                              class_labels=class_labels, precision=precision, rank=rank, world=world)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    check_cfg_interval(cfg_interval)
     final, batch_dir = os.path.join(out_dir, name + ".npz"), os.path.join(out_dir, name)
     if os.path.isfile(final):
         if rank == 0:
@@ -208,7 +331,8 @@ def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, n
         count = min(batch_size, num_samples - i * batch_size)
         noise, labels = batch_inputs(i, batch_size, shape, model.num_classes, class_labels, seed, device)
         noise, labels = noise[:count], None if labels is None else labels[:count]
-        images = generate(model, diffusion, noise, labels, cfg_scale, sampler, vae, cfg_channels, precision == "bf16")
+        images = generate(model, diffusion, noise, labels, cfg_scale, sampler, vae, cfg_channels, precision == "bf16",
+                          cfg_interval, progress and rank == 0)
         arrays = {"images": to_uint8(images)}
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()

@@ -9,13 +9,17 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from diffusion import create_diffusion, discretized_gaussian_log_likelihood, normal_kl, space_timesteps
+import model as dis
+from diffusion import (create_diffusion, discretized_gaussian_log_likelihood, generate, normal_kl, sampler_respacing,
+                       space_timesteps)
 
 T = 1000
 LOG2 = math.log(2.0)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # diffusers' DPMSolverMultistepScheduler.set_timesteps calls np.array on a tensor
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 
 def diffusers_linear(scheduler, **kwargs):
@@ -422,6 +426,125 @@ def test_ddim_eta0_deterministic_given_noise():
     torch.manual_seed(2)
     b = d.ddim_sample_loop(model, noise.shape, noise=noise)
     assert torch.equal(a, b) and a.abs().max() <= 1.0 + 1e-6
+
+
+def reference_dpm_solver_2m(eps_fn, x, steps, clip):
+    """[DPM-Solver++] Algorithm 2 (multistep, second order) in float64 numpy, restated from the
+    paper: time points `steps` (original indices, descending) and then sigma = 0, where the
+    last update returns the data prediction; first order at the first and the last update."""
+    abar = reference_alphas_cumprod()[steps]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    x, prev_x0, prev_h = x.double().numpy(), None, None
+    for i, t in enumerate(steps):
+        x0 = (x - sigma[i] * eps_fn(x, t)) / alpha[i]
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+        if i == len(steps) - 1:
+            return x0
+        h = lam[i + 1] - lam[i]
+        if prev_x0 is None:
+            D = x0
+        else:
+            r = prev_h / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
+        x = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * (np.exp(-h) - 1) * D
+        prev_x0, prev_h = x0, h
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_dpm_solver_matches_the_papers_algorithm(clip):
+    d = create_diffusion("12")
+    torch.manual_seed(0)
+    model = TinyNet(channels=1, out_scale=3.0)          # 2C outputs: the variance half is ignored
+    noise = torch.randn(2, 1, 6, 6)
+    ours = d.dpm_solver_sample_loop(model, noise.shape, noise=noise, clip_denoised=clip)
+
+    def eps_fn(x, t):
+        with torch.no_grad():
+            return model(torch.tensor(x, dtype=torch.float32), torch.full((2,), t))[:, :1].double().numpy()
+    expected = reference_dpm_solver_2m(eps_fn, noise, d.timestep_map[::-1], clip)
+    assert np.abs(ours.numpy() - expected).max() < 1e-5 * np.abs(expected).max()   # float32 against float64
+
+
+def test_fast_samplers_converge_to_the_ode_solution_of_gaussian_data():
+    """Data N(mu, s^2) per pixel: the exact noise prediction is sigma_t (x - a_t mu) / (a_t^2 s^2 +
+    sigma_t^2), and the probability-flow ODE keeps z = (x_t - a_t mu) / sqrt(a_t^2 s^2 + sigma_t^2)
+    constant. Both samplers end with the x_0 estimate at t = 0, E[x_0 | x_{t=0}], so the exact
+    answer is that estimate at the ODE's x_{t=0}. DPM-Solver++(2M) must converge at second order,
+    DDIM at first order."""
+    mu, s = 0.3, 0.5
+    abar = torch.tensor(reference_alphas_cumprod())
+
+    def oracle(x, t):
+        a, var = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).view(-1, 1, 1, 1)
+        return (var.sqrt() * (x.double() - a * mu) / (a ** 2 * s ** 2 + var)).float()
+
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a_T, a_0 = abar[T - 1].sqrt(), abar[0].sqrt()
+    z = (noise.double() - a_T * mu) / (a_T ** 2 * s ** 2 + 1 - abar[T - 1]).sqrt()
+    x_at_0 = a_0 * mu + (a_0 ** 2 * s ** 2 + 1 - abar[0]).sqrt() * z
+    exact = mu + a_0 * s ** 2 / (a_0 ** 2 * s ** 2 + 1 - abar[0]) * (x_at_0 - a_0 * mu)
+
+    def error(loop, steps):
+        d = create_diffusion(str(steps), learn_sigma=False)
+        return (getattr(d, loop)(oracle, noise.shape, noise=noise, clip_denoised=False).double() - exact).abs().max()
+    dpm = {n: error("dpm_solver_sample_loop", n) for n in (50, 100, 200)}
+    ddim = {n: error("ddim_sample_loop", n) for n in (50, 100, 200)}
+    assert dpm[50] / dpm[100] > 3.5 and dpm[100] / dpm[200] > 3.5                # error ~ steps^-2
+    assert 1.8 < ddim[50] / ddim[100] < 2.2 and 1.8 < ddim[100] / ddim[200] < 2.2  # error ~ steps^-1
+    assert dpm[200] < 0.01 and dpm[200] < ddim[200] / 3
+
+
+# ----------------------------------------------------------------------------- generate and guidance
+
+@pytest.fixture(scope="module")
+def tiny_dis():
+    """A class-conditional DiS (D=16, depth 2, 8x8, 1 channel) with random weights everywhere
+    (the initialisation zeroes the output layer), in eval mode."""
+    torch.manual_seed(0)
+    model = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def sample_with(model, sampler, seed=0, **kwargs):
+    d = create_diffusion(sampler_respacing(sampler, 6))
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed + 1)                                        # the DDPM noise
+    return generate(model, d, noise, torch.tensor([1, 4, 7]), sampler=sampler, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_guidance_interval_outside_is_the_conditional_model_inside_is_guided(tiny_dis, sampler):
+    conditional = sample_with(tiny_dis, sampler, cfg_scale=1.0)
+    guided = sample_with(tiny_dis, sampler, cfg_scale=4.0)
+    assert not torch.equal(conditional, guided)
+    assert torch.equal(sample_with(tiny_dis, sampler, cfg_scale=4.0, cfg_interval=(0.9995, 1.0)), conditional)
+    assert torch.equal(sample_with(tiny_dis, sampler, cfg_scale=4.0, cfg_interval=(0.0, 1.0)), guided)
+
+
+def test_guidance_interval_guides_exactly_the_steps_inside(tiny_dis, monkeypatch):
+    """Steps of "6": 0, 200, 400, 599, 799, 999 (IDDPM's rule); the interval [0.3, 0.8] holds
+    t/T = 0.4, 0.599, 0.799: those three run on the doubled batch, the others on the batch."""
+    calls = []
+    forward = tiny_dis.forward
+    monkeypatch.setattr(tiny_dis, "forward", lambda x, t, y=None: calls.append((len(x), t[0].item())) or forward(x, t, y))
+    mixed = sample_with(tiny_dis, "dpm++", cfg_scale=4.0, cfg_interval=(0.3, 0.8))
+    assert calls == [(3, 999), (6, 799), (6, 599), (6, 400), (3, 200), (3, 0)]
+    monkeypatch.undo()
+    assert not torch.equal(mixed, sample_with(tiny_dis, "dpm++", cfg_scale=4.0))
+    assert not torch.equal(mixed, sample_with(tiny_dis, "dpm++", cfg_scale=1.0))
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(sampler="euler"), "sampler"), (dict(cfg_interval=(0.5, 0.2)), "cfg_interval"),
+                                         (dict(cfg_interval=(-0.1, 0.5)), "cfg_interval"),
+                                         (dict(cfg_interval=(0.5,)), "cfg_interval")])
+def test_generate_rejects_bad_arguments(tiny_dis, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        generate(tiny_dis, create_diffusion("4"), torch.randn(1, 1, 8, 8), torch.tensor([0]), 2.0, **kwargs)
 
 
 # ----------------------------------------------------------------------------- likelihood

@@ -1,6 +1,6 @@
 """sample.py on a tiny trained checkpoint (CPU): the grid PNG, the ADM-format .npz and its
-resumption, torchrun splitting, checkpoints of the original implementation, errors, and the
---fid-ref wiring through fid.py."""
+resumption, torchrun splitting, checkpoints of the original implementation, export to and
+loading from a safetensors folder, bad inputs, and the --fid-ref wiring through fid.py."""
 import json
 import os
 import subprocess
@@ -12,14 +12,16 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import REPO, TINY, load, one_line_error, write_fashion_subset  # noqa: E402
+from test_train import REPO, TINY, load, write_fashion_subset  # noqa: E402
 
 import model as dis  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
 FAST = ["--device", "cpu", "--num-sampling-steps", "4"]
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # diffusers' DPMSolverMultistepScheduler.set_timesteps calls np.array on a tensor
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 
 @pytest.fixture(scope="module")
@@ -110,31 +112,144 @@ def test_latent_checkpoint_decodes_through_the_vae(tmp_path):
         assert json.loads(str(npz["meta"]))["vae"] == vae_dir
 
 
-def sample_error(argv):
-    return one_line_error(argv, sample.main)
+def test_export_round_trip_and_hub_id(ckpt, tmp_path, monkeypatch):
+    """--export writes safetensors + config.json; --ckpt FOLDER and --ckpt owner/name (the hub's
+    download replaced by the folder: no network here) sample the same grid as the checkpoint."""
+    grid = ["--cfg", "2", *FAST, "--class-labels", "0", "5", "9"]
+    reference = pixels(sample.main(["--ckpt", ckpt, *grid, "--out", str(tmp_path / "ckpt.png")]))
+    folder = sample.main(["--ckpt", ckpt, "--export", str(tmp_path / "export")])
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert (config["model"], config["image_size"], config["num_classes"], config["vae"], config["weights"]) == \
+        ("DiS-S/2", 8, 10, "none", "ema")
+    assert config["config"] == load(ckpt)["config"]
+    from safetensors.torch import load_file
+    exported = load_file(os.path.join(folder, "model.safetensors"))
+    assert exported.keys() == load(ckpt)["ema"].keys()
+    assert all(torch.equal(exported[k], v) for k, v in load(ckpt)["ema"].items())
+    sample.main(["--ckpt", folder, *grid, "--out", str(tmp_path / "folder.png")])
+    np.testing.assert_array_equal(pixels(tmp_path / "folder.png"), reference)
+
+    import huggingface_hub
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or folder)
+    sample.main(["--ckpt", "someone/dis-tiny", *grid, "--out", str(tmp_path / "hub.png")])
+    assert asked == ["someone/dis-tiny"]
+    np.testing.assert_array_equal(pixels(tmp_path / "hub.png"), reference)
 
 
-def test_error_checkpoint_of_another_model_size(ckpt, tmp_path):
+def test_export_of_an_original_checkpoint_needs_no_flags_afterwards(ckpt, tmp_path):
+    torch.save(load(ckpt)["ema"], tmp_path / "ema_only.pth")
+    bare = ["--model", "DiS-S/2", "--embed-dim", "16", "--depth", "2", "--image-size", "8", "--num-classes", "10",
+            "--channels", "1"]
+    folder = sample.main(["--ckpt", str(tmp_path / "ema_only.pth"), *bare, "--export", str(tmp_path / "export")])
+    grid = [*FAST, "--class-labels", "3", "--cfg", "1.5"]
+    sample.main(["--ckpt", str(tmp_path / "ema_only.pth"), *bare, *grid, "--out", str(tmp_path / "bare.png")])
+    sample.main(["--ckpt", folder, *grid, "--out", str(tmp_path / "folder.png")])
+    np.testing.assert_array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / "bare.png"))
+
+
+def test_fast_sampler_and_guidance_interval_are_recorded(ckpt, tmp_path, capsys):
+    out = sample.main(["--ckpt", ckpt, "--device", "cpu", "--sampler", "dpm++", "--num-sampling-steps", "5",
+                       "--cfg", "2", "--cfg-interval", "0.3", "0.8", "--class-labels", "1", "2",
+                       "--out", str(tmp_path / "grid.png")])
+    meta = json.loads(Image.open(out).text["dis"])
+    assert (meta["sampler"], meta["num_sampling_steps"], meta["cfg_interval"]) == ("dpm++", 5, [0.3, 0.8])
+    assert "sampling steps" in capsys.readouterr().err          # the grid's progress bar
+
+
+def usage_error(argv, capsys):
+    """The one error line (exit code 2) that sample.main(argv) writes to stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(argv)
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    return errors[0]
+
+
+BAD_INPUTS = [  # (arguments after --ckpt CKPT, what the error line must say)
+    (["--num-sampling-steps", "0"], "--num-sampling-steps must be in 2..1000, not 0"),
+    (["--num-sampling-steps", "1001"], "--num-sampling-steps must be in 2..1000"),
+    (["--sampler", "ddim", "--num-sampling-steps", "999"], "--num-sampling-steps 999 with --sampler ddim"),
+    (["--sampler", "euler"], "--sampler: invalid choice"),
+    (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be >= 0"),
+    (["--cfg-interval", "0.8", "0.2"], "--cfg-interval LOW HIGH needs 0 <= LOW <= HIGH <= 1"),
+    (["--cfg-interval", "0", "1.5"], "--cfg-interval LOW HIGH needs 0 <= LOW <= HIGH <= 1"),
+    (["--cfg-interval", "0.5"], "--cfg-interval: expected 2 arguments"),
+    (["--cfg-channels", "0"], "--cfg-channels must be positive"),
+    (["--cfg-channels", "2"], "--cfg-channels must be in 1..1"),
+    (["--num-samples", "0"], "--num-samples must be positive"),
+    (["--num-samples", "many"], "--num-samples: invalid int value"),
+    (["--num-samples", "4", "--per-proc-batch-size", "0"], "--per-proc-batch-size must be positive"),
+    (["--class-labels", "3", "10"], "--class-labels [10] are outside the model's classes 0..9"),
+    (["--class-labels", "-1"], "--class-labels must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--fid-ref", "{tmp}/missing.npz", "--num-samples", "4"], "--fid-ref {tmp}/missing.npz: no such file"),
+    (["--num-samples", "4", "--sample-dir", "{tmp}/a-file"], "--sample-dir {tmp}/a-file is a file"),
+    (["--export", "{tmp}/a-file"], "--export {tmp}/a-file is a file"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder"),
+    (["--depth", "3"], "--depth must be even"),
+    (["--image-size", "0"], "--image-size must be positive"),
+    (["--num-classes", "-1"], "--num-classes must be >= 0"),
+]
+BAD_CHECKPOINTS = [  # (--ckpt value, what the error line must say)
+    ("{tmp}/missing.pt", "--ckpt {tmp}/missing.pt: no such file or folder"),
+    ("{tmp}/a-file", "--ckpt: cannot read checkpoint {tmp}/a-file (UnpicklingError): not a PyTorch checkpoint"),
+    ("{tmp}", "--ckpt: folder {tmp} holds no model.safetensors and config.json"),
+    ("{tmp}/not-dis.pt", "--ckpt: {tmp}/not-dis.pt holds no DiS weights"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(argv) for argv, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_flag(ckpt, tmp_path, capsys, argv, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    line = usage_error(["--ckpt", ckpt, "--device", "cpu", *argv], capsys)
+    assert message.replace("{tmp}", str(tmp_path)) in line
+
+
+@pytest.mark.parametrize("path,message", BAD_CHECKPOINTS, ids=[m.split(":")[1] for _, m in BAD_CHECKPOINTS])
+def test_bad_checkpoint_is_one_line(tmp_path, capsys, path, message):
+    (tmp_path / "a-file").write_bytes(b"\x80\x04 not a pickle")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "not-dis.pt")
+    line = usage_error(["--ckpt", path.replace("{tmp}", str(tmp_path)), "--device", "cpu"], capsys)
+    assert message.replace("{tmp}", str(tmp_path)) in line
+
+
+def test_offline_hub_id_is_one_line_without_traceback(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--ckpt", "someone/dis-s2", "--device",
+                           "cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert "--ckpt: someone/dis-s2 is no local file or folder" in line and "offline?" in line
+
+
+def test_guidance_below_one_warns(ckpt, tmp_path, capsys):
+    sample.main(["--ckpt", ckpt, *FAST, "--cfg", "0.5", "--class-labels", "1", "--out", str(tmp_path / "g.png")])
+    assert "warning: --cfg-scale 0.5 < 1" in capsys.readouterr().err
+
+
+def test_error_checkpoint_of_another_model_size(ckpt, tmp_path, capsys):
     torch.save({"model": load(ckpt)["model"]}, tmp_path / "original.pth")
-    message = sample_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--depth", "4",
-                              "--embed-dim", "16", "--image-size", "8", "--num-classes", "10", "--channels", "1"])
+    message = usage_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--depth", "4",
+                           "--embed-dim", "16", "--image-size", "8", "--num-classes", "10", "--channels", "1"], capsys)
     assert "holds DiS (D=16, depth 2) at 8x8 with 1 channels, 10 classes" in message
     assert "ask for DiS (D=16, depth 4)" in message
-    message = sample_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--image-size", "8",
-                              "--num-classes", "10", "--channels", "1"])
+    message = usage_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--image-size", "8",
+                           "--num-classes", "10", "--channels", "1"], capsys)
     assert "ask for DiS-S/2 (D=368, depth 24)" in message
 
 
-def test_errors_on_labels_and_guidance(ckpt, tmp_path):
-    assert "outside the model's classes 0..9" in sample_error(["--ckpt", ckpt, "--class-labels", "3", "10"])
+def test_error_guidance_of_an_unconditional_model(tmp_path, capsys):
     torch.manual_seed(0)
     unconditional = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=0)
     torch.save(unconditional.state_dict(), tmp_path / "uncond.pth")
-    message = sample_error(["--ckpt", str(tmp_path / "uncond.pth"), "--embed-dim", "16", "--depth", "2",
-                              "--model", "DiS-S/2", "--image-size", "8", "--num-classes", "0", "--channels", "1",
-                              "--cfg", "1.5"])
-    assert "unconditional" in message
-    assert "not found" in sample_error(["--ckpt", str(tmp_path / "missing.pt")])
+    message = usage_error(["--ckpt", str(tmp_path / "uncond.pth"), "--embed-dim", "16", "--depth", "2",
+                           "--model", "DiS-S/2", "--image-size", "8", "--num-classes", "0", "--channels", "1",
+                           "--cfg", "1.5", "--device", "cpu"], capsys)
+    assert "--class-labels and --cfg-scale need a class-conditional model" in message
 
 
 def test_fid_ref_evaluates_the_written_samples(ckpt, tmp_path, monkeypatch):
