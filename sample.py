@@ -41,9 +41,9 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 
+import fid
 import model as dis
 from diffusion import SAMPLERS, create_diffusion, generate, sampler_respacing
 from distributed import process_group
@@ -55,24 +55,17 @@ DIFFUSION_STEPS = 1000
 DDIM_COUNTS = sorted({len(range(0, DIFFUSION_STEPS, stride)) for stride in range(1, DIFFUSION_STEPS)})
 
 
-# ----------------------------------------------------------------------------- FID
-
-def fid_of(npz_path, reference, weights=None):
-    """fid.evaluate on an .npz of samples (grayscale replicated to RGB, as the Inception net needs)."""
-    import fid
-    with np.load(npz_path) as npz:
-        images = npz["arr_0"]
-    samples = npz_path if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
-    try:
-        return fid.evaluate(samples, reference, weights=weights)
-    except fid.FIDError as e:
-        raise SystemExit(f"FID: {e}")
-
-
 # ----------------------------------------------------------------------------- command line
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `sample.py: error: message`, exit status 2 (usage: --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="sample.py", description=__doc__.split("\n")[0])
     ckpt = parser.add_argument_group("weights")
     ckpt.add_argument("--ckpt", required=True,
                       help="a train.py checkpoint, a folder written by --export, the Hugging Face hub id of one "
@@ -163,6 +156,13 @@ def check_args(args, parser):
     for flag, path in (("--fid-ref", args.fid_ref), ("--inception-weights", args.inception_weights)):
         if path is not None and not os.path.exists(path):
             parser.error(f"{flag} {path}: no such file or folder")
+    if args.fid_ref is not None:
+        if not args.num_samples:
+            parser.error("--fid-ref needs --num-samples (the FID of the written .npz)")
+        try:  # before sampling: the weights are looked for (or downloaded) now rather than after hours of it
+            fid.find_weights(args.inception_weights)
+        except fid.FIDError as e:
+            parser.error(f"--inception-weights: {e}")
     for flag, path in (("--sample-dir", args.sample_dir), ("--export", args.export)):
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             parser.error(f"{flag} {path} is a file; give a folder")
@@ -273,7 +273,10 @@ def main(argv=None):
         except OSError as e:  # a full disk, a folder removed meanwhile: the samples on disk stay, resumable
             raise SystemExit(f"cannot write {e.filename}: {e.strerror}")
         if args.fid_ref and rank == 0:
-            metrics = fid_of(path, args.fid_ref, args.inception_weights)
+            try:
+                metrics = fid.evaluate(path, args.fid_ref, weights=args.inception_weights)
+            except fid.FIDError as e:
+                raise SystemExit(f"--fid-ref: {e}")
             print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None))
             info["metrics"] = metrics
             write_text(path[: -len(".npz")] + ".json", json.dumps(info) + "\n")
