@@ -1,10 +1,12 @@
 """sample.py on a tiny trained checkpoint (CPU): the grid PNG, the ADM-format .npz and its
 resumption, torchrun splitting, checkpoints of the original implementation, export to and
 loading from a safetensors folder, bad inputs, and the --fid-ref wiring through fid.py."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -268,3 +270,49 @@ def test_fid_ref_evaluates_the_written_samples(ckpt, tmp_path, monkeypatch):
         path = sample.main(args + ["--sample-dir", str(tmp_path / "b"), "--fid-ref", first])
     metrics = json.load(open(path[:-4] + ".json"))["metrics"]
     assert metrics["fid"] == pytest.approx(0, abs=1e-3) and metrics["precision"] == metrics["recall"] == 1.0
+
+
+# ----------------------------------------------------------------------------- tools/sampler_table.py
+
+def sampler_table_module():
+    spec = importlib.util.spec_from_file_location("sampler_table", os.path.join(REPO, "tools", "sampler_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_table(ckpt, tmp_path, monkeypatch):
+    """Every setting sees the same noise and labels (the 10 classes in turn); the model evaluations
+    per image follow from the steps: "25" keeps steps round(41.625 j), j = 0..24, of which
+    j = 3..16 (t = 125..666) lie in t/T [0.1, 0.7], so 25 + 14 guided evaluations."""
+    seen = []
+
+    def evaluate(images, labels, device=None):
+        seen.append((images, labels))
+        return dict(fd=float(images.mean()), accuracy=float((labels == 3).mean()))
+    monkeypatch.setitem(sys.modules, "yardstick", types.SimpleNamespace(evaluate=evaluate))
+    table = sampler_table_module()
+    settings = ["dpm++10", "ddim10", "dpm++25-cfg2-in0.1-0.7", "dpm++25-bf16"]
+    rows = table.main(["--ckpt", ckpt, "--num-samples", "12", "--batch-size", "5", "--device", "cpu",
+                       "--settings", *settings, "--out", str(tmp_path / "table.md")])
+    assert [name for name, _, _ in rows] == settings
+    assert [result["evals"] for _, _, result in rows] == [10, 10, 39, 25]
+    for images, labels in seen:
+        assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+        np.testing.assert_array_equal(labels, np.arange(12) % 10)
+    assert not np.array_equal(seen[0][0], seen[1][0])
+    text = open(tmp_path / "table.md").read()
+    assert "| dpm++25-cfg2-in0.1-0.7 | dpm++ | 25 | 2 | [0.1, 0.7] | fp32 |" in text
+    assert "| dpm++25-bf16 | dpm++ | 25 | 1 | all | bf16 |" in text
+
+
+def test_sampler_table_refuses_other_models(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=0)
+    unconditional = dis.DiS(**config)
+    torch.save({"ema": unconditional.state_dict(), "config": config,
+                "args": dict(model="DiS-S/2", image_size=8, vae="none")}, tmp_path / "uncond.pth")
+    with pytest.raises(SystemExit) as exit_:
+        sampler_table_module().main(["--ckpt", str(tmp_path / "uncond.pth"), "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "class-conditional (10 classes) grayscale pixel-space Fashion-MNIST model" in capsys.readouterr().err

@@ -1,0 +1,163 @@
+"""Quality against cost of the samplers on a class-conditional Fashion-MNIST DiS: a markdown
+table of the Fashion-MNIST yardstick's Frechet distance (FD) and class accuracy per setting,
+with the model evaluations per image and the sampling wall time.
+
+    python tools/sampler_table.py --ckpt results/000-DiS-S-2/checkpoints/0400000.pt --out sampler_table.md
+    python tools/sampler_table.py --ckpt CKPT --settings ddpm250 dpm++25 --num-samples 500
+
+Every setting samples the same --num-samples images: the same noise and the same labels
+(the 10 classes in turn), seeded by --seed, in batches of --batch-size, so the rows differ only
+by their sampler, steps, guidance and precision. The yardstick (yardstick.evaluate) measures
+the FD of the samples in the feature space of a small Fashion-MNIST classifier and the share
+of samples that classifier assigns to the class they were drawn for. "evals/image" counts
+images through the network per sample (a guided step counts two); the wall time covers
+sampling only, with the device synchronised.
+"""
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from diffusion import create_diffusion, generate, sampler_respacing  # noqa: E402
+from scan import set_scan_backend  # noqa: E402
+from storage import CheckpointError, batch_inputs, load_model, to_uint8, write_text  # noqa: E402
+
+
+def setting(sampler, steps, cfg=1.0, interval=None, precision="fp32"):
+    return dict(sampler=sampler, steps=steps, cfg=cfg, interval=interval, precision=precision)
+
+
+# name -> setting: the paper's DDPM 250, the fast samplers at 10-50 steps, bf16, guidance scales and intervals.
+SETTINGS = {
+    "ddpm250": setting("ddpm", 250),
+    **{f"dpm++{n}": setting("dpm++", n) for n in (10, 15, 25, 50)},
+    **{f"ddim{n}": setting("ddim", n) for n in (10, 15, 25, 50)},
+    "ddpm250-bf16": setting("ddpm", 250, precision="bf16"),
+    "dpm++25-bf16": setting("dpm++", 25, precision="bf16"),
+    **{f"dpm++25-cfg{s:g}": setting("dpm++", 25, s) for s in (1.5, 2, 3, 4)},
+    "dpm++25-cfg2-in0.1-0.7": setting("dpm++", 25, 2, (0.1, 0.7)),
+    "dpm++25-cfg3-in0.1-0.7": setting("dpm++", 25, 3, (0.1, 0.7)),
+    "dpm++25-cfg4-in0.2-0.8": setting("dpm++", 25, 4, (0.2, 0.8)),
+    "dpm++25-cfg3-in0-0.5": setting("dpm++", 25, 3, (0.0, 0.5)),
+}
+
+
+def counting_forward(model):
+    """Wrap model.forward to count the images it processes; returns the counter (a one-item list)."""
+    images, forward = [0], model.forward
+
+    def counted(x, t, y=None):
+        images[0] += len(x)
+        return forward(x, t, y)
+    model.forward = counted
+    return images
+
+
+def sample_setting(model, spec, num_samples, batch_size, seed, device):
+    """uint8 samples (N, H, W, C), their labels (N,), evaluations per image and seconds."""
+    diffusion = create_diffusion(sampler_respacing(spec["sampler"], spec["steps"]),
+                                 learn_sigma=model.out_channels == 2 * model.in_channels)
+    shape = (model.in_channels, model.img_size, model.img_size)
+    classes = list(range(model.num_classes))
+    counter = counting_forward(model)
+    images, labels, seconds = [], [], 0.0
+    try:
+        for i in range((num_samples + batch_size - 1) // batch_size):
+            count = min(batch_size, num_samples - i * batch_size)
+            noise, y = batch_inputs(i, batch_size, shape, model.num_classes, classes, seed, device)
+            noise, y = noise[:count], y[:count]
+            synchronize(device)
+            start = time.perf_counter()
+            x = generate(model, diffusion, noise, y, spec["cfg"], spec["sampler"], None,
+                         bf16=spec["precision"] == "bf16", cfg_interval=spec["interval"])
+            synchronize(device)
+            seconds += time.perf_counter() - start
+            images.append(to_uint8(x))
+            labels.append(y.cpu().numpy())
+    finally:
+        del model.forward
+    return np.concatenate(images), np.concatenate(labels), counter[0] / num_samples, seconds
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def table(rows):
+    """Markdown table of the measured rows."""
+    lines = ["| setting | sampler | steps | cfg | interval t/T | precision | FD | accuracy | evals/image | seconds |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    for name, spec, result in rows:
+        interval = "all" if spec["interval"] is None else "[{:g}, {:g}]".format(*spec["interval"])
+        lines.append(f"| {name} | {spec['sampler']} | {spec['steps']} | {spec['cfg']:g} | {interval} | "
+                     f"{spec['precision']} | {result['fd']:.3f} | {result['accuracy']:.4f} | "
+                     f"{result['evals']:.1f} | {result['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--ckpt", required=True, help="a class-conditional Fashion-MNIST DiS (anything sample.py reads)")
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), metavar="NAME",
+                        help=f"a subset of: {', '.join(SETTINGS)}")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--scan-backend", default="auto", help="see sample.py --scan-backend")
+    parser.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, not {args.seed}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a folder; give a file name")
+    return args, parser
+
+
+def main(argv=None):
+    args, parser = parse_args(argv)
+    set_scan_backend(args.scan_backend)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          args.device if args.device != "auto" else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    try:
+        model, vae, info = load_model(args.ckpt, device, load_decoder=False)
+    except CheckpointError as e:
+        parser.error(f"--ckpt: {e}")
+    if model.num_classes != 10 or info["vae"] != "none" or model.in_channels != 1:
+        parser.error(f"--ckpt holds {info['architecture']} ({info['vae']} VAE); the yardstick needs a "
+                     f"class-conditional (10 classes) grayscale pixel-space Fashion-MNIST model")
+    import yardstick
+    print(f"{info['architecture']}, {info['weights']} weights, {args.num_samples} samples per setting on {device}")
+    rows = []
+    for name in args.settings:
+        spec = SETTINGS[name]
+        images, labels, evals, seconds = sample_setting(model, spec, args.num_samples, args.batch_size, args.seed,
+                                                        device)
+        result = dict(yardstick.evaluate(images, labels, device=device), evals=evals, seconds=seconds)
+        rows.append((name, spec, result))
+        print(f"{name}: FD {result['fd']:.3f}, accuracy {result['accuracy']:.4f}, {evals:.1f} evals/image, "
+              f"{seconds:.1f} s", flush=True)
+    text = table(rows)
+    print(text)
+    if args.out:
+        command = "python tools/sampler_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_text(args.out, f"{info['architecture']}, {info['weights']} weights, {args.num_samples} samples, "
+                             f"seed {args.seed}, on {device}\n\n    {command}\n\n{text}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
