@@ -4,8 +4,8 @@
 // is scan.py's selective_scan_ref, which the tests compare against.
 //
 // Device code only, with no #include: scan_cuda.py compiles this file at run time with NVRTC
-// (one program per input dtype, the kernels instantiated through name expressions), allocates
-// the outputs and launches the kernels.
+// (one program per dtype of the inputs and of the saved states, the kernels instantiated through
+// name expressions), allocates the outputs and launches the kernels.
 //
 // Four lanes (a quad) own one channel e of one batch element, each lane four of its 16 states,
 // in registers: a warp holds 8 channels, so that even one direction at (32, 768, 1026) gives the
