@@ -320,9 +320,7 @@ def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, n
         if rank == 0:
             print(f"{final} exists already")
         return final
-    if rank == 0:
-        os.makedirs(batch_dir, exist_ok=True)
-    barrier()
+    os.makedirs(batch_dir, exist_ok=True)
     batches = math.ceil(num_samples / batch_size)
     batch_path = lambda i: os.path.join(batch_dir, f"batch_{i:06d}.npz")
     todo = [i for i in range(rank, batches, world) if not os.path.isfile(batch_path(i))]
@@ -366,9 +364,9 @@ def gather_batches(final, paths, labelled, info):
 
 def check_sampling_arguments(model, num_samples, batch_size, cfg_scale, class_labels, precision, rank, world):
     """ValueError naming the first argument of write_samples_npz outside its range."""
-    if not (isinstance(num_samples, int) and num_samples >= 1):
+    if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"num_samples must be a positive integer, not {num_samples!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
     if not cfg_scale >= 0:
         raise ValueError(f"cfg_scale must be >= 0 (1: no guidance), not {cfg_scale!r}")
