@@ -13,12 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import REPO, TINY, load, write_fashion_subset  # noqa: E402
+from conftest import REPO, TINY, load, write_fashion_subset
 
-import model as dis  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
+import model as dis
+import sample
+import train
 
 FAST = ["--device", "cpu", "--num-sampling-steps", "4"]
 pytestmark = [pytest.mark.usefixtures("one_thread"),
