@@ -2,20 +2,25 @@
 
     python train.py          # the main job: class-conditional DiS-S/2 on Fashion-MNIST, 28x28 padded to 32x32
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data-path DIR --model DiS-H/2 --image-size 256
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN train.py ...
     python train.py --resume auto      # continue the latest run of --model in --results-dir
 
 A step: this rank's share of the global batch (data.py: datasets, their order, the latent space)
--> timesteps and noise -> diffusion.training_losses (DiS, L_simple + L_vlb) -> backward ->
-gradient norm clipped -> AdamW with warm-up and cosine decay -> EMA. Settings default to the
+-> timesteps and noise -> in --grad-accum-steps micro-batches: diffusion.training_losses (DiS,
+L_simple + L_vlb) -> backward, gradients summed (DDP all-reduces after the last) ->
+gradient norm clipped -> AdamW with warm-up and cosine decay -> EMA. So the global batch is
+--grad-accum-steps x the micro-batch per process x the processes. Settings default to the
 paper's section 3.1: AdamW with lr 1e-4 and no weight decay, cosine schedule, EMA 0.9999,
 batch 128, gradient norm clipped to 1, T = 1000 linear betas, learned sigma, horizontal flips only.
 
 Randomness and resuming. The model is initialised from --global-seed (the same for any
 number of processes). The data order depends on (seed, epoch) only (data.py); timesteps and
 noise of the whole global batch come from a generator seeded by (seed, step). So a step does
-not depend on the number of processes, and a resumed run draws exactly what the uninterrupted
-one would. Drop path and label dropout use each rank's default generator, seeded with
-global_seed * world_size + rank as in DiT, whose states are saved in checkpoints.
+not depend on the number of processes (ranks and world size are global: several machines under
+torchrun are one world; LOCAL_RANK picks the GPU) or of micro-batches, and a resumed run draws
+exactly what the uninterrupted one would. Drop path and label dropout use each rank's default
+generator, seeded with global_seed * world_size + rank as in DiT, whose states are saved in
+checkpoints.
 
 Checkpoints (results/NNN-DiS-S-2/checkpoints/SSSSSSS.pt, written atomically) are plain dicts,
 loadable with torch.load(weights_only=True):
@@ -37,9 +42,12 @@ schedule stay); more than --max-nonfinite in a row stop the run with a checkpoin
 The run folder also holds log.txt (loss, gradient norm, lr, img/s, peak memory), run.json
 (arguments, seeds per rank, library versions of every launch), samples/SSSSSSS.png (EMA
 model, DDIM 25 steps, classifier-free guidance --sample-cfg, one class per row; every
---sample-every steps and at the end) and loss.png.
+--sample-every steps and at the end), tensorboard/ (the dashboard: these numbers and grids as
+curves and images, see monitor.py) and, with --fid-ref, fid/ (the FID of EMA samples after
+training and every --fid-every steps).
 """
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -56,7 +64,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
@@ -65,6 +72,7 @@ import model as dis
 from data import DATASETS, batch_plan, data_stream, encode, prepare_data
 from diffusion import create_diffusion, generate
 from distributed import barrier, derived_seed, process_group, rank_seed, rng_states, set_rng_state
+from monitor import Dashboard, FIDProbe, Meter, log_progress, log_to_file, setup_logging, tensorboard_installed
 from scan import BACKENDS, OUR_KERNELS, active_scan_backend, set_scan_backend
 from storage import grid_labels, load_checkpoint, model_config, save_grid, to_uint8, write_atomically, write_text
 
@@ -74,7 +82,7 @@ RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everyth
     "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
     "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile", "compile_mode",
     "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples",
-    "inception_weights"}
+    "inception_weights", "grad_accum_steps", "tensorboard", "fid_every", "fid_sampling_steps"}
 
 log = logging.getLogger("dis.train")
 
@@ -115,6 +123,25 @@ def step_noise(step, seed, global_batch, rank, world, shape, num_timesteps, devi
     noise = torch.randn(global_batch, *shape, generator=g, device=device)
     part = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
     return t[part], noise[part]
+
+
+def accumulate_gradients(ddp, diffusion, batch, steps, vae=None, conditional=True, bf16=False):
+    """Forward and backward passes of this rank's share of the global batch, (x, y, t, noise)
+    with leading dimension B, in `steps` micro-batches of B / steps; returns the mean loss.
+    Each micro-batch's mean loss is scaled by 1 / steps, so the accumulated gradients are those
+    of the mean over the whole share; DDP all-reduces them only in the last backward pass."""
+    total = 0
+    for i, (x, y, t, noise) in enumerate(zip(*(part.chunk(steps) for part in batch))):
+        if vae is not None:
+            x = encode(vae, x)
+        last = i == steps - 1 or not isinstance(ddp, DDP)
+        with contextlib.nullcontext() if last else ddp.no_sync():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                terms = diffusion.training_losses(ddp, x, t, dict(y=y) if conditional else None, noise)
+                loss = terms["loss"].mean() / steps
+            loss.backward()
+        total = total + loss.detach()
+    return total
 
 
 class Agreement(NamedTuple):
@@ -176,7 +203,7 @@ class Run:
 
 class SampleGrid:
     """The grid drawn while training: the EMA model, DDIM 25 steps, guidance --sample-cfg, fixed
-    noise and labels (one class per row); written to samples/SSSSSSS.png with the loss curve."""
+    noise and labels (one class per row); written to samples/SSSSSSS.png and the dashboard."""
 
     def __init__(self, args, channels, side, learn_sigma, vae, device):
         self.labels, count = grid_labels(args.num_classes)
@@ -184,14 +211,15 @@ class SampleGrid:
         self.diffusion = create_diffusion(GRID_RESPACING, learn_sigma=learn_sigma)
         self.cfg, self.vae, self.device, self.bf16 = args.sample_cfg, vae, device, args.precision == "bf16"
 
-    def draw(self, run, rank):
+    def draw(self, run, rank, board):
         if rank == 0:
             labels = None if self.labels is None else self.labels.to(self.device)
             images = generate(run.ema, self.diffusion, self.noise.to(self.device), labels, self.cfg, "ddim", self.vae,
                               bf16=self.bf16)
             text = json.dumps(dict(step=run.step, sampler=GRID_RESPACING, cfg_scale=self.cfg, weights="ema"))
-            save_grid(to_uint8(images), os.path.join(run.folder, "samples", f"{run.step:07d}.png"), 10, text)
-            draw_loss_curve(run.loss_curve, os.path.join(run.folder, "loss.png"))
+            path = os.path.join(run.folder, "samples", f"{run.step:07d}.png")
+            save_grid(to_uint8(images), path, 10, text)
+            board.image("samples", path, run.step)
         barrier()
 
 
@@ -253,38 +281,6 @@ def restore_rng(ckpt, args, rank, world, device, step):
 
 # ----------------------------------------------------------------------------- logging
 
-class TqdmHandler(logging.StreamHandler):
-    """Prints log lines above the progress bar instead of through it."""
-
-    def emit(self, record):
-        tqdm.write(self.format(record))
-
-
-LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
-
-
-def setup_logging(rank):
-    """Rank 0 logs (train.py's and data.py's lines) to stdout and, once log_to_file is called,
-    log.txt; other ranks print warnings."""
-    root = logging.getLogger("dis")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    handler = TqdmHandler() if rank == 0 else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LOG_FORMAT)
-    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    root.addHandler(handler)
-
-
-def log_to_file(run_dir, rank):
-    if rank == 0:
-        handler = logging.FileHandler(os.path.join(run_dir, "log.txt"))
-        handler.setFormatter(LOG_FORMAT)
-        logging.getLogger("dis").addHandler(handler)
-
-
 def record_launch(run_dir, args, world, device, backend, step):
     """Append this launch (arguments, seeds per rank, device, library versions) to run_dir/run.json."""
     path = os.path.join(run_dir, "run.json")
@@ -304,71 +300,6 @@ def record_launch(run_dir, args, world, device, backend, step):
                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                          scan_backend=backend, versions=versions))
     write_text(path, json.dumps(launches, indent=1))
-
-
-class Meter:
-    """Mean loss and gradient norm since the last log line; images/s over training time only."""
-
-    def __init__(self, step):
-        self.loss = self.norm = 0.0
-        self.steps = 0
-        self.restart(step)
-
-    def add(self, loss, norm):
-        self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
-
-    def restart(self, step):
-        """Start timing anew (after a log line, a checkpoint or a grid)."""
-        self.time, self.step = time.time(), step
-
-    def read(self, step, batch):
-        """(mean loss, mean gradient norm, images/s) since the last read; resets the means."""
-        means = (self.loss / self.steps, self.norm / self.steps) if self.steps else (math.nan, math.nan)
-        images_per_s = (step - self.step) * batch / (time.time() - self.time)
-        self.loss = self.norm = 0.0
-        self.steps = 0
-        self.restart(step)
-        return (*means, images_per_s)
-
-
-def log_progress(run, meter, bar, device):
-    """The log line of the steps since the last one; appends their mean loss to the loss curve."""
-    mean_loss, mean_norm, images_per_s = meter.read(run.step, run.args.global_batch_size)
-    memory = f" peak_mem={torch.cuda.max_memory_allocated(device) / 1e9:.2f}GB" if device.type == "cuda" else ""
-    log.info(f"step={run.step:07d} loss={mean_loss:.4f} grad_norm={mean_norm:.4f} "
-             f"lr={run.scheduler.get_last_lr()[0]:.3e} img/s={images_per_s:.1f}{memory} nonfinite={run.nonfinite}")
-    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
-    if math.isfinite(mean_loss):
-        run.loss_curve.append([run.step, mean_loss])
-
-
-def draw_loss_curve(points, path, width=720, height=400):
-    """Mean training loss against step, loss on a log scale, drawn with PIL into a PNG."""
-    points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]
-    if len(points) < 2:
-        return
-    left, right, top, bottom = 64, 16, 28, 36
-    s0, s1 = points[0][0], points[-1][0]
-    logs = [math.log10(v) for _, v in points]
-    lo, hi = min(logs), max(logs) + 1e-9
-
-    def xy(s, v):
-        return (left + (s - s0) / max(1, s1 - s0) * (width - left - right),
-                top + (hi - v) / (hi - lo) * (height - top - bottom))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for v in (lo, (lo + hi) / 2, hi):
-        y = xy(s0, v)[1]
-        draw.line([(left - 4, y), (left, y)], fill="black")
-        draw.text((4, y - 6), f"{10 ** v:.3g}", fill="black")
-    for s in (s0, (s0 + s1) // 2, s1):
-        x = xy(s, lo)[0]
-        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
-        draw.text((x - 12, height - bottom + 8), str(s), fill="black")
-    draw.line([xy(s, v) for (s, _), v in zip(points, logs)], fill=(31, 119, 180), width=2)
-    draw.text((left, 8), "training loss (log scale) against step", fill="black")
-    write_atomically(path, functools.partial(image.save, format="PNG"))
 
 
 class StopSignals:
@@ -394,6 +325,9 @@ def check_run(args, world, device):
     """Settings that depend on the processes and the device, checked before anything is loaded."""
     if args.global_batch_size % world:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if args.global_batch_size % (world * args.grad_accum_steps):
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by --grad-accum-steps "
+                         f"{args.grad_accum_steps} x {world} process(es): every micro-batch must split evenly")
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.fid_ref:
         import fid
@@ -503,6 +437,8 @@ def train(args, parser, rank, world, device):
     del ckpt  # its tensors are copied into the model and optimizer
     diffusion = create_diffusion("", learn_sigma=config["learn_sigma"])
     grid = SampleGrid(args, data.channels, data.side, config["learn_sigma"], data.vae, device)
+    probe = FIDProbe(args, config["learn_sigma"], data.vae, device) if args.fid_ref else None
+    board = Dashboard(os.path.join(run_dir, "tensorboard") if rank == 0 and args.tensorboard else None, run.step)
 
     backend = active_scan_backend(device, say=log.info)
     space = f"latent space ({args.vae})" if args.vae != "none" else "pixel space"
@@ -510,7 +446,9 @@ def train(args, parser, rank, world, device):
              f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x{data.side}, "
              f"{args.num_classes} classes, {space}")
     log.info(f"Data: {args.dataset}, {n:,} images from {data.where}; {run.per_epoch:,} steps per epoch; "
-             f"{end:,} steps of {batch} on {world} process(es), {device}; scan backend {backend}; "
+             f"{end:,} steps of {batch} on {world} process(es)"
+             f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
+             f"scan backend {backend}; "
              f"{args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
              f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
              f"{', compiled' if args.compile else ''}")
@@ -527,14 +465,12 @@ def train(args, parser, rank, world, device):
     try:
         while run.step < end and stop_reason is None:
             x, y = next(stream)
-            if data.encode_batches:
-                x = encode(data.vae, x)
             t, noise = step_noise(run.step, args.global_seed, batch, rank, world, (data.channels, data.side, data.side),
                                   diffusion.num_timesteps, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = diffusion.training_losses(ddp, x, t, dict(y=y) if args.num_classes else None, noise)["loss"].mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = accumulate_gradients(ddp, diffusion, (x, y, t, noise), args.grad_accum_steps,
+                                        data.vae if data.encode_batches else None, args.num_classes > 0,
+                                        args.precision == "bf16")
             norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             over_time = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
             agreed = agree(loss, norm, stop.received is not None, over_time, world, device)
@@ -558,18 +494,23 @@ def train(args, parser, rank, world, device):
                                  f"the weights before them; lower --lr or use --precision fp32, then --resume "
                                  f"{run.checkpoint_path()}")
             if run.step % args.log_every == 0 or run.step == end:
-                log_progress(run, meter, bar, device)
+                log_progress(run, meter, bar, device, board)
             stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
             if run.step % args.ckpt_every == 0 or stop_reason:
                 run.save(rank, world, device)
             drew = args.sample_every and run.step % args.sample_every == 0 and stop_reason != "signal"
             if drew:
-                grid.draw(run, rank)
-            if run.saved_at == run.step or drew:
+                grid.draw(run, rank, board)
+            measured = args.fid_every and run.step % args.fid_every == 0 and run.step < end and not stop_reason
+            if measured:  # the last step's FID follows the loop
+                probe.measure(run, rank, world, board, keep=False)
+            if run.saved_at == run.step or drew or measured:
                 meter.restart(run.step)
     except torch.OutOfMemoryError:
-        raise SystemExit(f"CUDA out of memory with {batch // world} images per GPU ({args.model}, {args.precision}, "
-                         f"{backend} scan): {oom_advice(args, backend)}")
+        micro = batch // (world * args.grad_accum_steps)
+        raise SystemExit(f"CUDA out of memory with {micro} images per GPU ({args.model}, {args.precision}, "
+                         f"{backend} scan): add --grad-accum-steps {2 * args.grad_accum_steps} (the same global "
+                         f"batch in smaller micro-batches), {oom_advice(args, backend)}")
     finally:
         bar.close()
         stop.restore()
@@ -579,17 +520,12 @@ def train(args, parser, rank, world, device):
     if run.saved_at != run.step:
         run.save(rank, world, device)
     if args.sample_every and run.step % args.sample_every:
-        grid.draw(run, rank)
-    if rank == 0:
-        draw_loss_curve(run.loss_curve, os.path.join(run_dir, "loss.png"))
+        grid.draw(run, rank, board)
     log.info(f"{'Time budget of --max-minutes reached' if stop_reason else 'Done'} at step {run.step} "
              f"after {(time.time() - started) / 60:.1f} minutes")
-    if args.fid_ref:
-        import sample
-        sample.main(["--ckpt", run.checkpoint_path(), "--num-samples", str(args.fid_samples), "--fid-ref",
-                     args.fid_ref, "--sample-dir", os.path.join(run_dir, "fid"), "--scan-backend", args.scan_backend,
-                     "--precision", args.precision, "--seed", str(args.global_seed)]
-                    + (["--inception-weights", args.inception_weights] if args.inception_weights else []))
+    if probe:
+        probe.measure(run, rank, world, board, keep=True)
+    board.close()
     return run_dir
 
 
@@ -620,6 +556,9 @@ def parse_args(argv=None):
     net.add_argument("--class-dropout-prob", type=float, default=0.1)
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--global-batch-size", type=int, default=128)
+    optim.add_argument("--grad-accum-steps", type=int, default=1, metavar="K",
+                       help="micro-batches per optimiser step: each process takes --global-batch-size / (processes "
+                            "x K) images at a time, and the step sees the same global batch")
     optim.add_argument("--global-seed", type=int, default=0)
     optim.add_argument("--epochs", type=int, default=None)
     optim.add_argument("--max-steps", type=int, default=None,
@@ -649,13 +588,25 @@ def parse_args(argv=None):
     run.add_argument("--ckpt-every", type=int, default=50_000)
     run.add_argument("--sample-every", type=int, default=5_000, help="and at the end; 0: no sample grids")
     run.add_argument("--sample-cfg", type=float, default=1.5, help="guidance scale of the sample grids")
+    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                     help="the dashboard in RUN/tensorboard (default: on when the tensorboard package is installed)")
     run.add_argument("--fid-ref", default=None, help="after training, FID of --fid-samples EMA samples against this")
+    run.add_argument("--fid-every", type=int, default=0, metavar="N",
+                     help="with --fid-ref: the FID every N steps too (0: only after training)")
     run.add_argument("--fid-samples", type=int, default=10_000)
+    run.add_argument("--fid-sampling-steps", type=int, default=250, help="DDPM steps of the FID samples")
     run.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for --fid-ref")
     args = parser.parse_args(argv)
-    for name in ("global_batch_size", "log_every", "ckpt_every", "fid_samples"):
+    for name in ("global_batch_size", "log_every", "ckpt_every", "fid_samples", "grad_accum_steps",
+                 "fid_sampling_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.fid_every and (args.fid_every < 0 or not args.fid_ref):
+        parser.error(f"--fid-every {args.fid_every}: give a positive number of steps, with --fid-ref")
+    if args.tensorboard is None:
+        args.tensorboard = tensorboard_installed()
+    elif args.tensorboard and not tensorboard_installed():
+        parser.error("--tensorboard needs the tensorboard package (pip install tensorboard), or use --no-tensorboard")
     if args.compile_mode != "default" and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} takes effect with --compile; add --compile")
     return args, parser
