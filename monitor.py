@@ -153,9 +153,9 @@ class Dashboard:
 
 class FIDProbe:
     """FID of --fid-samples EMA samples against --fid-ref: the samples that `sample.py --num-samples
-    N --num-sampling-steps S --seed GLOBAL_SEED` draws (DDPM, no guidance: the paper's FID
-    setting; S = --fid-sampling-steps, 250 by default), written to fid/SSSSSSS-...npz with its
-    .json (settings and metrics) and .png. Every rank samples its share; rank 0 evaluates, logs
+    N --num-sampling-steps S --seed GLOBAL_SEED --precision P` draws (DDPM, no guidance: the
+    paper's FID setting; S = --fid-sampling-steps, 250 by default; P the run's --precision),
+    written to fid/SSSSSSS-...npz with its .json (settings and metrics) and .png. Every rank samples its share; rank 0 evaluates, logs
     and puts the metrics on the dashboard. The reference's statistics are computed once per
     launch (fid/reference-stats.npz)."""
 

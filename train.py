@@ -597,12 +597,13 @@ def parse_args(argv=None):
     run.add_argument("--fid-sampling-steps", type=int, default=250, help="DDPM steps of the FID samples")
     run.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for --fid-ref")
     args = parser.parse_args(argv)
-    for name in ("global_batch_size", "log_every", "ckpt_every", "fid_samples", "grad_accum_steps",
-                 "fid_sampling_steps"):
+    for name in ("global_batch_size", "log_every", "ckpt_every", "fid_samples", "grad_accum_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.fid_every and (args.fid_every < 0 or not args.fid_ref):
         parser.error(f"--fid-every {args.fid_every}: give a positive number of steps, with --fid-ref")
+    if not 2 <= args.fid_sampling_steps <= 1000:  # of the T = 1000 steps the model is trained on
+        parser.error(f"--fid-sampling-steps must be in 2..1000, not {args.fid_sampling_steps}")
     if args.tensorboard is None:
         args.tensorboard = tensorboard_installed()
     elif args.tensorboard and not tensorboard_installed():

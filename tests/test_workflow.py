@@ -145,7 +145,8 @@ def test_batch_not_divisible_by_micro_batches_and_processes(fashion, tmp_path, c
                               "--results-dir", str(tmp_path)], train.main)
     assert message.startswith("--global-batch-size 8 is not divisible by --grad-accum-steps 3 x 1 process")
     for flags, words in ((["--grad-accum-steps", "0"], "--grad-accum-steps must be positive"),
-                         (["--fid-every", "5"], "--fid-every 5: give a positive number of steps, with --fid-ref")):
+                         (["--fid-every", "5"], "--fid-every 5: give a positive number of steps, with --fid-ref"),
+                         (["--fid-sampling-steps", "1"], "--fid-sampling-steps must be in 2..1000, not 1")):
         with pytest.raises(SystemExit) as error:
             train.parse_args(["--data-path", fashion, *TINY, *flags])
         assert error.value.code == 2 and words in capsys.readouterr().err
