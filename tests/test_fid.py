@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fid  # noqa: E402
 
 pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_state_dict(net, seed=0):
@@ -412,7 +413,7 @@ def test_bad_argument_is_one_line_exit_2(offline, capsys, argv, words):
 
 
 def test_bad_argument_end_to_end_has_no_traceback(offline):
-    env = dict(os.environ, TORCH_HOME=str(offline / "torch"))
+    env = dict(os.environ, TORCH_HOME=str(offline / "torch"), OMP_NUM_THREADS="1")
     script = os.path.join(os.path.dirname(__file__), "..", "fid.py")
     done = subprocess.run([sys.executable, script, "float.npz", "gray.npz"], capture_output=True, text=True, env=env,
                           check=False)
