@@ -1,4 +1,4 @@
-"""Benchmarks for BENCHMARKS.md: the selective scan backends and whole-model throughput.
+"""Benchmarks: the selective scan backends against their memory floor, and DiS against DiT.
 
     python bench.py                       # everything, on the first CUDA device
     python bench.py --only scan           # scan backends only (also: model, fid)
@@ -6,7 +6,9 @@
     python bench.py --only model --cases 0 --profile   # + where a DiS-S/2 training step goes
 
 bench.md and bench.json (--out) are rewritten after each part, so a run stopped by a time
-limit keeps the parts it finished.
+limit keeps the parts it finished. The summary at the end gives the ratios of DiS to DiT
+(training and sampling throughput, peak memory) and of the scan to its memory floor, each
+from this run.
 
 Every backend is checked against the reference (selective_scan_ref) in the same run before
 it is timed. Times are medians over repeated runs measured with CUDA events after warm-up.
@@ -26,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import scan
-from model import BiMamba, DiS_models, timestep_embedding
+from model import BiMamba, DiS, DiS_models, timestep_embedding
 from storage import write_text
 
 
@@ -71,12 +73,12 @@ SCAN_SHAPES = [  # (label, batch, channels E, length L) of one scan direction
     ("DiS-S/2 32x32, batch 128", 128, 736, 257),
     ("DiS-S/2 64x64, batch 64", 64, 736, 1025),
     ("DiS-H/2 256 latent, batch 32", 32, 3072, 258),
-    ("BASELINES.md shape", 32, 768, 1026),
+    ("E 768, 1026 tokens, batch 32", 32, 768, 1026),
 ]
 QUICK_SCAN_SHAPES = [("tiny", 2, 8, 9)]
 # fwd_bwd_ms times each call alone, synchronised after it: that includes the host's time to the
-# first launch (Python, allocations; 0.07-0.1 ms on the H100 machine, BENCHMARKS.md session 16).
-# fwd_bwd_back_to_back_ms times SCAN_RUN calls launched one after another: the GPU's time.
+# first launch (Python, allocations). fwd_bwd_back_to_back_ms times SCAN_RUN calls launched one
+# after another: the GPU's time.
 SCAN_RUN = 10
 
 
@@ -105,7 +107,7 @@ def reversed_in_time(args):
 
 
 def token_major(kw):
-    """Both directions in the layout DiS's fused block hands to scan_triton.bimamba_scan:
+    """Both directions in the layout DiS's mixer hands to scan.bimamba_scan:
     u, delta: (batch, L, 2, E); B, C: (batch, L, 2, N); z: a (batch, L, E) slice of in_proj's output."""
     batch, E, L = kw["z"].shape
     xz = torch.cat([kw["z"], kw["z"]], dim=1).transpose(1, 2).contiguous()
@@ -116,7 +118,7 @@ def token_major(kw):
 
 def token_major_single(kw):
     """Direction 0 alone in the token-major layout: what a one-direction Mamba built like DiS's
-    fused block would hand the kernels (no transposes), u: (batch, L, 1, E)."""
+    mixer would hand the kernels (no transposes), u: (batch, L, 1, E)."""
     first = {k: v[:1] if k in ("u", "delta", "A", "B", "C", "D", "delta_bias") else v for k, v in kw.items()}
     return token_major(first)
 
@@ -127,28 +129,31 @@ def bidirectional_ref(kw):
             + scan.selective_scan_ref(**reversed_in_time(single(kw, 1))).flip(-1))
 
 
-def scan_backends(device):
+def scan_backends(device, quick):
     """name -> (directions, prepare: mamba-layout inputs -> call arguments, run: arguments -> output,
-    canonical: output -> (batch, E, L)). prepare is differentiable, so gradients reach the inputs."""
-    same = lambda y: y
+    canonical: output -> (batch, E, L)). prepare is differentiable, so gradients reach the inputs.
+    "<backend> bidirectional" is what DiS's mixer runs (scan.bimamba_scan); the reference, a
+    loop over time, only in --quick runs."""
+    same = lambda y: y  # noqa: E731
+    to_mamba_layout = lambda y: y.transpose(1, 2)  # noqa: E731
+    available = scan.available_backends(device)
     out = {}
-    if "mamba" in scan.available_backends(device):
+    if "mamba" in available:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         out["mamba"] = (1, single, lambda a: selective_scan_fn(**a), same)
         out["mamba x2 (original DiS)"] = (
             2, lambda kw: [single(kw, 0), reversed_in_time(single(kw, 1))],
             lambda a: selective_scan_fn(**a[0]) + selective_scan_fn(**a[1]).flip(-1), same)
-    for impl in ("triton", "cuda"):
-        if impl in scan.available_backends(device):
-            from scan_triton import bimamba_scan, selective_scan_triton
-            out[impl] = (1, single, lambda a, impl=impl: selective_scan_triton(**a, impl=impl), same)
-            out[f"{impl} bidirectional"] = (2, token_major, lambda a, impl=impl: bimamba_scan(**a, impl=impl),
-                                            lambda y: y.transpose(1, 2))
-            # the same one direction as above, on the kernels' own layout: the scan alone, without
-            # the transposes that selective_scan_fn's (batch, E, L) layout costs
-            out[f"{impl} one direction, token-major"] = (
-                1, token_major_single, lambda a, impl=impl: bimamba_scan(**a, impl=impl), lambda y: y.transpose(1, 2))
-    out["reference"] = (1, single, lambda a: scan.selective_scan_ref(**a), same)
+    for name in ("triton", "cuda", "ref"):
+        if name not in available or (name == "ref" and not quick):
+            continue
+        if name != "cuda":  # selective_scan's one direction runs the Triton kernels for "cuda" too
+            out[name] = (1, single, lambda a, b=name: scan.selective_scan(**a, backend=b), same)
+        out[f"{name} bidirectional"] = (2, token_major, lambda a, b=name: scan.bimamba_scan(**a, backend=b),
+                                        to_mamba_layout)
+        if name != "ref":  # the one direction above without the transposes of selective_scan's layout
+            out[f"{name} one direction, token-major"] = (
+                1, token_major_single, lambda a, b=name: scan.bimamba_scan(**a, backend=b), to_mamba_layout)
     return out
 
 
@@ -181,7 +186,7 @@ def leaves_of(args):
 
 
 def bench_scan(device, quick, dtypes, only_backends=None, shapes=None):
-    backends = scan_backends(device)
+    backends = scan_backends(device, quick)
     if only_backends:
         unknown = set(only_backends) - set(backends)
         if unknown:
@@ -196,8 +201,6 @@ def bench_scan(device, quick, dtypes, only_backends=None, shapes=None):
             floor_f = (4 * size + small) / bandwidth  # read u, delta, z; write y
             floor_fb = (11 * size + 3 * small) / bandwidth  # + read u, delta, z, dy; write du, ddelta, dz
             for name, backend in backends.items():
-                if name == "reference" and not quick:
-                    continue  # a Python loop over time: minutes at these shapes
                 n_dir, prepare, run, _ = backend
                 checks.append({"dtype": str(dtype).replace("torch.", ""), "shape": label, "backend": name,
                                **check_scan(backend, dtype, device, E, L)})
@@ -342,6 +345,13 @@ def throughput(model, img, ch, classes, batch, device, run=5):
     return batch / t_train, batch / t_run, batch / t_fwd, peak
 
 
+def use_scan(model, backend):
+    """Run `model`'s selective scans on `backend` (a runtime option of each mixer)."""
+    for module in model.modules():
+        if isinstance(module, BiMamba):
+            module.scan_backend = backend
+
+
 def model_parity(model, img, ch, classes, backend, device, batch=2, mixer_forward=None):
     """Relative error of the output and of all parameter gradients (as one vector) of one
     bf16-autocast forward+backward with `backend` (and BiMamba.forward replaced by
@@ -352,7 +362,7 @@ def model_parity(model, img, ch, classes, backend, device, batch=2, mixer_forwar
     y = torch.randint(0, classes, (batch,), generator=g, device=device)
     results = []
     for name in ("ref", backend):
-        os.environ["DIS_SCAN_BACKEND"] = name
+        use_scan(model, name)
         model.zero_grad(set_to_none=True)
         with mixer_replaced(mixer_forward if name != "ref" else None), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -370,7 +380,7 @@ def mixer_replaced(mixer_forward):
 
 
 def original_mixer_forward(mixer, h):
-    """model.BiMamba's function computed as the authors' code runs it (BASELINES.md's "original
+    """model.BiMamba's function computed as the authors' code runs it (the "original
     structure"): mamba-ssm's fused mamba_inner_fn (conv1d, x_proj, dt_proj, scan, gate,
     out_proj) once per direction, the second on the time-reversed sequence. (B, L, D) -> (B, L, D);
     out_proj(y) + out_proj(y_b) is out_proj(y + y_b), so the function is BiMamba's own."""
@@ -414,15 +424,19 @@ def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
 
 
 def bench_models(device, cases, compile_too=False, profile_too=False, compile_mode="default"):
-    rows, checks, profiles = [], [], []
-    backends = [b for b in ("mamba", "triton", "cuda") if b in scan.available_backends(device)] or ["ref"]
+    """Rows of throughput and peak memory, parity checks, profile rows, and per case the DiS row
+    on the default ("auto") scan backend with its DiT row: (rows, checks, profiles, pairs)."""
+    rows, checks, profiles, pairs = [], [], [], []
+    available = scan.available_backends(device)
+    backends = [b for b in ("mamba", "triton", "cuda") if b in available] or ["ref"]
+    default = scan.resolve_backend(device)
     for dis_name, dit_name, img, ch, classes, batch in cases:
         label = f"{img}x{img}x{ch}, batch {batch}"
         torch.manual_seed(0)
         dis = build(dis_name, img, ch, classes, device)
         # (check label, row label, scan backend, replacement of BiMamba.forward)
         variants = [(backend, f"{backend} scan", backend, None) for backend in backends]
-        if "mamba" in backends:  # the yardstick of the issue's targets, in the same run
+        if "mamba" in backends:  # the authors' structure, the yardstick of our own, in the same run
             variants.append(("original structure", "original structure: mamba_inner_fn x2", "mamba",
                              original_mixer_forward))
         # every check before any timing: the timed training steps change the weights, and each
@@ -432,26 +446,43 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
             checks.append({"model": dis_name, "input": label, "backend": check_label,
                            "output_rel_err": out_err, "grads_rel_err": grad_err})
         for _, row_label, backend, mixer_forward in variants:
-            os.environ["DIS_SCAN_BACKEND"] = backend
+            use_scan(dis, backend)
             with mixer_replaced(mixer_forward):
                 rows.append(throughput_row(f"{dis_name} ({row_label})", label, dis, img, ch, classes, batch, device))
+            if backend == default and mixer_forward is None:
+                dis_row = rows[-1]
+        use_scan(dis, default)
         if profile_too:
-            os.environ["DIS_SCAN_BACKEND"] = backends[-1]
             for r in profile_step(dis, img, ch, classes, batch, device):
-                profiles.append({"model": f"{dis_name} ({backends[-1]} scan), {label}", **r})
+                profiles.append({"model": f"{dis_name} ({default} scan), {label}", **r})
         if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
-            os.environ["DIS_SCAN_BACKEND"] = backends[-1]
             name = "torch.compile" + ("" if compile_mode == "default" else f" {compile_mode}")
-            rows.append(throughput_row(f"{dis_name} ({backends[-1]} scan, {name})", label,
+            rows.append(throughput_row(f"{dis_name} ({default} scan, {name})", label,
                                        torch.compile(dis, mode=compile_mode), img, ch, classes, batch, device))
-        os.environ.pop("DIS_SCAN_BACKEND", None)
         del dis
         dit = build(dit_name, img, ch, classes, device)
         rows.append(throughput_row(dit_name, label, dit, img, ch, classes, batch, device))
+        pairs.append((dis_row, rows[-1]))
         del dit
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, checks, profiles
+    return rows, checks, profiles, pairs
+
+
+def model_summary(pairs):
+    """DiS / DiT ratios of training img/s, sampling-forward img/s and peak memory, per input."""
+    return [{"models": f"{dis['model']} / {dit['model']}", "input": dis["input"],
+             "train_img_s_ratio": dis["train_img_s"] / dit["train_img_s"],
+             "sampling_fwd_img_s_ratio": dis["fwd_img_s"] / dit["fwd_img_s"],
+             "peak_memory_ratio": dis["peak_GB"] / dit["peak_GB"]} for dis, dit in pairs]
+
+
+def scan_summary(rows, backend):
+    """fwd+bwd time of both directions on `backend` over the memory floor, per dtype and shape."""
+    return [{"backend": r["backend"], "dtype": r["dtype"], "shape": r["shape"],
+             "fwd_bwd_over_floor": r["fwd_bwd_ms"] / r["floor_fwd_bwd_ms"],
+             "back_to_back_over_floor": r["fwd_bwd_back_to_back_ms"] / r["floor_fwd_bwd_ms"]}
+            for r in rows if r["backend"] == f"{backend} bidirectional"]
 
 
 def params(model):
@@ -506,38 +537,57 @@ def table(rows):
     return "\n".join(lines)
 
 
+def index_list(text, items, flag, parser):
+    """The items at the comma-separated indices `text` (None: all), or parser.error naming `flag`."""
+    if text is None:
+        return items
+    try:
+        return [items[int(i)] for i in text.split(",")]
+    except (ValueError, IndexError):
+        parser.error(f"{flag} takes a comma list of indices 0..{len(items) - 1}, got {text!r}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="scan,model,fid", help="comma list of: scan, model, fid")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that the script runs")
-    parser.add_argument("--dtypes", default="bf16,fp32", help="scan dtypes, comma list of bf16, fp32")
-    parser.add_argument("--cases", default=None, help="model cases to run, comma list of indices into MODEL_CASES")
-    parser.add_argument("--backends", default=None,
-                        help="scan backends to time, comma list (e.g. 'triton,mamba'); default: all available")
-    parser.add_argument("--compile", action="store_true", help="also time each DiS under torch.compile")
-    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                        help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also list the kernels a DiS training step spends its time in (torch.profiler)")
-    parser.add_argument("--shapes", default=None, help="scan shapes to run, comma list of indices into SCAN_SHAPES")
-    parser.add_argument("--out", default=None, help="also write the tables (markdown) and raw numbers (JSON) here")
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--only", default="scan,model,fid", help="comma list of: scan, model, fid")
+    what.add_argument("--quick", action="store_true", help="tiny shapes: checks that the script runs")
+    what.add_argument("--dtypes", default="bf16,fp32", help="scan dtypes, comma list of bf16, fp32")
+    what.add_argument("--shapes", default=None, help="scan shapes to run, comma list of indices into SCAN_SHAPES")
+    what.add_argument("--backends", default=None,
+                      help="scan rows to time, comma list of their names (e.g. 'triton bidirectional,mamba'); "
+                           "default: all available")
+    what.add_argument("--cases", default=None, help="model cases to run, comma list of indices into MODEL_CASES")
+    extra = parser.add_argument_group("extra measurements")
+    extra.add_argument("--compile", action="store_true", help="also time each DiS under torch.compile")
+    extra.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                       help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs)")
+    extra.add_argument("--profile", action="store_true",
+                       help="also list the kernels a DiS training step spends its time in (torch.profiler)")
+    where = parser.add_argument_group("device and output")
+    where.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    where.add_argument("--out", default=None, help="also write the tables (markdown) and raw numbers (JSON) here")
     args = parser.parse_args(argv)
+    parts = args.only.split(",")
+    if not set(parts) <= {"scan", "model", "fid"}:
+        parser.error(f"--only takes a comma list of scan, model, fid; got {args.only!r}")
+    names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if not set(args.dtypes.split(",")) <= set(names):
+        parser.error(f"--dtypes takes a comma list of bf16, fp32; got {args.dtypes!r}")
+    shapes = index_list(args.shapes, SCAN_SHAPES, "--shapes", parser)
+    cases = index_list(args.cases, QUICK_MODEL_CASES if args.quick else MODEL_CASES, "--cases", parser)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         header = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     else:
         header = f"CPU, torch {torch.__version__}"
-    from scan_triton import SCAN_CHUNK
-    report = [f"Device: {header}; scan backends: {scan.available_backends(device)}; "
-              f"triton chunk length {SCAN_CHUNK[device.type]}"]
-    raw = {"device": header, "scan_chunk": SCAN_CHUNK[device.type]}
-    parts = args.only.split(",")
+    default = scan.resolve_backend(device)
+    report = [f"Device: {header}; scan backends: {scan.available_backends(device)}, default {default}"]
+    raw = {"device": header, "default_scan_backend": default}
+    summary = []
     if "scan" in parts:
-        names = {"bf16": torch.bfloat16, "fp32": torch.float32}
         dtypes = [torch.float32] if args.quick else [names[d] for d in args.dtypes.split(",")]
-        shapes = [SCAN_SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else None
         backends = args.backends.split(",") if args.backends else None
         rows, checks, bandwidth = bench_scan(device, args.quick, dtypes, backends, shapes)
         raw.update(scan=rows, scan_checks=checks, copy_bandwidth=bandwidth)
@@ -546,12 +596,11 @@ def main(argv=None):
                    f"{SCAN_RUN} calls launched one after another.\n", table(rows),
                    "\nRelative error against the reference (forward y and each gradient), 2 sequences:\n",
                    table(checks)]
+        raw["scan_summary"] = scan_summary(rows, default)
+        summary += ["\nBoth directions' scan, forward+backward, over its memory floor:\n", table(raw["scan_summary"])]
         write_report(args.out, report, raw)
     if "model" in parts:
-        cases = QUICK_MODEL_CASES if args.quick else MODEL_CASES
-        if args.cases:
-            cases = [cases[int(i)] for i in args.cases.split(",")]
-        rows, checks, profiles = bench_models(device, cases, args.compile, args.profile, args.compile_mode)
+        rows, checks, profiles, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode)
         raw.update(model=rows, model_checks=checks, model_profile=profiles)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n",
                    "train_img_s times each step alone, synchronised after it (as train.py runs); "
@@ -559,11 +608,17 @@ def main(argv=None):
                    "\nDiS forward+backward (bf16 autocast, batch 2) against the reference scan path:\n", table(checks)]
         if profiles:
             report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles)]
+        raw["model_summary"] = model_summary(pairs)
+        summary += [f"\nDiS ({default} scan) against DiT: training img/s, sampling forward img/s, peak memory:\n",
+                    table(raw["model_summary"])]
         write_report(args.out, report, raw)
     if "fid" in parts:
         rows = bench_fid(device, args.quick)
         raw["fid"] = rows
         report += ["\n## FID feature extraction (random weights, batch 500)\n", table(rows)]
+        write_report(args.out, report, raw)
+    if summary:
+        report += ["\n## Summary (ratios from this run)", *summary]
         write_report(args.out, report, raw)
     print("\n".join(report))
 

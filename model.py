@@ -9,20 +9,27 @@ Figure 1, top to bottom, is the order of this file:
     merges the mixer output of its mirror in block (long skip, Linear(concat))
   final norm, linear decoder to noise (and variance) per patch, unpatchify  FinalLayer
 
+Shape letters:
+  B  batch                     J  patch tokens, (H / p) * (W / p)
+  L  tokens a block sees: J plus the time (and class) tokens
+  D  hidden size (embed_dim)   E  the mixer's inner width, expand * D
+  N  states per channel of the selective scan (d_state)
+  R  rank of Delta's low-rank projection (dt_rank, ceil(D / 16))
+
 Names and shapes of every parameter follow the authors' implementation, so its checkpoints
-load with strict=True (see ../shared/reference/official_state_dicts.json). The ablations of
-sec. 3.2 are constructor options: `skip` = "concat" | "add" | "none" and
-`cond` = "token" | "adaln".
+load with strict=True. The ablations of sec. 3.2 are constructor options: `skip` = "concat" |
+"add" | "none" and `cond` = "token" | "adaln".
 
 `python model.py` prints Table 1 (parameters and GFLOPs of every size).
 """
+import inspect
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan import OUR_KERNELS, causal_conv1d, scan_backend, selective_scan
+import scan
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -78,17 +85,21 @@ class RMSNorm(nn.Module):
 class BiMamba(nn.Module):
     """The bidirectional Mamba mixer (Vision Mamba "v2", sec. 2.2 "SSM block"): (B, L, D) -> (B, L, D).
 
-    One in_proj gives x and the gate z (each E = expand * D wide). The forward direction runs
-    causal conv1d -> SiLU -> x_proj (to Delta, B, C) -> selective scan gated by SiLU(z); the
-    backward direction does the same with its own weights (suffix _b) on the time-reversed
-    sequence. The two outputs are added and projected back by one out_proj.
+    One in_proj gives x and the gate z (each E = expand * D wide). Each direction runs its own
+    depthwise conv1d -> SiLU -> x_proj (to Delta, B, C) -> selective scan gated by SiLU(z); the
+    forward direction reads the tokens in order, the backward one (weights with suffix _b) in
+    reverse. The two outputs are added and projected back by one out_proj.
+
+    scan_backend, scan_save_every: how the scans run (scan.resolve_backend's names; save_every of
+    scan.bimamba_scan); runtime options, not part of the weights.
     """
 
     def __init__(self, dim, d_state=16, d_conv=4, expand=2, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 dt_init="symmetric"):
+                 dt_init="symmetric", scan_backend="auto", scan_save_every=1):
         super().__init__()
         inner = expand * dim
         self.d_state, self.dt_rank = d_state, math.ceil(dim / 16)
+        self.scan_backend, self.scan_save_every = scan_backend, scan_save_every
         A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1)  # S4D-real
         self.A_log = nn.Parameter(A_log)
         self.D = nn.Parameter(torch.ones(inner))
@@ -99,14 +110,16 @@ class BiMamba(nn.Module):
         self.conv1d_b, self.x_proj_b, self.dt_proj_b = self._direction(inner, d_conv)
         self.out_proj = nn.Linear(inner, dim, bias=False)
         # Delta starts log-uniform in [dt_min, dt_max] (Mamba's init). The original code gives this
-        # init to the forward direction only (dt_init="original", a quirk kept for comparisons).
+        # init to the forward direction only and zeroes the backward one's bias (dt_init="original",
+        # a quirk kept for comparisons).
         for dt_proj in (self.dt_proj, self.dt_proj_b)[: 1 if dt_init == "original" else 2]:
             nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
             dt = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=dt_init_floor)
             with torch.no_grad():
                 dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
-            dt_proj.bias._no_reinit = True
+        if dt_init == "original":
+            nn.init.zeros_(self.dt_proj_b.bias)
 
     def _direction(self, inner, d_conv):
         conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
@@ -114,44 +127,23 @@ class BiMamba(nn.Module):
         dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
         return conv1d, x_proj, dt_proj
 
-    def ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, backend):
-        """One direction on x, z: (B, E, L) -> gated scan output (B, E, L)."""
-        x = causal_conv1d(x, conv1d.weight[:, 0], conv1d.bias, fused=backend != "ref")
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L); its bias is added in the scan
-        return selective_scan(x, delta, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                              D.float(), z, dt_proj.bias.float(), delta_softplus=True, backend=backend)
-
     def forward(self, h):
-        backend = scan_backend(h.device)
-        if backend in OUR_KERNELS:
-            return self.forward_fused(h, backend)
-        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        y = self.ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, backend)
-        y_b = self.ssm(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                       self.D_b, backend)
-        return self.out_proj((y + y_b.flip(-1)).transpose(1, 2))
-
-    def forward_fused(self, h, scan_impl="triton"):
-        """`forward` with both directions in single kernels (the conv in Triton, the scan in Triton or
-        CUDA: scan_impl), all in token-major (B, L, .) layout: no flips, no transposes. Same
-        function; tests compare it with `forward`."""
-        from scan_triton import biconv_silu, bimamba_scan
         E, R, N = self.D.shape[0], self.dt_rank, self.d_state
-        x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) views
-        u = biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
-                        torch.stack([self.conv1d.bias, self.conv1d_b.bias]))  # (B, L, 2, E)
+        backend = scan.resolve_backend(h.device, self.scan_backend)
+        x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) each
+        u = scan.biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
+                             torch.stack([self.conv1d.bias, self.conv1d_b.bias]), backend=backend)  # (B, L, 2, E)
         # x_proj and dt_proj of both directions as one GEMM each, with block-diagonal weights: the
         # zero blocks double these small GEMMs' FLOPs, but a GEMM batched over the two directions
         # gets slow cuBLAS kernels for its weight gradients (a reduction over all B*L tokens).
         x_dbl = F.linear(u.flatten(2), torch.block_diag(self.x_proj.weight, self.x_proj_b.weight))
-        x_dbl = x_dbl.unflatten(-1, (2, R + 2 * N))  # (B, L, 2, R + 2N)
+        x_dbl = x_dbl.unflatten(-1, (2, R + 2 * N))  # (B, L, 2, R + 2N): Delta's R, B's N, C's N
         delta = F.linear(x_dbl[..., :R].flatten(2), torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight))
-        delta = delta.unflatten(-1, (2, E))  # (B, L, 2, E)
-        y = bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
-                         x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(), z,
-                         torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True,
-                         impl=scan_impl)
+        delta = delta.unflatten(-1, (2, E))  # (B, L, 2, E); dt_proj's bias is added in the scan
+        y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
+                              x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(), z,
+                              torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True,
+                              backend=backend, save_every=self.scan_save_every)  # (B, L, E)
         return self.out_proj(y)
 
 
@@ -163,9 +155,9 @@ class Block(nn.Module):
     With cond="adaln" the norm's scale and shift are regressed from the condition c (sec. 3.2).
     """
 
-    def __init__(self, dim, drop_path=0.0, skip="none", adaln=False, dt_init="symmetric"):
+    def __init__(self, dim, drop_path=0.0, skip="none", adaln=False, dt_init="symmetric", **scan_options):
         super().__init__()
-        self.mixer = BiMamba(dim, dt_init=dt_init)
+        self.mixer = BiMamba(dim, dt_init=dt_init, **scan_options)
         self.norm = RMSNorm(dim)
         self.skip = skip
         if skip == "concat":
@@ -222,17 +214,18 @@ class DiS(nn.Module):
     """The noise predictor eps_theta(x_t, t, y): (B, C, H, W), (B,), (B,) -> (B, C_out, H, W).
 
     C_out = 2C with learn_sigma (noise and the variance interpolation of improved DDPM), else C.
-    num_classes <= 0 makes it unconditional (then y must be None).
+    num_classes <= 0 makes it unconditional (then y must be None). depth is even: depth/2 in
+    blocks, a mid block and depth/2 out blocks (Table 1's depth + 1 blocks).
+    scan_backend ("auto", "ref", "mamba", "triton", "cuda") and scan_save_every choose how the
+    selective scans run (see scan.py); they are runtime options, not part of the architecture.
     """
 
     def __init__(self, img_size=32, patch_size=2, channels=3, embed_dim=368, depth=24, num_classes=-1,
                  learn_sigma=True, drop_path_rate=0.1, class_dropout_prob=0.1, skip="concat", cond="token",
-                 dt_init="symmetric"):
+                 dt_init="symmetric", scan_backend="auto", scan_save_every=1):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
-        if skip not in ("concat", "add", "none") or cond not in ("token", "adaln"):
-            raise ValueError(f"skip must be concat|add|none and cond token|adaln, got {skip!r}, {cond!r}")
+        _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes, drop_path_rate,
+                      class_dropout_prob, skip, cond, dt_init, scan_backend, scan_save_every)
         self.img_size, self.patch_size, self.in_channels = img_size, patch_size, channels
         self.out_channels = 2 * channels if learn_sigma else channels
         self.num_classes = max(num_classes, 0)
@@ -249,21 +242,24 @@ class DiS(nn.Module):
             self.label_emb = LabelEmbedder(self.num_classes, embed_dim, class_dropout_prob)
         # Stochastic depth rises linearly over the blocks, the first block at 0, as in the original.
         rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        adaln = cond == "adaln"
+        block = dict(adaln=cond == "adaln", dt_init=dt_init, scan_backend=scan_backend, scan_save_every=scan_save_every)
         half = depth // 2
-        self.in_blocks = nn.ModuleList(Block(embed_dim, rates[i], adaln=adaln, dt_init=dt_init) for i in range(half))
-        self.mid_block = Block(embed_dim, rates[half], adaln=adaln, dt_init=dt_init)
-        self.out_blocks = nn.ModuleList(Block(embed_dim, rates[half + 1 + i], skip, adaln, dt_init) for i in range(half))
+        self.in_blocks = nn.ModuleList(Block(embed_dim, rates[i], **block) for i in range(half))
+        self.mid_block = Block(embed_dim, rates[half], **block)
+        self.out_blocks = nn.ModuleList(Block(embed_dim, rates[half + 1 + i], skip, **block) for i in range(half))
         self.drop_path_rate = drop_path_rate
         self.norm_f = RMSNorm(embed_dim)
-        self.final_layer = FinalLayer(embed_dim, patch_size, self.out_channels, self.num_classes > 0 or adaln)
+        self.final_layer = FinalLayer(embed_dim, patch_size, self.out_channels, self.num_classes > 0 or cond == "adaln")
         self.initialize_weights()
 
     def initialize_weights(self):
-        """The original's init: zero Linear biases (but Delta's), N(0, 0.02) embeddings, out_proj
-        rescaled by 1/sqrt(depth) (GPT-2), the adaLN ablation's modulations zero (identity)."""
+        """The original's init: zero Linear biases (but Delta's, which BiMamba initialises), N(0, 0.02)
+        embeddings, out_proj rescaled by 1/sqrt(depth) (GPT-2), the adaLN ablation's modulations
+        zero (identity)."""
+        mixers = [m for m in self.modules() if isinstance(m, BiMamba)]
+        delta_projections = {proj for m in mixers for proj in (m.dt_proj, m.dt_proj_b)}
         for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            if isinstance(module, nn.Linear) and module.bias is not None and module not in delta_projections:
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
@@ -332,6 +328,33 @@ class DiS(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
+def _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes, drop_path_rate, class_dropout_prob,
+                  skip, cond, dt_init, scan_backend, scan_save_every):
+    """ValueError naming the first constructor argument of DiS that is out of its range."""
+    def positive_int(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+    for name, value in (("img_size", img_size), ("patch_size", patch_size), ("channels", channels),
+                        ("embed_dim", embed_dim), ("scan_save_every", scan_save_every)):
+        if not positive_int(value):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not divisible by the patch size {patch_size} (patch_size)")
+    if not positive_int(depth) or depth % 2:
+        raise ValueError(f"depth must be an even integer >= 2 (depth/2 in blocks, a mid block, depth/2 out blocks), "
+                         f"got {depth!r}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise ValueError(f"num_classes must be an integer (0 or less: unconditional), got {num_classes!r}")
+    if not 0 <= drop_path_rate < 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    if not 0 <= class_dropout_prob <= 1:
+        raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}")
+    for name, value, choices in (("skip", skip, ("concat", "add", "none")), ("cond", cond, ("token", "adaln")),
+                                 ("dt_init", dt_init, ("symmetric", "original")),
+                                 ("scan_backend", scan_backend, ("auto", *scan.BACKENDS))):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
 # Table 1: hidden size D and depth (blocks = depth + 1). S uses D=368 (the table prints 384;
 # the original code and the parameter count use 368).
 SIZES = {"S": (368, 24), "B": (768, 24), "M": (768, 48), "L": (1024, 48), "H": (1536, 48)}
@@ -339,9 +362,17 @@ SIZES = {"S": (368, 24), "B": (768, 24), "M": (768, 48), "L": (1024, 48), "H": (
 
 def _builder(size, patch):
     dim, depth = SIZES[size]
+    fixed = {"patch_size": patch, "embed_dim": dim, "depth": depth}
 
     def build(**kwargs):
-        return DiS(patch_size=patch, embed_dim=dim, depth=depth, **kwargs)
+        given = sorted(set(kwargs) & set(fixed))
+        if given:
+            raise ValueError(f"DiS-{size}/{patch} fixes {', '.join(given)}; build DiS(...) to choose them")
+        unknown = sorted(set(kwargs) - set(inspect.signature(DiS).parameters))
+        if unknown:
+            raise ValueError(f"unknown argument {unknown[0]!r} of DiS-{size}/{patch}; accepted: "
+                             f"{', '.join(p for p in inspect.signature(DiS).parameters if p not in fixed)}")
+        return DiS(**fixed, **kwargs)
     build.__name__ = f"DiS_{size}_{patch}"
     return build
 

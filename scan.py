@@ -1,4 +1,5 @@
-"""The selective scan (Mamba's S6 layer) and the depthwise causal conv1d that precedes it.
+"""The selective scan (Mamba's S6 layer) and the depthwise convolutions that precede it; the one
+place that chooses which implementation runs them.
 
 The selective scan is the discretised state space model of the paper's eq. (4), with the
 input-dependent step size Delta of Mamba (Gu & Dao, 2023):
@@ -9,23 +10,21 @@ input-dependent step size Delta of Mamba (Gu & Dao, 2023):
 
 for every (batch, channel) independently, with N states per channel.
 
-Four implementations share the signature of mamba-ssm's `selective_scan_fn`:
-  "ref"    `selective_scan_ref` below: readable, differentiable by autograd, runs anywhere;
-           it is the definition the tests compare the fast ones against.
+`selective_scan_ref` below is the definition: readable, differentiable by autograd, the one the
+tests compare every other implementation against. Four backends compute it:
+  "ref"    `_ChunkedScan` below: the same arithmetic on any device, with a backward pass that
+           keeps only the states at chunk boundaries (memory grows with L / REF_CHUNK, not L).
   "mamba"  mamba-ssm's fused CUDA kernel (optional GPU extra).
-  "triton" our Triton kernel in scan_triton.py (CUDA only).
-  "cuda"   our CUDA kernel in scan_cuda.cu, built on first use (needs nvcc and ninja); it covers
-           DiS's mixer (softplus, gate z) and hands other calls to the Triton kernel.
-`selective_scan` picks one: the forced backend (argument or env DIS_SCAN_BACKEND), else the
-fastest available on CUDA tensors (cuda, triton, then mamba), else the reference. (The CUDA
-kernel is the fastest for DiS's two directions and in its own token-major layout; for the one
-direction of `selective_scan`, whose (batch, E, L) layout both kernels reach through transposes,
-the Triton one is as fast or faster, so an unforced "cuda" runs that: BENCHMARKS.md.)
+  "triton" our Triton kernels, scan_triton.py (CUDA; on CPU under Triton's interpreter).
+  "cuda"   our CUDA kernels, scan_cuda.py: DiS's bidirectional mixer (softplus, gate z); its
+           other calls, and `selective_scan`'s one direction, run on the Triton kernels.
+`resolve_backend(device, name)` turns "auto" into the fastest that runs on the device (cuda,
+triton, mamba, then ref) and checks a forced name; the entry points `selective_scan` (one
+direction, mamba-ssm's layout), `bimamba_scan` (DiS's two directions, token-major) and
+`biconv_silu` take the backend as an argument.
 """
-import functools
 import importlib.util
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BACKENDS = ("ref", "mamba", "triton", "cuda")
-OUR_KERNELS = ("triton", "cuda")  # run through scan_triton's wrappers: bimamba_scan(impl=...)
+REF_CHUNK = 16  # steps between the states the reference keeps for its backward pass
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -75,106 +74,387 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_last_state else y
 
 
-@functools.cache  # what is installed does not change while we run, and every mixer call asks
-def _gpu_backends():
-    """The backends that can run on CUDA tensors here, fastest first."""
+# ---------------------------------------------------------------------------------------------
+# The "ref" backend: selective_scan_ref's arithmetic, one direction, in time-major layout
+# (L, batch, E), with a hand-written backward pass that recomputes each chunk of REF_CHUNK steps
+# from the state saved at its start. Autograd through the readable loop would keep every step's
+# (batch, E, N) state: for DiS-S/2 at batch 16 that is gigabytes per block.
+# ---------------------------------------------------------------------------------------------
+def _step_inputs(u, delta, A, B, bias, softplus):
+    """Per step of a chunk: (x = delta + bias, Delta = softplus(x), dA = exp(Delta A), dBu = Delta u B);
+    u, delta (T, batch, E); B (T, batch, N) -> x, Delta (T, batch, E); dA, dBu (T, batch, E, N)."""
+    x = delta if bias is None else delta + bias
+    dt = F.softplus(x) if softplus else x
+    return x, dt, torch.exp(dt[..., None] * A), (dt * u)[..., None] * B[:, :, None, :]
+
+
+def _recurrence(h, dA, dBu, reverse):
+    """States (T, batch, E, N) of h_t = dA_t h_{t-1} + dBu_t over a chunk's rows, from h (batch, E, N)
+    before the first; `reverse` runs the rows last to first."""
+    hs = torch.empty_like(dBu)
+    for t in (reversed(range(dA.shape[0])) if reverse else range(dA.shape[0])):
+        h = torch.addcmul(dBu[t], dA[t], h, out=hs[t])
+    return hs
+
+
+def _chunks(L, chunk, reverse):
+    """Row slices of the chunks of a length-L scan in scan order (from the end when `reverse`)."""
+    starts = range(0, L, chunk)
+    return [slice(L - min(s + chunk, L), L - s) if reverse else slice(s, min(s + chunk, L)) for s in starts]
+
+
+def _dot_states(x, v, over):
+    """Sum over states (over="n": x (T, batch, E, N), v (T, batch, N) -> (T, batch, E)) or over
+    channels (over="e": v (T, batch, E) -> (T, batch, N)) of x * v."""
+    if over == "n":
+        return (x * v[:, :, None, :]).sum(-1)
+    return (v[:, :, None, :] @ x)[:, :, 0]  # (T, batch, 1, E) @ (T, batch, E, N)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """One direction in time-major layout: u, delta, z (L, batch, E); A (E, N); B, C (L, batch, N);
+    D, delta_bias (E,) or None. `reverse` scans t = L-1..0 (the flipped sequence, flipped back)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, keep_states):
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        A_, D_, bias = (None if p is None else p.to(acc) for p in (A, D, delta_bias))
+        y = torch.empty_like(u)
+        h = u.new_zeros(u.shape[1], u.shape[2], A.shape[1], dtype=acc)
+        states = []
+        for rows in _chunks(u.shape[0], chunk, reverse):
+            u_c, delta_c, B_c, C_c = (x[rows].to(acc) for x in (u, delta, B, C))
+            if keep_states:
+                states.append(h)
+            _, _, dA, dBu = _step_inputs(u_c, delta_c, A_, B_c, bias, softplus)
+            hs = _recurrence(h, dA, dBu, reverse)
+            h = hs[0 if reverse else -1].clone()  # the last state in scan order
+            y_c = _dot_states(hs, C_c, over="n")
+            if D_ is not None:
+                y_c = y_c + D_ * u_c
+            if z is not None:
+                y_c = y_c * F.silu(z[rows].to(acc))
+            y[rows] = y_c
+        ctx.softplus, ctx.reverse, ctx.chunk = softplus, reverse, chunk
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *states)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, z, delta_bias, *states = ctx.saved_tensors
+        acc = states[0].dtype
+        A_, D_, bias = (None if p is None else p.to(acc) for p in (A, D, delta_bias))
+        du, ddelta, dB, dC = (torch.empty_like(x) for x in (u, delta, B, C))
+        dz = torch.empty_like(z) if z is not None else None
+        dA = torch.zeros_like(A_)
+        dD = torch.zeros_like(D_) if D_ is not None else None
+        dbias = torch.zeros_like(bias) if bias is not None else None
+        carry = torch.zeros_like(states[0])  # dA_{t+1} dh_{t+1}: what step t's state gets from the next
+        chunks = _chunks(u.shape[0], ctx.chunk, ctx.reverse)
+        for rows, h0 in reversed(list(zip(chunks, states))):  # chunks last to first in scan order
+            u_c, delta_c, B_c, C_c, g = (x[rows].to(acc) for x in (u, delta, B, C, dy))
+            x, dt, a, dBu = _step_inputs(u_c, delta_c, A_, B_c, bias, ctx.softplus)
+            hs = _recurrence(h0, a, dBu, ctx.reverse)  # the chunk's states again
+            if z is not None:  # y = y_ssm * silu(z): g becomes the gradient at y_ssm
+                z_c = z[rows].to(acc)
+                y_ssm = _dot_states(hs, C_c, over="n") + (D_ * u_c if D_ is not None else 0)
+                sig = torch.sigmoid(z_c)
+                dz[rows] = g * y_ssm * sig * (1 + z_c * (1 - sig))
+                g = g * z_c * sig
+            # the adjoint recurrence, backwards in scan order: dh_t = C_t g_t + dA_{t+1} dh_{t+1}
+            dh = torch.empty_like(hs)
+            for t in (range(hs.shape[0]) if ctx.reverse else reversed(range(hs.shape[0]))):
+                carry = torch.addcmul(carry, C_c[t, :, None, :], g[t, :, :, None], out=dh[t]) * a[t]
+            h_prev = torch.cat([hs[1:], h0[None]]) if ctx.reverse else torch.cat([h0[None], hs[:-1]])
+            w = dh * a * h_prev  # dL/d(dA_t) dA_t, from which d/dDelta_t = A and d/dA = Delta_t
+            d_dtu = _dot_states(dh, B_c, over="n")  # dL/d(Delta_t u_t)
+            ddt = (w * A_).sum(-1) + d_dtu * u_c
+            dA += (w * dt[..., None]).sum((0, 1))
+            dB[rows] = _dot_states(dh, dt * u_c, over="e")
+            dC[rows] = _dot_states(hs, g, over="e")
+            du_c = d_dtu * dt
+            if D_ is not None:
+                du_c = du_c + D_ * g
+                dD += (g * u_c).sum((0, 1))
+            du[rows] = du_c
+            if ctx.softplus:  # softplus'(x) = sigmoid(x); F.softplus is the identity above 20
+                ddt = ddt * torch.where(x > 20, 1.0, torch.sigmoid(x))
+            if dbias is not None:
+                dbias += ddt.sum((0, 1))
+            ddelta[rows] = ddt
+        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+        return (du, ddelta, cast(dA, A), dB, dC, cast(dD, D), dz, cast(dbias, delta_bias),
+                None, None, None, None)
+
+
+def _scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, chunk=REF_CHUNK):
+    """One direction on the "ref" backend, time-major: see _ChunkedScan. Returns (L, batch, E)."""
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (u, delta, A, B, C, D, z, delta_bias))
+    return _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(softplus), reverse, chunk, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+def _installed(package):
+    return importlib.util.find_spec(package) is not None
+
+
+def _triton_interprets():
+    """Whether Triton runs its kernels on CPU tensors here (TRITON_INTERPRET=1 before its import)."""
+    import triton
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs and knobs.runtime.interpret)
+
+
+def _why_not(device, name):
+    """Why backend `name` cannot run on `device`, or None if it can (the CUDA scan unbuilt)."""
+    cuda = device.type == "cuda"
+    if name == "mamba":
+        if not cuda:
+            return "mamba-ssm's kernel needs a CUDA device"
+        if not _installed("mamba_ssm"):
+            return "mamba-ssm is not installed (pip install -r requirements-gpu.txt)"
+    if name in ("triton", "cuda") and not _installed("triton"):
+        return "the triton package is not installed"
+    if name == "triton" and not cuda and not (device.type == "cpu" and _triton_interprets()):
+        return "the Triton scan needs a CUDA device (or, on CPU, TRITON_INTERPRET=1 for Triton's interpreter)"
+    if name == "cuda":
+        import scan_cuda
+        if not cuda:
+            return "the CUDA scan needs a CUDA device"
+        if not scan_cuda.available():
+            return scan_cuda.why_unavailable()
+    return None
+
+
+def _build_cuda(device):
+    """Compile or load the CUDA scan now; None, or the one-line reason it failed."""
     import scan_cuda
-    triton_ok = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
-    cuda_ok = triton_ok and scan_cuda.available()  # it runs inside scan_triton's wrappers
-    mamba_ok = importlib.util.find_spec("mamba_ssm") is not None
-    return tuple(name for name, ok in (("cuda", cuda_ok), ("triton", triton_ok), ("mamba", mamba_ok)) if ok)
+    try:
+        scan_cuda.build(device)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def _resolve(device, name):
+    if name == "auto":
+        if device.type != "cuda":
+            return "ref"
+        if _why_not(device, "triton") is None:
+            reason = _why_not(device, "cuda") or _build_cuda(device)
+            if reason is None:
+                return "cuda"
+            log.warning("the CUDA scan cannot run here (%s); using the Triton scan", reason)
+            return "triton"
+        return "mamba" if _why_not(device, "mamba") is None else "ref"
+    reason = _why_not(device, name) or (_build_cuda(device) if name == "cuda" else None)
+    if reason is not None:
+        raise ValueError(f"scan backend {name!r} cannot run on {device.type}: {reason}")
+    return name
+
+
+_resolved = {}
+
+
+def resolve_backend(device, name="auto"):
+    """The scan backend ("ref", "mamba", "triton" or "cuda") that runs for `name` on `device`.
+
+    "auto" is the fastest that runs there; where the CUDA scan cannot be built it says why in one
+    log line and takes the Triton scan. A forced backend that cannot run raises ValueError with
+    the reason. "cuda" (forced or chosen) is compiled here, before the first step. Resolved once
+    per device type and name.
+    """
+    name = _script_choice if name == "auto" else name
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"scan backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    device = torch.device(device)
+    key = (device.type, name)
+    if key not in _resolved:
+        _resolved[key] = _resolve(device, name)
+    return _resolved[key]
 
 
 def available_backends(device):
-    """The scan backends that can run on `device`, fastest first."""
-    if torch.device(device).type != "cuda":
-        return ["ref"]
-    return [*_gpu_backends(), "ref"]
+    """The backends that can run on `device`, fastest first (the CUDA scan is built to find out)."""
+    out = []
+    for name in ("cuda", "triton", "mamba", "ref"):
+        try:
+            out.append(resolve_backend(device, name))
+        except ValueError:
+            pass
+    return out
 
 
-def _forced(backend):
-    """The backend forced by the argument or DIS_SCAN_BACKEND, or None."""
-    return backend or os.environ.get("DIS_SCAN_BACKEND") or None
-
-
-_announced = set()
-
-
-def scan_backend(device, backend=None):
-    """Resolve which backend `selective_scan` uses on `device`.
-
-    `backend` (or the environment variable DIS_SCAN_BACKEND) forces one of BACKENDS; a forced
-    backend that cannot run here raises instead of silently falling back.
-    """
-    forced = _forced(backend)
-    options = available_backends(device)
-    if forced is None:
-        choice = options[0]
-    elif forced not in BACKENDS:
-        raise ValueError(f"unknown scan backend {forced!r}; choose one of {BACKENDS}")
-    elif forced not in options:
-        hint = {"mamba": "install the GPU extras (pip install -r requirements-gpu.txt) and use CUDA tensors",
-                "triton": "it needs CUDA tensors and the triton package",
-                "cuda": "it needs CUDA tensors, the triton package, nvcc (the CUDA toolkit) and ninja"}.get(forced, "")
-        raise RuntimeError(f"scan backend {forced!r} is not available on {torch.device(device)}: {hint}")
-    else:
-        choice = forced
-    key = (torch.device(device).type, choice)
-    if key not in _announced:
-        _announced.add(key)
-        log.info("selective scan backend on %s: %s", key[0], choice)
-    return choice
-
-
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   backend=None):
-    """`selective_scan_ref`'s computation on the backend `scan_backend` picks for u's device."""
-    choice = scan_backend(u.device, backend)
-    if choice == "cuda" and _forced(backend) is None:
-        choice = "triton"  # one direction: see the module docstring
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto"):
+    """`selective_scan_ref`'s computation (one direction, mamba-ssm's layout and signature) on
+    `backend` (resolve_backend's names). The CUDA scan covers DiS's two directions only: here
+    "cuda" runs the Triton kernels."""
+    _check_mamba_layout(u, delta, A, B, C, D, z, delta_bias)
+    choice = resolve_backend(u.device, backend)
     if choice == "mamba":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if choice in OUR_KERNELS:
-        from scan_triton import selective_scan_triton
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, impl=choice)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if choice in ("triton", "cuda"):
+        import scan_triton
+        return scan_triton.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if B.dim() == 4:  # grouped B, C: each group of channels on its own
+        per = u.shape[1] // B.shape[1]
+        return torch.cat([selective_scan(u[:, g * per:(g + 1) * per], delta[:, g * per:(g + 1) * per],
+                                         A[g * per:(g + 1) * per], B[:, g], C[:, g], _part(D, g, per),
+                                         _part(z, g, per, dim=1), _part(delta_bias, g, per), delta_softplus,
+                                         backend="ref")
+                          for g in range(B.shape[1])], dim=1)
+    time_major = lambda x: None if x is None else x.permute(2, 0, 1)  # (batch, ., L) -> (L, batch, .)
+    y = _scan_ref(time_major(u), time_major(delta), A, time_major(B), time_major(C), D, time_major(z),
+                  delta_bias, delta_softplus)
+    return y.permute(1, 2, 0)
 
 
-def causal_conv1d(x, weight, bias=None, silu=True, fused=True):
-    """Depthwise causal convolution over time, optionally followed by SiLU.
+def _part(x, g, per, dim=0):
+    return None if x is None else x.narrow(dim, g * per, per)
 
-    x: (batch, channels, L); weight: (channels, W); bias: (channels,) -> (batch, channels, L).
-    Output t sees inputs t-W+1..t (zero padding on the left), as in Mamba's conv1d.
-    Uses causal-conv1d's CUDA kernel when `fused`, installed, and x is on CUDA; else F.conv1d.
+
+def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, backend="auto",
+                 save_every=1):
+    """The scans of DiS's two directions, summed, in token-major layout (Vim's bidirectional mixer).
+
+    u, delta: (batch, L, 2, E); A: (2, E, N); B, C: (batch, L, 2, N); D, delta_bias: (2, E) or None;
+    z: (batch, L, E) or None, shared by the directions. Direction 0 scans t = 0..L-1, direction 1
+    the flipped sequence, flipped back. Returns y (batch, L, E) in u's dtype:
+        selective_scan_ref(direction 0) + flip(selective_scan_ref(flip(direction 1))).
+    save_every: the Triton and CUDA scans keep the state of every save_every-th chunk for the
+    backward pass (less memory, the chunks between recomputed); the reference keeps one state per
+    save_every * REF_CHUNK steps; mamba-ssm's kernel has no such option (save_every must be 1).
     """
-    if fused and x.is_cuda and importlib.util.find_spec("causal_conv1d") is not None:
+    _check_bimamba(u, delta, A, B, C, D, z, delta_bias, save_every)
+    choice = resolve_backend(u.device, backend)
+    if choice == "mamba" and save_every != 1:
+        raise ValueError(f"save_every applies to the ref, triton and cuda scans, not mamba-ssm's; got {save_every}")
+    if choice == "cuda":
+        import scan_cuda
+        if scan_cuda.supports(u, delta, A, B, C, z, delta_softplus):
+            return scan_cuda.bimamba_scan(u, delta, A, B, C, D, z, delta_bias, save_every=save_every)
+    if choice in ("triton", "cuda"):
+        import scan_triton
+        return scan_triton.bimamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_every)
+    y = 0
+    for d in range(u.shape[2]):
+        args = [u[:, :, d], delta[:, :, d], A[d], B[:, :, d], C[:, :, d], None if D is None else D[d], z,
+                None if delta_bias is None else delta_bias[d]]
+        if choice == "mamba":
+            y = y + _mamba_direction(*args, delta_softplus, reverse=d == 1)
+        else:
+            time_major = [x.transpose(0, 1) if x is not None and x.dim() == 3 else x for x in args]
+            y = y + _scan_ref(*time_major, delta_softplus, reverse=d == 1,
+                              chunk=REF_CHUNK * save_every).transpose(0, 1)
+    return y
+
+
+def _mamba_direction(u, delta, A, B, C, D, z, delta_bias, softplus, reverse):
+    """One direction on mamba-ssm's kernel, from token-major (batch, L, .) arguments: (batch, L, E)."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    seq = lambda x: None if x is None else (x.flip(1) if reverse else x).transpose(1, 2)  # noqa: E731
+    y = selective_scan_fn(seq(u), seq(delta), A, seq(B), seq(C), D, seq(z), delta_bias, softplus)
+    y = y.transpose(1, 2)
+    return y.flip(1) if reverse else y
+
+
+def biconv_silu(x, weight, bias, backend="auto"):
+    """The two depthwise convolutions of the mixer, each followed by SiLU.
+
+    x: (batch, L, E); weight: (2, E, W); bias: (2, E) -> u: (batch, L, 2, E). Direction 0 is
+    Mamba's causal conv1d (output t sees inputs t-W+1..t, zero padding before the start);
+    direction 1 is the same on the flipped sequence, flipped back (anti-causal).
+    """
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[2]) or tuple(bias.shape) != (2, x.shape[2]):
+        raise ValueError(f"biconv_silu needs x (batch, L, E), weight (2, E, W), bias (2, E); got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
+    choice = resolve_backend(x.device, backend)
+    if choice in ("triton", "cuda"):
+        import scan_triton
+        return scan_triton.biconv_silu(x, weight, bias)
+    fused = choice == "mamba" and _installed("causal_conv1d")
+    x = x.transpose(1, 2)  # (batch, E, L)
+    u = [_causal_conv1d_silu(x, weight[0], bias[0], fused),
+         _causal_conv1d_silu(x.flip(-1), weight[1], bias[1], fused).flip(-1)]
+    return torch.stack(u, dim=1).permute(0, 3, 1, 2)
+
+
+def _causal_conv1d_silu(x, weight, bias, fused):
+    """(batch, E, L) -> (batch, E, L): causal depthwise conv1d then SiLU (causal-conv1d's kernel if fused)."""
+    if fused:
         from causal_conv1d import causal_conv1d_fn
-        return causal_conv1d_fn(x, weight, bias, activation="silu" if silu else None)
+        return causal_conv1d_fn(x, weight, bias, activation="silu")
     width = weight.shape[-1]
-    out = F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]]
-    return F.silu(out) if silu else out
+    return F.silu(F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=x.shape[1])[..., :x.shape[-1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: one line naming the argument and what it accepts
+# ---------------------------------------------------------------------------------------------
+def _check_shapes(expected, origin):
+    for name, x, shape in expected:
+        if x is not None and tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)} ({origin}), got {tuple(x.shape)}")
+
+
+def _check_mamba_layout(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, channels, L), got shape {tuple(u.shape)}")
+    batch, E, L = u.shape
+    if A.dim() != 2 or A.shape[0] != E:
+        raise ValueError(f"A must be (channels, N) with {E} channels (from u), got shape {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, x in (("B", B), ("C", C)):
+        grouped = x.dim() == 4 and x.shape[0] == batch and tuple(x.shape[2:]) == (N, L) and x.shape[1] >= 1 \
+            and E % x.shape[1] == 0
+        if tuple(x.shape) != (batch, N, L) and not grouped:
+            raise ValueError(f"{name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L) with G dividing "
+                             f"the {E} channels, got shape {tuple(x.shape)}")
+    if B.dim() != C.dim() or (B.dim() == 4 and B.shape[1] != C.shape[1]):
+        raise ValueError(f"B and C must have the same groups, got shapes {tuple(B.shape)} and {tuple(C.shape)}")
+    _check_shapes((("delta", delta, u.shape), ("z", z, u.shape), ("D", D, (E,)), ("delta_bias", delta_bias, (E,))),
+                  f"from u {tuple(u.shape)}")
+
+
+def _check_bimamba(u, delta, A, B, C, D, z, delta_bias, save_every):
+    if u.dim() != 4 or u.shape[2] not in (1, 2):
+        raise ValueError(f"u must be (batch, L, directions, E) with 1 or 2 directions, got shape {tuple(u.shape)}")
+    batch, L, ND, E = u.shape
+    if A.dim() != 3 or tuple(A.shape[:2]) != (ND, E):
+        raise ValueError(f"A must be (directions, E, N) = ({ND}, {E}, N) (from u), got shape {tuple(A.shape)}")
+    N = A.shape[2]
+    _check_shapes((("delta", delta, u.shape), ("B", B, (batch, L, ND, N)), ("C", C, (batch, L, ND, N)),
+                   ("D", D, (ND, E)), ("z", z, (batch, L, E)), ("delta_bias", delta_bias, (ND, E))),
+                  f"from u {tuple(u.shape)} and A {tuple(A.shape)}")
+    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1:
+        raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts' former interface, until train.py and sample.py pass scan_backend to DiS: the
+# backend set here stands in for "auto".
+# ---------------------------------------------------------------------------------------------
+_script_choice = "auto"
+OUR_KERNELS = ("triton", "cuda")
 
 
 def set_scan_backend(name):
-    """--scan-backend: 'auto' lets scan.py pick the fastest on the device; others are forced."""
-    if name == "auto":
-        os.environ.pop("DIS_SCAN_BACKEND", None)
-    else:
-        os.environ["DIS_SCAN_BACKEND"] = name
+    """--scan-backend: 'auto' lets resolve_backend pick the fastest on the device; others are forced."""
+    global _script_choice
+    _script_choice = name
 
 
 def active_scan_backend(device, say=print):
-    """The scan backend that runs on `device`, or SystemExit with the reason. The CUDA scan's
-    extension is compiled here (on first use, one to three minutes, announced through `say`),
-    before anything is timed."""
+    """The scan backend that runs on `device`, or SystemExit with the reason (the CUDA scan is
+    compiled here, before anything is timed)."""
     try:
-        backend = scan_backend(device)
-        if backend == "cuda":
-            import scan_cuda
-            if not scan_cuda.loaded():
-                say("Loading the CUDA scan extension (compiled on first use: one to three minutes)")
-            scan_cuda.build()
-        return backend
-    except (RuntimeError, ValueError) as e:
+        return resolve_backend(device)
+    except ValueError as e:
         raise SystemExit(str(e))

@@ -1,6 +1,6 @@
-"""Triton kernels for DiS's bidirectional Mamba mixer (ARCHITECTURE.md, "The bidirectional
-Mamba mixer"): the selective scan of both directions, forward and backward, and the two
-depthwise convolutions (causal and anti-causal) followed by SiLU.
+"""Triton kernels for DiS's bidirectional Mamba mixer: the selective scan of both directions,
+forward and backward, and the two depthwise convolutions (causal and anti-causal) followed by
+SiLU. Self-contained: `bimamba_scan`, `selective_scan` and `biconv_silu` are its entry points.
 
 Everything works in token-major layout, (batch, L, directions, E), so that no transpose or
 flip of the sequence is ever materialised: direction 1 walks the same memory backwards.
@@ -18,44 +18,33 @@ row indices, which the compiler resolves at compile time wherever a thread holds
 
 For training the forward pass also stores the state at the start of every chunk, a
 (batch, directions, chunks, N, E) float32 tensor (1/T of the full state history), or of every
-S-th chunk (SCAN_SAVE_EVERY). The backward pass walks the chunks last to first: it recomputes
-the chunk's states from its checkpoint (first advancing over the chunks in between if S > 1),
-then runs the adjoint recurrence dh_s = C_s g_s + a_{s+1} dh_{s+1} (g = dy silu(z),
+S-th chunk (the `save_every` argument). The backward pass walks the chunks last to first: it
+recomputes the chunk's states from its checkpoint (first advancing over the chunks in between
+if S > 1), then runs the adjoint recurrence dh_s = C_s g_s + a_{s+1} dh_{s+1} (g = dy silu(z),
 a_s = exp(delta_s A)) backwards through the chunk, and forms the gradients from both.
 
 Set TRITON_INTERPRET=1 before importing this module to run the kernels on CPU tensors.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-import scan_cuda
-from scan import OUR_KERNELS
-
 # ---------------------------------------------------------------------------------------------
-# Tunables, all in one place. The scan's chunk length is also the spacing of the states the
-# forward pass saves for the backward pass, so forward and backward share it.
+# Tunables, all in one place. The scan's chunk length T is also the spacing of the states the
+# forward pass saves for the backward pass, so forward and backward share it: longer chunks save
+# fewer states (less memory) but hold more per-step values in registers in the backward pass.
 # ---------------------------------------------------------------------------------------------
-# DIS_SCAN_CHUNK overrides the CUDA chunk length (bench.py sweeps it); longer chunks save fewer
-# states (less memory) but hold more per-step values in registers during the backward pass.
-SCAN_CHUNK = {"cuda": int(os.environ.get("DIS_SCAN_CHUNK", 4)), "cpu": 8}  # a power of two
-if SCAN_CHUNK["cuda"] < 1 or SCAN_CHUNK["cuda"] & (SCAN_CHUNK["cuda"] - 1):
-    raise ValueError(f"DIS_SCAN_CHUNK must be a power of two, got {SCAN_CHUNK['cuda']}")
-# Save the state at the start of every SCAN_SAVE_EVERY-th chunk only: 1/S of the checkpoint
-# memory, for recomputing up to S-1 chunks in the backward pass to reach each chunk's start
-# (train.py --scan-save-every; DIS_SCAN_SAVE_EVERY sets the default, for bench.py). Read at each
-# forward call; the backward pass uses the value its forward pass saved with.
-SCAN_SAVE_EVERY = int(os.environ.get("DIS_SCAN_SAVE_EVERY", 1))
+SCAN_CHUNK = {"cuda": 4, "cpu": 8}  # by device type; a power of two
 # (BLOCK_E channels, num_warps, maxnreg). A register cap lets more one-warp programs share an SM
-# at the price of a few spills: on the H100 the backward pass's 219 registers allow 8 warps per
-# SM, 168 allow 12 (3-6% faster at BLOCK_E 8); caps that spill more lose.
+# at the price of a few spills; caps that spill more lose. Wider blocks spill in the backward pass.
 SCAN_FWD_CONFIGS = [(16, 1, None), (32, 1, None), (8, 1, None), (16, 1, 128), (32, 1, 168)]
-SCAN_BWD_CONFIGS = [(8, 1, None), (16, 1, None), (8, 1, 168)]  # (32, 1) spills: 40 ms where (8, 1) takes 5
+SCAN_BWD_CONFIGS = [(8, 1, None), (16, 1, None), (8, 1, 168)]
 SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
 CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS = 8, 128, 4
 CONV_GRAD_SPAN = 64  # time steps per program of the conv's gradient kernel (a multiple of CONV_BLOCK_T)
+# The backward pass leaves a chunk's T channel sums in T columns of a channel block (_channel_sums).
+if SCAN_CHUNK["cuda"] > min(be for be, _, _ in SCAN_BWD_CONFIGS) or SCAN_CHUNK["cpu"] > SCAN_CPU_BLOCK_E:
+    raise ValueError("the scan's chunk length must not exceed its smallest backward channel block")
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2(e))
 LN2 = tl.constexpr(0.6931471805599453)
@@ -536,9 +525,6 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states, sa
     # room for the smallest block the autotuner may pick (asked of the autotuner itself, so that
     # a config list changed at run time cannot make the kernel write past the buffer)
     min_be = min(c.kwargs["BLOCK_E"] for c in _scan_bwd_tuned.configs) if u.is_cuda else SCAN_CPU_BLOCK_E
-    if min_be < T:
-        raise ValueError(f"the scan's chunk length {T} must not exceed its smallest backward channel block "
-                         f"{min_be}: lower DIS_SCAN_CHUNK")
     dB_part = torch.empty(triton.cdiv(E, min_be), batch, L, ND, N, device=dev, dtype=acc)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.empty(batch, ND, E, N, device=dev, dtype=acc)
@@ -566,65 +552,54 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states, sa
 
 class _BiMambaScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save_states, use_cuda):
-        if SCAN_SAVE_EVERY < 1:
-            raise ValueError(f"SCAN_SAVE_EVERY must be at least 1, got {SCAN_SAVE_EVERY}")
-        if use_cuda:
-            y, states = scan_cuda.forward(u, delta, A, B, C, D, z, delta_bias, save_states, SCAN_SAVE_EVERY)
-        else:
-            y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, SCAN_SAVE_EVERY)
-        ctx.softplus, ctx.save_every, ctx.use_cuda = softplus, SCAN_SAVE_EVERY, use_cuda
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_every):
+        y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_every)
+        ctx.softplus, ctx.save_every = softplus, save_every
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        if ctx.use_cuda:
-            grads = scan_cuda.backward(dy, u, delta, A, B, C, D, z, delta_bias, states, ctx.save_every)
-        else:
-            grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, ctx.save_every)
+        grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, ctx.save_every)
         return (*grads, None, None, None)
 
 
-def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, impl="triton"):
+def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, save_every=1):
     """Selective scan of ND = 1 or 2 directions, summed, token-major layout.
 
     u, delta: (batch, L, ND, E); A: (ND, E, N) float32 (negative); B, C: (batch, L, ND, N);
     D, delta_bias: (ND, E) or None; z: (batch, L, E) or None, shared by the directions.
     Direction 0 scans t = 0..L-1, direction 1 scans t = L-1..0 (scan of the flipped sequence,
     flipped back). Any strides; fastest when the last dimension is contiguous.
-    impl: "triton" (the kernels in this file) or "cuda" (scan_cuda.py's kernels, for the calls
-    they support: DiS's mixer; the Triton kernels run any other).
+    save_every: keep the state of every save_every-th chunk for the backward pass (1/save_every
+    of that memory, for recomputing the chunks in between).
     Returns y: (batch, L, E) in u's dtype, sum over directions of scan_d(...) * silu(z).
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    if impl not in OUR_KERNELS:
-        raise ValueError(f"impl must be 'triton' or 'cuda', got {impl!r}")
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    use_cuda = impl == "cuda" and scan_cuda.supports(u, delta, A, B, C, z, delta_softplus)
-    return _BiMambaScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), save_states, use_cuda)
+    return _BiMambaScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), save_states, save_every)
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, impl="triton"):
-    """mamba-ssm's selective_scan_fn layout on the same kernels (one direction; impl as in bimamba_scan).
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, save_every=1):
+    """mamba-ssm's selective_scan_fn layout on the same kernels (one direction).
 
     u, delta, z: (batch, E, L); A: (E, N); B, C: (batch, N, L), or (batch, G, N, L) with channel
     e using group e // (E / G); D, delta_bias: (E,) or None. Returns (batch, E, L) in u's dtype.
     """
-    for name, x in (("B", B), ("C", C)):
-        if x.dim() not in (3, 4) or (x.dim() == 4 and u.shape[1] % x.shape[1]):
-            raise ValueError(f"{name} must be (batch, N, L) or (batch, G, N, L) with G dividing the "
-                             f"{u.shape[1]} channels, got {tuple(x.shape)}")
+    _check_mamba_layout_args(u, delta, A, B, C, D, z, delta_bias)
     if B.dim() == 4 and B.shape[1] > 1:  # one call per group of channels
         per = u.shape[1] // B.shape[1]
         outs = []
         for i in range(B.shape[1]):
             ch = slice(i * per, (i + 1) * per)
-            outs.append(selective_scan_triton(
+            outs.append(selective_scan(
                 u[:, ch], delta[:, ch], A[ch], B[:, i:i + 1], C[:, i:i + 1], None if D is None else D[ch],
-                None if z is None else z[:, ch], None if delta_bias is None else delta_bias[ch], delta_softplus, impl))
+                None if z is None else z[:, ch], None if delta_bias is None else delta_bias[ch], delta_softplus,
+                save_every))
         return torch.cat(outs, 1)
 
     def token_major_bc(x):  # (batch, [1,] N, L) -> (batch, L, 1, N)
@@ -636,9 +611,29 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     y = bimamba_scan(
         u.transpose(1, 2).unsqueeze(2), delta.transpose(1, 2).unsqueeze(2), param(A),
         token_major_bc(B), token_major_bc(C), param(D),
-        z.transpose(1, 2) if z is not None else None, param(delta_bias), delta_softplus, impl,
+        z.transpose(1, 2) if z is not None else None, param(delta_bias), delta_softplus, save_every,
     )
     return y.transpose(1, 2)
+
+
+def _check_mamba_layout_args(u, delta, A, B, C, D, z, delta_bias):
+    """selective_scan's shapes, each error naming the argument (before any transpose hides them)."""
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, E, L), got {tuple(u.shape)}")
+    batch, E, L = u.shape
+    if A.dim() != 2 or A.shape[0] != E:
+        raise ValueError(f"A must be (E, N) with E = {E} channels (from u), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, x in (("B", B), ("C", C)):
+        if not ((x.dim() == 3 and x.shape == (batch, N, L))
+                or (x.dim() == 4 and x.shape[0] == batch and x.shape[2:] == (N, L) and x.shape[1] >= 1
+                    and E % x.shape[1] == 0)):
+            raise ValueError(f"{name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L) with G dividing "
+                             f"the {E} channels, got {tuple(x.shape)}")
+    for name, x, shape in (("delta", delta, u.shape), ("z", z, u.shape), ("D", D, (E,)),
+                           ("delta_bias", delta_bias, (E,))):
+        if x is not None and x.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)} (from u {tuple(u.shape)}), got {tuple(x.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------

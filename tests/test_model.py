@@ -184,11 +184,7 @@ def test_bf16_autocast_keeps_the_residual_in_float32():
     assert ((out.float() - ref).norm() / ref.norm()) < 5e-2
 
 
-def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(ValueError, match="not divisible by the patch size"):
-        DiS(img_size=30, patch_size=4, embed_dim=16, depth=2)
-    with pytest.raises(ValueError, match="skip must be"):
-        tiny(skip="sum")
+def test_bad_forward_inputs_raise_clear_errors():
     m = tiny(num_classes=4)
     x, t, y = inputs(m)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 8, 8\)"):
@@ -201,24 +197,72 @@ def test_bad_inputs_raise_clear_errors():
         tiny()(x, t, y)
 
 
-def gpu_model(seed=0):
+BAD_CONFIGS = [  # (keyword arguments of tiny(), message)
+    (dict(img_size=30, patch_size=4), "img_size 30 is not divisible by the patch size 4"),
+    (dict(img_size=0), "img_size must be an integer >= 1, got 0"),
+    (dict(patch_size=0), "patch_size must be an integer >= 1, got 0"),
+    (dict(channels=0), "channels must be an integer >= 1, got 0"),
+    (dict(embed_dim=0), "embed_dim must be an integer >= 1, got 0"),
+    (dict(embed_dim=32.0), "embed_dim must be an integer >= 1, got 32.0"),
+    (dict(depth=0), "depth must be an even integer >= 2"),
+    (dict(depth=3), r"depth must be an even integer >= 2 \(depth/2 in blocks, a mid block, depth/2 out blocks\), got 3"),
+    (dict(num_classes=2.5), "num_classes must be an integer"),
+    (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),
+    (dict(drop_path_rate=-0.1), r"drop_path_rate must be in \[0, 1\), got -0.1"),
+    (dict(class_dropout_prob=1.5), r"class_dropout_prob must be in \[0, 1\], got 1.5"),
+    (dict(skip="sum"), "skip must be one of concat, add, none; got 'sum'"),
+    (dict(cond="cross"), "cond must be one of token, adaln; got 'cross'"),
+    (dict(dt_init="random"), "dt_init must be one of symmetric, original; got 'random'"),
+    (dict(scan_backend="fast"), "scan_backend must be one of auto, ref, mamba, triton, cuda; got 'fast'"),
+    (dict(scan_save_every=0), "scan_save_every must be an integer >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CONFIGS)
+def test_bad_config_is_one_clear_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message) as raised:
+        tiny(**kwargs)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(depth=12), "DiS-S/2 fixes depth; build DiS"),
+    (dict(patch_size=4, embed_dim=8), "DiS-S/2 fixes embed_dim, patch_size"),
+    (dict(image_size=32), "unknown argument 'image_size' of DiS-S/2; accepted: img_size, channels"),
+    (dict(img_size=31), "img_size 31 is not divisible by the patch size 2"),
+])
+def test_registry_bad_arguments(kwargs, message):
+    with torch.device("meta"), pytest.raises(ValueError, match=message):
+        DiS_models["DiS-S/2"](**kwargs)
+
+
+def test_scan_options_are_not_weights():
+    """The scan's backend and checkpoint spacing change neither the parameters nor the function."""
+    torch.manual_seed(0)
+    plain = tiny(num_classes=4)
+    torch.manual_seed(0)
+    light = tiny(num_classes=4, scan_backend="ref", scan_save_every=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), light.state_dict().values()))
+    x, t, y = inputs(plain)
+    torch.testing.assert_close(light.eval()(x, t, y), plain.eval()(x, t, y))
+
+
+def gpu_model(seed=0, **options):
     torch.manual_seed(seed)
-    return DiS_models["DiS-S/2"](img_size=32, num_classes=10).cuda()
+    return DiS_models["DiS-S/2"](img_size=32, num_classes=10, **options).cuda()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["mamba", "triton", "cuda"])
-def test_fused_dis_matches_reference_under_bf16(backend, monkeypatch):
+def test_fused_dis_matches_reference_under_bf16(backend):
     import scan
     if backend not in scan.available_backends("cuda"):
         pytest.skip(f"{backend} backend not installed")
-    m = gpu_model()
     x, t = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 1000, (4,), device="cuda")
     y = torch.randint(0, 10, (4,), device="cuda")
     results = {}
     for name in ("ref", backend):
-        monkeypatch.setenv("DIS_SCAN_BACKEND", name)
-        m.zero_grad()
+        m = gpu_model(scan_backend=name)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = m.eval()(x, t, y)
         out.float().pow(2).mean().backward()

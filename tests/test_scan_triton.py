@@ -1,5 +1,5 @@
-"""scan_triton.py against independent references: a float64 loop over time written here from
-the selective-scan definition (Mamba, Algorithm 2) and torch's F.conv1d.
+"""scan_triton.py against the oracles of test_scan.py: selective_scan_ref in float64 (itself
+checked against a scalar loop) and a loop over the convolutions' taps.
 
 Two modes. With a CUDA GPU the `gpu` tests run the compiled kernels at realistic sizes. Without
 one, `test_interpreter_suite` re-runs this file in a subprocess with TRITON_INTERPRET=1 (it must be
@@ -12,64 +12,14 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from scan_triton import biconv_silu, bimamba_scan, selective_scan_triton
+import scan_triton
+from scan import selective_scan_ref
+from scan_triton import biconv_silu, bimamba_scan, selective_scan
+from test_scan import bimamba_oracle, loop_biconv, rel_err
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_interpreter_suite's subprocess")
-
-
-# ------------------------------------------------------------------------------------------------
-# References
-# ------------------------------------------------------------------------------------------------
-def loop_scan(u, delta, A, B, C, D, z, delta_bias, softplus):
-    """One direction, token-major, float64: u, delta, z (b, L, E); A (E, N); B, C (b, L, N)."""
-    u, delta, A, B, C = (x.double() for x in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.double()
-    if softplus:
-        delta = torch.log1p(torch.exp(delta))
-    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float64, device=u.device)
-    ys = []
-    for t in range(u.shape[1]):
-        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
-        y = (h * C[:, t, None, :]).sum(-1)
-        if D is not None:
-            y = y + D.double() * u[:, t]
-        ys.append(y)
-    y = torch.stack(ys, 1)
-    if z is not None:
-        z = z.double()
-        y = y * z * torch.sigmoid(z)
-    return y
-
-
-def loop_bimamba(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=True):
-    """Sum over directions; direction 1 is the scan of the time-flipped inputs, flipped back."""
-    out = 0
-    for d in range(u.shape[2]):
-        args = [u[:, :, d], delta[:, :, d], A[d], B[:, :, d], C[:, :, d], None if D is None else D[d], z,
-                None if delta_bias is None else delta_bias[d]]
-        if d == 0:
-            out = out + loop_scan(*args, softplus)
-        else:
-            flip = [x.flip(1) if i in (0, 1, 3, 4, 6) and x is not None else x for i, x in enumerate(args)]
-            out = out + loop_scan(*flip, softplus).flip(1)
-    return out
-
-
-def conv_reference(x, weight, bias):
-    """(b, L, E) -> (b, L, 2, E): causal conv1d+SiLU, and the same on the flipped sequence."""
-    E, W = weight.shape[1], weight.shape[2]
-    xt = x.transpose(1, 2)
-    fwd = F.conv1d(xt, weight[0][:, None], bias[0], padding=W - 1, groups=E)[..., :x.shape[1]]
-    bwd = F.conv1d(xt.flip(-1), weight[1][:, None], bias[1], padding=W - 1, groups=E)[..., :x.shape[1]].flip(-1)
-    return torch.stack([F.silu(fwd), F.silu(bwd)], 2).permute(0, 3, 2, 1)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(batch, L, ND, E, N, dtype, device, z=True, D=True, delta_bias=True, softplus=True, seed=0):
@@ -111,18 +61,18 @@ def poisoned_empty(monkeypatch):
 
 
 def check_bimamba(batch, L, ND, E, N, dtype, device, tol, z=True, D=True, delta_bias=True, softplus=True,
-                  impl="triton"):
-    """Forward and every gradient of bimamba_scan against the loop reference."""
+                  save_every=1, scan_fn=bimamba_scan):
+    """Forward and every gradient of `scan_fn` (bimamba_scan's signature) against the oracle."""
     inputs = make_inputs(batch, L, ND, E, N, dtype, device, z, D, delta_bias, softplus)
     names = [k for k, v in inputs.items() if v is not None]
     leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in names}
-    y = bimamba_scan(**{**inputs, **leaves}, delta_softplus=softplus, impl=impl)
+    y = scan_fn(**{**inputs, **leaves}, delta_softplus=softplus, save_every=save_every)
     assert y.shape == (batch, L, E) and y.dtype == dtype
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
     grads = torch.autograd.grad(y, [leaves[k] for k in names], dy)
 
     ref_leaves = {k: inputs[k].detach().double().requires_grad_(True) for k in names}
-    y_ref = loop_bimamba(**{**inputs, **ref_leaves}, softplus=softplus)
+    y_ref = bimamba_oracle(**{**inputs, **ref_leaves}, delta_softplus=softplus)
     ref_grads = torch.autograd.grad(y_ref, [ref_leaves[k] for k in names], dy.double())
     assert torch.isfinite(y).all()
     assert rel_err(y, y_ref) < tol, ("y", rel_err(y, y_ref))
@@ -132,7 +82,7 @@ def check_bimamba(batch, L, ND, E, N, dtype, device, tol, z=True, D=True, delta_
 
 
 def check_mamba_layout(batch, E, L, N, groups, dtype, device, tol):
-    """selective_scan_triton with selective_scan_fn's layout: (batch, E, L); B, C (batch, N, L) for
+    """selective_scan with selective_scan_fn's layout: (batch, E, L); B, C (batch, N, L) for
     groups = 0, else (batch, groups, N, L) with channel e reading group e // (E / groups)."""
     g = torch.Generator().manual_seed(3)
 
@@ -147,20 +97,13 @@ def check_mamba_layout(batch, E, L, N, groups, dtype, device, tol):
         for k in ("A", "D", "delta_bias"):
             inputs[k] = inputs[k].float()
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-    y = selective_scan_triton(**leaves, delta_softplus=True)
+    y = selective_scan(**leaves, delta_softplus=True)
     assert y.shape == (batch, E, L)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device, dtype)
     grads = torch.autograd.grad(y, list(leaves.values()), dy)
 
     ref = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
-    parts = []
-    for gi in range(max(groups, 1)):
-        ch = slice(gi * E // max(groups, 1), (gi + 1) * E // max(groups, 1))
-        Bg, Cg = (ref["B"][:, gi], ref["C"][:, gi]) if groups else (ref["B"], ref["C"])
-        parts.append(loop_scan(ref["u"][:, ch].transpose(1, 2), ref["delta"][:, ch].transpose(1, 2), ref["A"][ch],
-                               Bg.transpose(1, 2), Cg.transpose(1, 2), ref["D"][ch], ref["z"][:, ch].transpose(1, 2),
-                               ref["delta_bias"][ch], True).transpose(1, 2))
-    y_ref = torch.cat(parts, 1)
+    y_ref = selective_scan_ref(**ref, delta_softplus=True)
     ref_grads = torch.autograd.grad(y_ref, list(ref.values()), dy.double())
     assert rel_err(y, y_ref) < tol
     for k, gr, rg in zip(ref, grads, ref_grads):
@@ -178,7 +121,7 @@ def check_biconv(batch, L, E, dtype, device, tol, W=4):
     du = torch.randn(u.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device, dtype)
     grads = torch.autograd.grad(u, (xz, weight, bias), du)
     ref_in = [t.detach().double().requires_grad_(True) for t in (xz, weight, bias)]
-    u_ref = conv_reference(ref_in[0][..., :E], ref_in[1], ref_in[2])
+    u_ref = loop_biconv(ref_in[0][..., :E], ref_in[1], ref_in[2])
     ref_grads = torch.autograd.grad(u_ref, ref_in, du.double())
     assert rel_err(u, u_ref) < tol
     for name, gr, rg in zip(("x", "weight", "bias"), grads, ref_grads):
@@ -192,9 +135,6 @@ def test_interpreter_suite():
     if INTERPRETED:
         pytest.skip("already inside the interpreter subprocess")
     if torch.cuda.is_available():
-        # The compiled kernels are tested directly above. The interpreter path is for CPU machines
-        # with requirements.txt's Triton; Triton 3.6's interpreter (seen on the GPU machine) fails
-        # inside its own argument conversion on these kernels.
         pytest.skip("CUDA present: the compiled kernels are tested instead of the interpreter")
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,11 +146,11 @@ def test_interpreter_suite():
 
 @interp_only
 @pytest.mark.parametrize("batch, L, ND, E, N, z, D, delta_bias, softplus", [
-    (2, 13, 2, 20, 16, True, True, True, True),      # L and E not multiples of the chunk / block
-    (2, 17, 1, 40, 8, False, True, False, True),     # one direction, three channel blocks
-    (1, 1, 2, 5, 4, True, False, True, False),      # L = 1, no D, no softplus
-    (1, 10, 2, 6, 4, False, False, True, False),    # no softplus over several chunks
-    (2, 6, 2, 9, 3, True, True, True, True),        # N not a power of two
+    (1, 11, 2, 20, 16, True, True, True, True),      # L and E not multiples of the chunk (8) / block (16)
+    (1, 9, 1, 36, 8, False, True, False, True),      # one direction, three channel blocks
+    (1, 1, 2, 5, 4, True, False, True, False),       # L = 1, no D, no softplus
+    (1, 10, 2, 6, 4, False, False, True, False),     # no softplus over several chunks
+    (2, 6, 2, 9, 3, True, True, True, True),         # two sequences; N not a power of two
 ])
 def test_interp_bimamba_float64(poisoned_empty, batch, L, ND, E, N, z, D, delta_bias, softplus):
     check_bimamba(batch, L, ND, E, N, torch.float64, "cpu", 1e-10, z, D, delta_bias, softplus)
@@ -218,114 +158,88 @@ def test_interp_bimamba_float64(poisoned_empty, batch, L, ND, E, N, z, D, delta_
 
 @interp_only
 def test_interp_bimamba_float32(poisoned_empty):
-    check_bimamba(2, 11, 2, 12, 16, torch.float32, "cpu", 2e-5)
+    check_bimamba(1, 11, 2, 12, 16, torch.float32, "cpu", 2e-5)
 
 
 @interp_only
 @pytest.mark.parametrize("save_every", [2, 3])
-def test_interp_bimamba_sparse_checkpoints(poisoned_empty, monkeypatch, save_every):
+def test_interp_bimamba_sparse_checkpoints(poisoned_empty, save_every):
     """States saved every 2nd / 3rd chunk only; the backward pass recomputes the chunks between.
     L = 17 is three CPU chunks of 8: the last starts from a recomputed state."""
-    import scan_triton
-    monkeypatch.setattr(scan_triton, "SCAN_SAVE_EVERY", save_every)
-    check_bimamba(2, 17, 2, 20, 16, torch.float64, "cpu", 1e-10)
-    check_bimamba(1, 13, 1, 9, 3, torch.float64, "cpu", 1e-10, z=False, softplus=False)
+    check_bimamba(1, 17, 2, 5, 16, torch.float64, "cpu", 1e-10, save_every=save_every)
+    check_bimamba(1, 13, 1, 9, 3, torch.float64, "cpu", 1e-10, z=False, softplus=False, save_every=save_every)
 
 
 @interp_only
 def test_interp_bimamba_chunk4_butterfly(poisoned_empty, monkeypatch):
     """CUDA's chunk length 4, whose backward pass sums dB and dC over channels by a butterfly
-    reduce-scatter: L = 13 ends in a partial chunk, E = 20 in a partial block of 16 channels."""
-    import scan_triton
-    monkeypatch.setitem(scan_triton.SCAN_CHUNK, "cpu", 4)
-    check_bimamba(2, 13, 2, 20, 16, torch.float64, "cpu", 1e-10)
-    check_bimamba(1, 6, 1, 9, 3, torch.float64, "cpu", 1e-10, z=False, softplus=False)
-
-
-@interp_only
-def test_interp_chunk_longer_than_channel_block_is_a_clear_error(monkeypatch):
-    """The backward pass leaves a chunk's T channel sums in T channel columns: T may not exceed
-    the channel block."""
-    import scan_triton
-    monkeypatch.setitem(scan_triton.SCAN_CHUNK, "cpu", 2 * scan_triton.SCAN_CPU_BLOCK_E)
-    inputs = {k: v.requires_grad_(True) for k, v in make_inputs(1, 5, 2, 3, 4, torch.float64, "cpu").items()}
-    y = bimamba_scan(*inputs.values())
-    with pytest.raises(ValueError, match="DIS_SCAN_CHUNK"):
-        y.sum().backward()
-
-
-@interp_only
-def test_interp_gradcheck():
-    inputs = make_inputs(1, 5, 2, 3, 4, torch.float64, "cpu")
-    names = list(inputs)
-    tensors = tuple(inputs[k].detach().clone().requires_grad_(True) for k in names)
-    assert torch.autograd.gradcheck(lambda *t: bimamba_scan(*t), tensors, fast_mode=True)
-    x = torch.randn(1, 6, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(biconv_silu, (x, w, b), fast_mode=True)
+    reduce-scatter: L = 9 ends in a partial chunk, E = 20 in a partial block of 16 channels."""
+    monkeypatch.setitem(scan_triton.SCAN_CHUNK, "cpu", scan_triton.SCAN_CHUNK["cuda"])
+    check_bimamba(1, 9, 2, 20, 16, torch.float64, "cpu", 1e-10)
+    check_bimamba(1, 6, 1, 9, 3, torch.float64, "cpu", 1e-10, z=False, softplus=False, save_every=2)
 
 
 @interp_only
 @pytest.mark.parametrize("groups", [0, 1, 2])
 def test_interp_mamba_layout(groups):
-    check_mamba_layout(2, 10, 9, 4, groups, torch.float64, "cpu", 1e-10)
+    check_mamba_layout(1, 4, 9, 4, groups, torch.float64, "cpu", 1e-10)
 
 
 @interp_only
 @pytest.mark.parametrize("W", [4, 3])  # DiS's d_conv, and a width the kernels pad to a power of two
 def test_interp_biconv(poisoned_empty, W):
-    check_biconv(2, 11, 13, torch.float64, "cpu", 1e-10, W)
+    check_biconv(1, 11, 13, torch.float64, "cpu", 1e-10, W)
 
 
 @interp_only
 def test_interp_biconv_bf16(poisoned_empty):  # the gradient kernel's bf16 intermediate (g) path
-    check_biconv(2, 37, 40, torch.bfloat16, "cpu", 1e-2)
+    check_biconv(1, 11, 13, torch.bfloat16, "cpu", 1e-2)
 
 
 @interp_only
-def test_interp_fused_mixer_matches_reference(poisoned_empty):
-    """model.BiMamba.forward_fused (Triton kernels, both directions at once, block-diagonal
-    projections) against BiMamba.forward on the reference scan (flips, one direction at a time):
-    output and every parameter's gradient, float64."""
+def test_interp_mixer_matches_reference(poisoned_empty):
+    """model.BiMamba on the Triton kernels (both directions at once) against BiMamba on the "ref"
+    backend, same weights: output and every parameter's gradient, float64."""
     from model import BiMamba
     torch.manual_seed(0)
     m = BiMamba(8).double()
     with torch.no_grad():  # break the symmetries of the init so that swapped directions would show
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    h = torch.randn(2, 11, 8, dtype=torch.float64)
-    dy = torch.randn(2, 11, 8, dtype=torch.float64)
-    out_ref = m(h)
-    grads_ref = torch.autograd.grad(out_ref, list(m.parameters()), dy)
-    out = m.forward_fused(h)
-    grads = torch.autograd.grad(out, list(m.parameters()), dy)
+    h = torch.randn(1, 11, 8, dtype=torch.float64)
+    dy = torch.randn(1, 11, 8, dtype=torch.float64)
+    results = {}
+    for backend in ("ref", "triton"):
+        m.scan_backend = backend
+        out = m(h)
+        results[backend] = (out, torch.autograd.grad(out, list(m.parameters()), dy))
+    (out_ref, grads_ref), (out, grads) = results["ref"], results["triton"]
     assert rel_err(out, out_ref) < 1e-10
     for (name, _), g, gr in zip(m.named_parameters(), grads, grads_ref):
         assert rel_err(g, gr) < 1e-10, (name, rel_err(g, gr))
 
 
-def test_bad_shapes_raise():
+@pytest.mark.parametrize("fn, args, message", [
+    (bimamba_scan, (torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 1, 8), torch.zeros(2, 8, 16), torch.zeros(1, 4, 2, 16),
+                    torch.zeros(1, 4, 2, 16)), r"delta must have shape \(1, 4, 2, 8\)"),
+    (bimamba_scan, (torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), torch.zeros(2, 8, 16), torch.zeros(1, 4, 2, 16),
+                    torch.zeros(1, 4, 2, 16)), r"u must be \(batch, L, ND, E\)"),
+    (biconv_silu, (torch.zeros(1, 4, 8), torch.zeros(1, 8, 4), torch.zeros(2, 8)), "biconv_silu needs"),
+    (selective_scan, (torch.zeros(1, 8, 4), torch.zeros(1, 8, 4), torch.zeros(8, 16), torch.zeros(1, 3, 16, 4),
+                      torch.zeros(1, 3, 16, 4)), "B must be .* G dividing the 8 channels"),
+    (selective_scan, (torch.zeros(1, 8, 4), torch.zeros(1, 8, 5), torch.zeros(8, 16), torch.zeros(1, 16, 4),
+                      torch.zeros(1, 16, 4)), r"delta must have shape \(1, 8, 4\)"),
+])
+def test_bad_input_is_a_clear_error(fn, args, message):
+    with pytest.raises(ValueError, match=message):
+        fn(*args)
+
+
+def test_bad_save_every_is_a_clear_error():
     u = torch.zeros(1, 4, 2, 8)
-    A = torch.zeros(2, 8, 16)
-    B = torch.zeros(1, 4, 2, 16)
-    with pytest.raises(ValueError, match="delta must have shape"):
-        bimamba_scan(u, torch.zeros(1, 4, 1, 8), A, B, B)
-    with pytest.raises(ValueError, match="u must be"):
-        bimamba_scan(torch.zeros(1, 4, 3, 8), u, A, B, B)
-    with pytest.raises(ValueError, match="biconv_silu needs"):
-        biconv_silu(torch.zeros(1, 4, 8), torch.zeros(1, 8, 4), torch.zeros(2, 8))
-    with pytest.raises(ValueError, match="G dividing"):
-        selective_scan_triton(torch.zeros(1, 8, 4), torch.zeros(1, 8, 4), torch.zeros(8, 16),
-                              torch.zeros(1, 3, 16, 4), torch.zeros(1, 3, 16, 4))
+    with pytest.raises(ValueError, match="save_every must be an integer >= 1, got 0"):
+        bimamba_scan(u, u, torch.zeros(2, 8, 16), torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16), save_every=0)
 
-
-
-def test_bad_chunk_length_is_a_clear_error():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", "import scan_triton"], cwd=root, capture_output=True, text=True,
-                         env=dict(os.environ, DIS_SCAN_CHUNK="6"), timeout=120)
-    assert run.returncode != 0 and "DIS_SCAN_CHUNK must be a power of two, got 6" in run.stderr
 
 # ------------------------------------------------------------------------------------------------
 # GPU: the compiled kernels at realistic sizes
@@ -338,10 +252,8 @@ def test_gpu_bimamba(poisoned_empty, dtype, tol, batch, L, ND, E):
 
 
 @pytest.mark.gpu
-def test_gpu_bimamba_sparse_checkpoints(poisoned_empty, monkeypatch):
-    import scan_triton
-    monkeypatch.setattr(scan_triton, "SCAN_SAVE_EVERY", 2)
-    check_bimamba(2, 259, 2, 200, 16, torch.float32, "cuda", 1e-4)
+def test_gpu_bimamba_sparse_checkpoints(poisoned_empty):
+    check_bimamba(2, 259, 2, 200, 16, torch.float32, "cuda", 1e-4, save_every=2)
 
 
 @pytest.mark.gpu

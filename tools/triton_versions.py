@@ -1,10 +1,9 @@
 """Time scan_triton's kernels as another Triton version compiles them, on this machine's GPU.
 
-requirements.txt pins torch 2.14.1, which brings Triton 3.8; the GPU machine we benchmark on has
-torch 2.11 with Triton 3.6 and no package registry, and Triton 3.8 is too large to carry there.
-Both versions give these kernels the same parameters, so the cubin that the other version
-compiles (offline: Triton compiles for sm_90a without a GPU) can replace the local one in the
-JIT's cache. Three steps:
+For a GPU machine whose torch brings another Triton than requirements.txt's, where that version
+cannot be installed: both versions give these kernels the same parameters, so the cubin that the
+other version compiles (offline: Triton compiles for sm_90a without a GPU) can replace the local
+one in the JIT's cache. Three steps:
 
     python tools/triton_versions.py specs specs.json        # GPU machine: what its JIT compiled
     python tools/triton_versions.py compile specs.json other.json   # machine with the other Triton
@@ -62,6 +61,7 @@ def run_workload():
     torch.manual_seed(0)
     name, img, ch, classes, batch = MODEL
     model = bench.build(name, img, ch, classes, device)
+    bench.use_scan(model, "triton")
     bench.throughput(model, img, ch, classes, batch, device)
     return scans, cases, model
 
