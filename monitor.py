@@ -1,5 +1,6 @@
 """Watching a training run: log lines (terminal and log.txt), the images/s meter, the TensorBoard
-dashboard and the FID of EMA samples. Rank 0 writes all of them; other ranks print warnings only.
+dashboard and the quality of EMA samples (FID, and the Fashion-MNIST yardstick). Rank 0 writes
+all of them; other ranks print warnings only.
 
     tensorboard --logdir results        # every run's RUN/tensorboard, side by side
 
@@ -9,6 +10,7 @@ The dashboard (RUN/tensorboard, through torch.utils.tensorboard) holds
   speed/img_per_s               images per second of training time (checkpoints and grids excluded)
   memory/peak_gb                peak CUDA memory allocated (CUDA only)
   fid/fid, fid/sfid, ...        of EMA samples, every --fid-every steps and at the end
+  yardstick/fd, .../accuracy    the same samples on the Fashion-MNIST yardstick (yardstick.py)
   samples                       the sample grid (one class per row) every --sample-every steps
 A resumed run hides what the interrupted one logged after its checkpoint (SummaryWriter's
 purge_step), so every curve stays a function of the step. The numbers are in log.txt too, and
@@ -151,22 +153,31 @@ class Dashboard:
 
 # ----------------------------------------------------------------------------- quality during training
 
-class FIDProbe:
-    """FID of --fid-samples EMA samples against --fid-ref: the samples that `sample.py --num-samples
-    N --num-sampling-steps S --seed GLOBAL_SEED --precision P` draws (DDPM, no guidance: the
-    paper's FID setting; S = --fid-sampling-steps, 250 by default; P the run's --precision),
-    written to fid/SSSSSSS-...npz with its .json (settings and metrics) and .png. Every rank samples its share; rank 0 evaluates, logs
-    and puts the metrics on the dashboard. The reference's statistics are computed once per
-    launch (fid/reference-stats.npz)."""
+def metric_tag(name):
+    """A metric's dashboard tag: 'fid' -> 'fid/fid', 'yardstick_fd' -> 'yardstick/fd'."""
+    return "yardstick/" + name.removeprefix("yardstick_") if name.startswith("yardstick_") else "fid/" + name
 
-    def __init__(self, args, learn_sigma, vae, device):
+
+class QualityProbe:
+    """The quality of --fid-samples EMA samples: FID against --fid-ref (if given) and, with
+    `yardstick_data` (the Fashion-MNIST folder, for 32x32 grayscale pixel-space runs), the
+    offline yardstick: Frechet distance and class accuracy in a small Fashion-MNIST classifier's
+    features (yardstick.py). The samples are those that `sample.py --num-samples N
+    --num-sampling-steps S --seed GLOBAL_SEED --precision P` draws (DDPM, no guidance: the
+    paper's FID setting; S = --fid-sampling-steps, 250 by default; P the run's --precision),
+    written to fid/SSSSSSS-...npz with its .json (settings and metrics) and .png. Every rank
+    samples its share; rank 0 evaluates, logs and puts the metrics on the dashboard. The FID
+    reference's statistics are computed once per launch (fid/reference-stats.npz)."""
+
+    def __init__(self, args, learn_sigma, vae, device, yardstick_data=None):
         self.args, self.vae, self.device, self.net, self.reference = args, vae, device, None, args.fid_ref
+        self.yardstick_data = yardstick_data
         self.diffusion = create_diffusion(str(args.fid_sampling_steps), learn_sigma=learn_sigma)
 
     def measure(self, run, rank, world, board, keep):
         """Sample and evaluate the EMA model at run.step (every rank must call this); keep=False
-        deletes the .npz once its metrics are recorded. A failed evaluation (fid.py's ValueError)
-        stops the run if keep, else it is logged and training goes on."""
+        deletes the .npz once its metrics are recorded. A failed evaluation (a ValueError of fid.py
+        or yardstick.py) stops the run if keep, else it is logged and training goes on."""
         args, failure = self.args, None
         steps = args.fid_sampling_steps
         info = dict(step=run.step, weights="ema", sampler="ddpm", num_sampling_steps=steps, cfg_scale=1.0,
@@ -181,11 +192,11 @@ class FIDProbe:
             try:
                 metrics = self.evaluate(path) if rank == 0 else None
             except ValueError as e:
-                metrics, failure = None, f"FID at step {run.step}: {e}"
+                metrics, failure = None, f"sample quality at step {run.step}: {e}"
         if metrics is not None:
             log.info(f"step={run.step:07d} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if v is not None)
                      + f" ({args.fid_samples} EMA samples, DDPM {steps} steps)")
-            board.scalars(run.step, {f"fid/{k}": v for k, v in metrics.items()})
+            board.scalars(run.step, {metric_tag(k): v for k, v in metrics.items()})
             write_text(path[: -len(".npz")] + ".json", json.dumps(dict(info, metrics=metrics)) + "\n")
         if rank == 0 and not keep:
             os.remove(path)
@@ -196,13 +207,22 @@ class FIDProbe:
             log.warning(failure)
 
     def evaluate(self, samples):
-        """fid.evaluate's metrics, with one Inception network and the reference's statistics kept
-        between calls (fid/reference-stats.npz)."""
-        import fid  # torchvision's Inception modules load only when FID is asked for
-        if self.net is None:
-            self.net = fid.load_inception(self.args.inception_weights, device=self.device)
-        stats = os.path.join(os.path.dirname(samples), "reference-stats.npz")
-        metrics = fid.evaluate(samples, self.reference, net=self.net, progress=False,
-                               save_stats=stats if self.reference != stats else None)
-        self.reference = stats
+        """The metrics of the .npz `samples`: fid.evaluate's (fid, sfid, ...), with one Inception
+        network and the reference's statistics kept between calls; yardstick_fd, yardstick_accuracy."""
+        metrics = {}
+        if self.reference is not None:
+            import fid  # torchvision's Inception modules load only when FID is asked for
+            if self.net is None:
+                self.net = fid.load_inception(self.args.inception_weights, device=self.device)
+            stats = os.path.join(os.path.dirname(samples), "reference-stats.npz")
+            metrics = fid.evaluate(samples, self.reference, net=self.net, progress=False,
+                                   save_stats=stats if self.reference != stats else None)
+            self.reference = stats
+        if self.yardstick_data is not None:
+            import yardstick  # trains and caches its classifier on first use
+            with np.load(samples) as npz:
+                images, labels = npz["arr_0"], npz["arr_1"] if "arr_1" in npz.files else None
+            result = yardstick.evaluate(images, labels, device=self.device, data_path=self.yardstick_data,
+                                        progress=False)
+            metrics.update(yardstick_fd=result["fd"], yardstick_accuracy=result["accuracy"])
         return metrics

@@ -72,7 +72,7 @@ import model as dis
 from data import DATASETS, batch_plan, data_stream, encode, prepare_data
 from diffusion import create_diffusion, generate
 from distributed import barrier, derived_seed, process_group, rank_seed, rng_states, set_rng_state
-from monitor import Dashboard, FIDProbe, Meter, log_progress, log_to_file, setup_logging, tensorboard_installed
+from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
 from scan import BACKENDS, OUR_KERNELS, active_scan_backend, set_scan_backend
 from storage import grid_labels, load_checkpoint, model_config, save_grid, to_uint8, write_atomically, write_text
 
@@ -383,6 +383,19 @@ def build_model(config, ckpt, args, device, world):
     return model, ema, ddp
 
 
+def quality_probe(args, data, learn_sigma, device):
+    """The QualityProbe of --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel space
+    (what yardstick.py measures), of the yardstick; None when neither is asked for."""
+    yardstick_data = data.where if args.dataset == "fashion-mnist" and data.vae is None and data.side == 32 else None
+    if args.fid_every and not (args.fid_ref or yardstick_data):
+        raise SystemExit(f"--fid-every without --fid-ref measures the Fashion-MNIST yardstick, which takes 32x32 "
+                         f"images in pixel space, not {data.side}x{data.side}{' latents' if data.vae else ''}; "
+                         f"add --fid-ref")
+    if not (args.fid_ref or args.fid_every):
+        return None
+    return QualityProbe(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
+
+
 def oom_advice(args, backend):
     """What to change after running out of GPU memory, for this run's settings. Our scans (Triton,
     CUDA) keep float32 chunk states for their backward pass; --scan-save-every keeps fewer,
@@ -437,7 +450,7 @@ def train(args, parser, rank, world, device):
     del ckpt  # its tensors are copied into the model and optimizer
     diffusion = create_diffusion("", learn_sigma=config["learn_sigma"])
     grid = SampleGrid(args, data.channels, data.side, config["learn_sigma"], data.vae, device)
-    probe = FIDProbe(args, config["learn_sigma"], data.vae, device) if args.fid_ref else None
+    probe = quality_probe(args, data, config["learn_sigma"], device)
     board = Dashboard(os.path.join(run_dir, "tensorboard") if rank == 0 and args.tensorboard else None, run.step)
 
     backend = active_scan_backend(device, say=log.info)
@@ -592,7 +605,8 @@ def parse_args(argv=None):
                      help="the dashboard in RUN/tensorboard (default: on when the tensorboard package is installed)")
     run.add_argument("--fid-ref", default=None, help="after training, FID of --fid-samples EMA samples against this")
     run.add_argument("--fid-every", type=int, default=0, metavar="N",
-                     help="with --fid-ref: the FID every N steps too (0: only after training)")
+                     help="the FID (--fid-ref) and, on 32x32 Fashion-MNIST, the yardstick (yardstick.py) every N "
+                          "steps and after training (0: only the FID after training)")
     run.add_argument("--fid-samples", type=int, default=10_000)
     run.add_argument("--fid-sampling-steps", type=int, default=250, help="DDPM steps of the FID samples")
     run.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for --fid-ref")
@@ -600,8 +614,10 @@ def parse_args(argv=None):
     for name in ("global_batch_size", "log_every", "ckpt_every", "fid_samples", "grad_accum_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.fid_every and (args.fid_every < 0 or not args.fid_ref):
-        parser.error(f"--fid-every {args.fid_every}: give a positive number of steps, with --fid-ref")
+    if args.fid_every < 0:
+        parser.error(f"--fid-every must be >= 0 (0: no FID during training), not {args.fid_every}")
+    if args.fid_every and not args.fid_ref and args.dataset != "fashion-mnist":
+        parser.error("--fid-every needs --fid-ref (on --dataset fashion-mnist it measures the yardstick without one)")
     if not 2 <= args.fid_sampling_steps <= 1000:  # of the T = 1000 steps the model is trained on
         parser.error(f"--fid-sampling-steps must be in 2..1000, not {args.fid_sampling_steps}")
     if args.tensorboard is None:

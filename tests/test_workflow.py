@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import model as dis
 import monitor
 import train
-from conftest import REPO, TINY, load, one_line_error, write_fashion_subset
+from conftest import REPO, TINY, fashion_arrays, load, one_line_error, write_fashion_subset, write_idx
 from diffusion import create_diffusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,7 +145,8 @@ def test_batch_not_divisible_by_micro_batches_and_processes(fashion, tmp_path, c
                               "--results-dir", str(tmp_path)], train.main)
     assert message.startswith("--global-batch-size 8 is not divisible by --grad-accum-steps 3 x 1 process")
     for flags, words in ((["--grad-accum-steps", "0"], "--grad-accum-steps must be positive"),
-                         (["--fid-every", "5"], "--fid-every 5: give a positive number of steps, with --fid-ref"),
+                         (["--dataset", "cifar10", "--fid-every", "5"], "--fid-every needs --fid-ref"),
+                         (["--fid-every", "-1"], "--fid-every must be >= 0"),
                          (["--fid-sampling-steps", "1"], "--fid-sampling-steps must be in 2..1000, not 1")):
         with pytest.raises(SystemExit) as error:
             train.parse_args(["--data-path", fashion, *TINY, *flags])
@@ -279,6 +280,39 @@ def test_fid_every_n_steps(fashion, tmp_path, monkeypatch):
     if train.tensorboard_installed():  # on by default then: the dashboard shows them too
         np.testing.assert_allclose(list(scalars(dashboard(folder), "fid/fid").values()),
                                    [metrics[1]["fid"], metrics[2]["fid"]], rtol=1e-6, atol=1e-6)
+
+
+def test_yardstick_every_n_steps(tmp_path, monkeypatch):
+    """On 32x32 Fashion-MNIST, --fid-every without --fid-ref measures the yardstick of the EMA
+    samples (a classifier of 150 steps here, trained once and cached), every step and at the end."""
+    yardstick = pytest.importorskip("yardstick")
+    folder = write_fashion_subset(tmp_path / "fashion")
+    images, labels = fashion_arrays(32)  # stand in for the test split, the yardstick's reference
+    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), labels)
+    small = {**yardstick.SETTINGS, "width": 8, "features": 8, "steps": 150, "batch_size": 16, "train_images": 32,
+             "test_images": 32}
+    original = yardstick.evaluate
+    monkeypatch.setattr(yardstick, "evaluate", lambda *args, **kwargs: original(
+        *args, **kwargs, settings=small, cache_dir=str(tmp_path / "cache")))
+    args = ["--data-path", folder, *TINY, "--image-size", "32", "--global-batch-size", "2", "--max-steps", "2",
+            "--fid-samples", "4", "--fid-sampling-steps", "2", "--no-tensorboard", "--results-dir", str(tmp_path / "r")]
+    message = one_line_error(args + ["--fid-every", "1", "--image-size", "16"], train.main)
+    assert "yardstick, which takes 32x32 images in pixel space, not 16x16" in message
+    run = train.main(args + ["--fid-every", "1"])
+    name = "ema-ddpm2-cfg1-seed0-n4"
+    assert sorted(os.listdir(os.path.join(run, "fid"))) == [
+        f"0000001-{name}.json", f"0000001-{name}.png", f"0000002-{name}.json", f"0000002-{name}.npz",
+        f"0000002-{name}.png"]
+    with np.load(os.path.join(run, "fid", f"0000002-{name}.npz")) as npz:
+        expected = original(npz["arr_0"], npz["arr_1"], settings=small, cache_dir=str(tmp_path / "cache"),
+                            progress=False)
+    metrics = json.load(open(os.path.join(run, "fid", f"0000002-{name}.json")))["metrics"]
+    assert metrics == {"yardstick_fd": expected["fd"], "yardstick_accuracy": expected["accuracy"]}
+    assert metrics["yardstick_fd"] > 0 and 0 <= metrics["yardstick_accuracy"] <= 1
+    log = open(os.path.join(run, "log.txt")).read()
+    assert f"step=0000002 yardstick_fd={expected['fd']:.4f} yardstick_accuracy={expected['accuracy']:.4f}" in log
+    assert "step=0000001 yardstick_fd=" in log and " fid=" not in log
 
 
 # ----------------------------------------------------------------------------- several machines
