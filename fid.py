@@ -19,7 +19,8 @@ import hashlib
 import os
 import warnings
 import zipfile
-from typing import Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -252,8 +253,8 @@ class Source(NamedTuple):
 
     label: str
     stats: dict
-    count: Optional[int]
-    batches: Optional[Iterator[np.ndarray]]
+    count: int | None
+    batches: Iterator[np.ndarray] | None
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -327,15 +328,20 @@ def npz_image_shape(path, label):
     return shape
 
 
-def npz_batches(path, shape, batch_size):
+def npz_batches(path, shape, batch_size, label):
     """Stream arr_0 from the zip member (an ADM batch of 50k 256x256 images is 9.8 GB)."""
     per_image = int(np.prod(shape[1:]))
-    with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-        read_npy_header(f, path)
-        for start in range(0, shape[0], batch_size):
-            count = min(batch_size, shape[0] - start)
-            data = bytearray(f.read(count * per_image))
-            yield np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
+    try:
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            read_npy_header(f, label)
+            for start in range(0, shape[0], batch_size):
+                count = min(batch_size, shape[0] - start)
+                data = bytearray(f.read(count * per_image))
+                if len(data) != count * per_image:
+                    raise FIDError(f"{label}: arr_0 ends after {start + len(data) // per_image} of {shape[0]} images")
+                yield np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise FIDError(f"{label}: arr_0 cannot be read ({one_line(e)})") from e
 
 
 def array_batches(images, batch_size):
@@ -405,7 +411,7 @@ def open_source(source, name="source", batch_size=64, num_workers=0):
     stats, shape = read_npz(path, label)
     if shape is None:
         return Source(label, stats, None, None)
-    return Source(label, stats, shape[0], npz_batches(path, shape, batch_size))
+    return Source(label, stats, shape[0], npz_batches(path, shape, batch_size, label))
 
 
 def feature_sizes(source):
@@ -428,9 +434,9 @@ def check_compatible(samples, reference, mode):
     check_mode(samples, mode)
     check_mode(reference, mode)
     (pool_a, spatial_a), (pool_b, spatial_b) = feature_sizes(samples), feature_sizes(reference)
-    if pool_a != pool_b or None not in (spatial_a, spatial_b) and spatial_a != spatial_b:
+    if pool_a != pool_b or (None not in (spatial_a, spatial_b) and spatial_a != spatial_b):
         raise FIDError(f"{samples.label} and {reference.label}: statistics differ in size "
-                       f"({pool_a} vs {pool_b} features)")
+                       f"({pool_a} vs {pool_b} features; sFID {spatial_a} vs {spatial_b})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fid import (FIDError, OneLineParser, check_device, checked, default_device, frechet_distance, int_at_least,
-                 mean_and_covariance, named)
+from fid import (FIDError, OneLineParser, check_device, checked, default_device, fp32_precision, frechet_distance,
+                 int_at_least, mean_and_covariance, named)
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -143,7 +143,8 @@ def deterministic_cudnn():
 
 def train_classifier(images, labels, settings, device="cpu", progress=True):
     """A Classifier trained on uint8 images (N, 32, 32) and labels (N,) with `settings` (see SETTINGS),
-    in eval mode. The same settings give the same weights on the same device and thread count."""
+    in eval mode, in IEEE float32. The same settings give the same weights on the same device and
+    thread count."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings["seed"])
         model = Classifier(settings["width"], settings["features"]).to(device)
@@ -153,7 +154,7 @@ def train_classifier(images, labels, settings, device="cpu", progress=True):
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, settings["lr"], total_steps=settings["steps"], pct_start=0.15)
     batch, order = settings["batch_size"], torch.empty(0, dtype=torch.long)
     model.train()
-    with deterministic_cudnn(), tqdm(range(settings["steps"]), desc="training the yardstick classifier",
+    with deterministic_cudnn(), fp32_precision("ieee"), tqdm(range(settings["steps"]), desc="training the yardstick classifier",
                                      disable=None if progress else True) as steps:
         for _ in steps:
             if len(order) < batch:  # a new epoch in a new order
@@ -174,9 +175,10 @@ def train_classifier(images, labels, settings, device="cpu", progress=True):
 
 @torch.no_grad()
 def classify(model, images, device="cpu", batch_size=1000, progress=True):
-    """uint8 images (N, 32, 32) -> features (N, F) float32 numpy and predicted classes (N,) int64."""
+    """uint8 images (N, 32, 32) -> features (N, F) float32 numpy and predicted classes (N,) int64,
+    in IEEE float32 on every device (no TF32)."""
     features, classes = [], []
-    with tqdm(total=len(images), unit="img", desc="yardstick features", disable=None if progress else True) as bar:
+    with fp32_precision("ieee"), tqdm(total=len(images), unit="img", desc="yardstick features", disable=None if progress else True) as bar:
         for start in range(0, len(images), batch_size):
             x = to_input(torch.from_numpy(images[start : start + batch_size]).to(device))
             f = model.features(x)

@@ -99,6 +99,19 @@ def test_training_is_deterministic_given_the_seed():
     assert not torch.equal(other.embed.weight, first.embed.weight)
 
 
+@needs_data
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_is_deterministic_and_beats_chance(tmp_path):
+    images, labels = yardstick.load_split(FASHION_MNIST, "train", TINY["train_images"])
+    first, second = (yardstick.train_classifier(images, labels, TINY, "cuda", progress=False) for _ in range(2))
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    test_images, test_labels = yardstick.load_split(FASHION_MNIST, "test", TINY["test_images"])
+    _, predicted = yardstick.classify(first, test_images, "cuda", progress=False)
+    assert (predicted == test_labels).mean() > 0.6
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad arguments: exit status 2 and one line naming the argument, before any training
 
