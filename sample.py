@@ -47,7 +47,7 @@ import fid
 import model as dis
 from diffusion import SAMPLERS, create_diffusion, generate, sampler_respacing
 from distributed import process_group
-from scan import BACKENDS, active_scan_backend, set_scan_backend
+from scan import BACKENDS, resolve_backend
 from storage import (CheckpointError, export_model, grid_labels, is_hub_id, load_model, save_grid, to_uint8,
                      write_samples_npz, write_text)
 
@@ -212,15 +212,23 @@ def npz_name(args, info):
     return f"{name}-seed{args.seed}-n{args.num_samples}"
 
 
-def load(args, parser, device, load_decoder=True):
+def load(args, parser, device, load_decoder=True, scan_backend="auto"):
     """load_model with the command line's settings; a checkpoint problem is a usage error."""
     original = dict(model=args.model, image_size=args.image_size, num_classes=args.num_classes, channels=args.channels,
                     embed_dim=args.embed_dim, depth=args.depth, learn_sigma=args.learn_sigma, skip=args.skip,
                     cond=args.cond)
     try:
-        return load_model(args.ckpt, device, args.use_ema, args.vae, original, load_decoder)
+        return load_model(args.ckpt, device, args.use_ema, args.vae, original, load_decoder, scan_backend)
     except CheckpointError as e:
         parser.error(f"--ckpt: {e}")
+
+
+def scan_backend_on(args, parser, device):
+    """The scan backend that --scan-backend runs on the device (the CUDA scan is compiled here)."""
+    try:
+        return resolve_backend(device, args.scan_backend)
+    except ValueError as e:
+        parser.error(f"--scan-backend: {e}")
 
 
 def write_grid(args, model, diffusion, vae, info, device):
@@ -246,11 +254,11 @@ def main(argv=None):
             raise SystemExit(f"--export: cannot write {e.filename}: {e.strerror}")
         print(f"Exported {info['architecture']} ({info['weights']} weights) to {args.export}")
         return args.export
-    set_scan_backend(args.scan_backend)
     with process_group(args.device) as (rank, world, device):
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32, as DiT's sampler
-        model, vae, info = load(args, parser, device)
+        backend = scan_backend_on(args, parser, device)
+        model, vae, info = load(args, parser, device, scan_backend=backend)
         check_against_model(args, parser, model)
         diffusion = create_diffusion(sampler_respacing(args.sampler, args.num_sampling_steps),
                                      learn_sigma=model.out_channels == 2 * model.in_channels,
@@ -260,7 +268,7 @@ def main(argv=None):
                     class_labels=args.class_labels, precision=args.precision, num_samples=args.num_samples)
         if rank == 0:
             interval = "" if args.cfg_interval is None else " in t/1000 [{:g}, {:g}]".format(*args.cfg_interval)
-            print(f"{info['architecture']}, {info['weights']} weights, scan backend {active_scan_backend(device)}, "
+            print(f"{info['architecture']}, {info['weights']} weights, scan backend {backend}, "
                   f"{args.sampler} {args.num_sampling_steps} steps, cfg {args.cfg_scale:g}{interval}, "
                   f"{world} process(es) on {device}")
         try:

@@ -187,14 +187,19 @@ def original_record(vae_name, vae, settings):
     return dict(model=o["model"], image_size=o["image_size"], vae=vae_name, config=config)
 
 
-def load_model(source, device="cpu", use_ema=True, vae=None, original=None, load_decoder=True):
+RUNTIME_OPTIONS = ("scan_backend", "scan_save_every")  # model.DiS keywords that are not part of the weights
+
+
+def load_model(source, device="cpu", use_ema=True, vae=None, original=None, load_decoder=True, scan_backend="auto"):
     """(DiS in eval mode on device, VAE or None, info dict) for any checkpoint load_weights reads.
 
     vae: None or "auto" for the recorded VAE; else "ema", "mse", "none", a hub id or a folder.
     original: settings of ORIGINAL_SETTINGS for a state dict of the original implementation,
     which records none. load_decoder=False skips the VAE where the checkpoint records the model
-    configuration (a state dict of the original needs it to size the model).
-    info: ckpt, model, architecture, weights, image_size, vae, num_classes, config."""
+    configuration (a state dict of the original needs it to size the model). scan_backend: the
+    model's (see scan.resolve_backend).
+    info: ckpt, model, architecture, weights, image_size, vae, num_classes, config (the
+    architecture's keywords of model.DiS, without runtime options)."""
     state_dict, weights, record = load_weights(source, use_ema)
     if record is not None:
         vae_name = record["vae"] if vae in (None, "auto") else SD_VAES.get(vae, vae)
@@ -203,7 +208,8 @@ def load_model(source, device="cpu", use_ema=True, vae=None, original=None, load
         vae_name = resolve_vae(vae, {**ORIGINAL_SETTINGS, **(original or {})}["image_size"])
         decoder = load_vae(vae_name, device) if vae_name != "none" else None
         record = original_record(vae_name, decoder, original or {})
-    model = dis.DiS(**record["config"])
+    config = {k: v for k, v in record["config"].items() if k not in RUNTIME_OPTIONS}
+    model = dis.DiS(**config, scan_backend=scan_backend)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if expected != {k: tuple(v.shape) for k, v in state_dict.items()}:
         raise CheckpointError(f"{source} holds {describe(state_dict)}, but the settings ask for "
@@ -212,7 +218,7 @@ def load_model(source, device="cpu", use_ema=True, vae=None, original=None, load
     model.load_state_dict(state_dict)
     info = dict(ckpt=source if is_hub_id(source) else os.path.abspath(source), model=record["model"],
                 architecture=describe(state_dict), weights=weights, image_size=record["image_size"], vae=vae_name,
-                num_classes=model.num_classes, config=record["config"])
+                num_classes=model.num_classes, config=config)
     return model.to(device).eval(), decoder, info
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -280,38 +279,63 @@ def sampler_table_module():
     return module
 
 
-def test_sampler_table(ckpt, tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_yardstick(tmp_path, monkeypatch):
+    """The real yardstick, its classifier trained briefly on a subset (seconds) and cached in tmp_path."""
+    import yardstick
+    if not os.path.isdir(yardstick.FASHION_MNIST_DEBIAN):
+        pytest.skip("needs Fashion-MNIST's IDX files")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for key, value in dict(width=8, features=16, steps=40, batch_size=64, train_images=1000, test_images=300).items():
+        monkeypatch.setitem(yardstick.SETTINGS, key, value)
+    return yardstick
+
+
+def fashion_checkpoint(path, num_classes=10, side=32):
+    """A train.py-style checkpoint of a tiny pixel-space grayscale DiS with random weights."""
+    torch.manual_seed(0)
+    config = dict(img_size=side, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=num_classes)
+    model = dis.DiS(**config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    torch.save({"ema": model.state_dict(), "config": config, "args": dict(model="DiS-S/2", image_size=side, vae="none")},
+               path)
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:only .* samples for .* features")
+def test_sampler_table(tiny_yardstick, tmp_path, monkeypatch):
     """Every setting sees the same noise and labels (the 10 classes in turn); the model evaluations
     per image follow from the steps: "25" keeps steps round(41.625 j), j = 0..24, of which
     j = 3..16 (t = 125..666) lie in t/T [0.1, 0.7], so 25 + 14 guided evaluations."""
-    seen = []
+    seen, evaluate = [], tiny_yardstick.evaluate
 
-    def evaluate(images, labels, device=None):
+    def recording(images, labels, **kwargs):
         seen.append((images, labels))
-        return dict(fd=float(images.mean()), accuracy=float((labels == 3).mean()))
-    monkeypatch.setitem(sys.modules, "yardstick", types.SimpleNamespace(evaluate=evaluate))
-    table = sampler_table_module()
-    settings = ["dpm++10", "ddim10", "dpm++25-cfg2-in0.1-0.7", "dpm++25-bf16"]
-    rows = table.main(["--ckpt", ckpt, "--num-samples", "12", "--batch-size", "5", "--device", "cpu",
-                       "--settings", *settings, "--out", str(tmp_path / "table.md")])
+        return evaluate(images, labels, **kwargs)
+    monkeypatch.setattr(tiny_yardstick, "evaluate", recording)
+    settings = ["dpm++10", "dpm++25-cfg2-in0.1-0.7", "dpm++25-bf16"]
+    rows = sampler_table_module().main(["--ckpt", fashion_checkpoint(tmp_path / "ckpt.pt"), "--num-samples", "10",
+                                        "--batch-size", "10", "--device", "cpu", "--settings", *settings,
+                                        "--out", str(tmp_path / "table.md")])
     assert [name for name, _, _ in rows] == settings
-    assert [result["evals"] for _, _, result in rows] == [10, 10, 39, 25]
+    assert [result["evals"] for _, _, result in rows] == [10, 39, 25]
+    assert all(result["fd"] > 0 and 0 <= result["accuracy"] <= 1 for _, _, result in rows)
     for images, labels in seen:
-        assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
-        np.testing.assert_array_equal(labels, np.arange(12) % 10)
+        assert images.shape == (10, 32, 32, 1) and images.dtype == np.uint8
+        np.testing.assert_array_equal(labels, np.arange(10))
     assert not np.array_equal(seen[0][0], seen[1][0])
     text = open(tmp_path / "table.md").read()
     assert "| dpm++25-cfg2-in0.1-0.7 | dpm++ | 25 | 2 | [0.1, 0.7] | fp32 |" in text
     assert "| dpm++25-bf16 | dpm++ | 25 | 1 | all | bf16 |" in text
 
 
-def test_sampler_table_refuses_other_models(tmp_path, capsys):
-    torch.manual_seed(0)
-    config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=0)
-    unconditional = dis.DiS(**config)
-    torch.save({"ema": unconditional.state_dict(), "config": config,
-                "args": dict(model="DiS-S/2", image_size=8, vae="none")}, tmp_path / "uncond.pth")
+@pytest.mark.parametrize("classes,side", [(0, 32), (10, 8)])
+def test_sampler_table_refuses_other_models(tmp_path, capsys, classes, side):
     with pytest.raises(SystemExit) as exit_:
-        sampler_table_module().main(["--ckpt", str(tmp_path / "uncond.pth"), "--device", "cpu"])
+        sampler_table_module().main(["--ckpt", fashion_checkpoint(tmp_path / "other.pt", classes, side),
+                                     "--device", "cpu"])
     assert exit_.value.code == 2
-    assert "class-conditional (10 classes) grayscale pixel-space Fashion-MNIST model" in capsys.readouterr().err
+    assert "class-conditional (10 classes) grayscale pixel-space Fashion-MNIST model at 32x32" in \
+        capsys.readouterr().err

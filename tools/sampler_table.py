@@ -23,8 +23,9 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import yardstick  # noqa: E402
 from diffusion import create_diffusion, generate, sampler_respacing  # noqa: E402
-from scan import set_scan_backend  # noqa: E402
+from scan import BACKENDS, resolve_backend  # noqa: E402
 from storage import CheckpointError, batch_inputs, load_model, to_uint8, write_text  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (doubled when guided)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--scan-backend", default="auto", help="see sample.py --scan-backend")
+    parser.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto")
     parser.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
     for name in ("num_samples", "batch_size"):
@@ -128,33 +129,43 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    set_scan_backend(args.scan_backend)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     try:
-        model, vae, info = load_model(args.ckpt, device, load_decoder=False)
+        backend = resolve_backend(device, args.scan_backend)
+    except ValueError as e:
+        parser.error(f"--scan-backend: {e}")
+    try:
+        model, vae, info = load_model(args.ckpt, device, load_decoder=False, scan_backend=backend)
     except CheckpointError as e:
         parser.error(f"--ckpt: {e}")
-    if model.num_classes != 10 or info["vae"] != "none" or model.in_channels != 1:
+    side = yardstick.IMAGE_SIZE
+    if (model.num_classes, model.in_channels, model.img_size, info["vae"]) != (len(yardstick.CLASSES), 1, side, "none"):
         parser.error(f"--ckpt holds {info['architecture']} ({info['vae']} VAE); the yardstick needs a "
-                     f"class-conditional (10 classes) grayscale pixel-space Fashion-MNIST model")
-    import yardstick
-    print(f"{info['architecture']}, {info['weights']} weights, {args.num_samples} samples per setting on {device}")
+                     f"class-conditional (10 classes) grayscale pixel-space Fashion-MNIST model at {side}x{side}")
+    try:
+        _, reference = yardstick.load_yardstick(device=device)
+    except yardstick.YardstickError as e:
+        parser.error(f"yardstick: {e}")
+    header = (f"{info['architecture']}, {info['weights']} weights, {args.num_samples} samples per setting, seed "
+              f"{args.seed}, on {device}; the yardstick's classifier: test accuracy {reference['test_accuracy']:.4f}, "
+              f"FD of {yardstick.SETTINGS['test_images']} real training images against the test images "
+              f"{reference['fd_train_test']:.3f}")
+    print(header)
     rows = []
     for name in args.settings:
         spec = SETTINGS[name]
         images, labels, evals, seconds = sample_setting(model, spec, args.num_samples, args.batch_size, args.seed,
                                                         device)
-        result = dict(yardstick.evaluate(images, labels, device=device), evals=evals, seconds=seconds)
+        result = dict(yardstick.evaluate(images, labels, device=device, progress=False), evals=evals, seconds=seconds)
         rows.append((name, spec, result))
         print(f"{name}: FD {result['fd']:.3f}, accuracy {result['accuracy']:.4f}, {evals:.1f} evals/image, "
               f"{seconds:.1f} s", flush=True)
         if args.out:  # after every row: an interrupted run keeps the rows it measured
             command = "python tools/sampler_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
-            write_text(args.out, f"{info['architecture']}, {info['weights']} weights, {args.num_samples} samples, "
-                                 f"seed {args.seed}, on {device}\n\n    {command}\n\n{table(rows)}\n")
+            write_text(args.out, f"{header}\n\n    {command}\n\n{table(rows)}\n")
     print(table(rows))
     return rows
 
