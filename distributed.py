@@ -1,8 +1,12 @@
 """Processes and seeds: the process group under torchrun (NCCL on GPUs, gloo on CPU), a barrier,
-and seeds derived from several parts, the same in every process and run."""
+seeds derived from several parts (the same in every process and run), the generator states of
+every rank, the memory a process may use, and stopping cleanly on SIGINT/SIGTERM."""
 import contextlib
 import hashlib
 import os
+import signal
+import socket
+import threading
 
 import torch
 import torch.distributed as dist
@@ -63,3 +67,77 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def available_memory(device):
+    """Bytes this process can still allocate on `device`: free GPU memory, or the RAM Linux
+    reports available (within a cgroup's limit when there is one); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """While active (a context manager), SIGINT (Ctrl-C) and SIGTERM ask a loop to stop cleanly.
+
+    The first one sets `received` (its number), which the loop reads between steps, and is
+    acknowledged on stderr at once with `message`, even while the main thread is inside a long
+    C++ call: Python's C-level handler writes the signal's number to a socket that a watcher
+    thread reads. The second one ends the process at once with exit status 128 + its number
+    (130 for SIGINT, 143 for SIGTERM); a file being written with storage.write_atomically is then
+    left as its .tmp, and the previous version stays complete."""
+
+    def __init__(self, message):
+        self.message, self.received, self.active = message, None, False
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers belong to the main thread; elsewhere signals act as usual
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        self.previous = {sig: signal.signal(sig, self.ignore) for sig in STOP_SIGNALS}
+        self.watcher = threading.Thread(target=self.watch, daemon=True)
+        self.watcher.start()
+        self.active = True
+        return self
+
+    def ignore(self, signum, frame):
+        """The Python-level handler: the watcher thread has acted on the signal already."""
+
+    def watch(self):
+        while data := self.reader.recv(1):
+            if data[0] not in STOP_SIGNALS:
+                continue  # other signals with Python handlers (a DataLoader's SIGCHLD) write here too
+            name = signal.Signals(data[0]).name
+            if self.received is None:
+                self.received = data[0]
+                os.write(2, f"\n{name}: {self.message} (send it again to stop at once)\n".encode())
+            else:
+                os.write(2, f"\n{name} again: stopping at once, exit status {128 + data[0]}\n".encode())
+                os._exit(128 + data[0])
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.set_wakeup_fd(self.previous_fd)
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            self.writer.close()  # the watcher reads the end of the stream and returns
+            self.watcher.join()
+            self.reader.close()
+            self.active = False

@@ -1,26 +1,25 @@
 """Train DiS, in one process or under torchrun with DDP (NCCL on GPUs, gloo on CPU).
 
-    python train.py          # the main job: class-conditional DiS-S/2 on Fashion-MNIST, 28x28 padded to 32x32
+    python train.py                 # with CUDA the paper's DiS-S/2 on Fashion-MNIST, else a small DiS in minutes
+    python train.py --resume auto   # continue the newest run in --results-dir
     torchrun --nproc_per_node=8 train.py --dataset imagenet --data-path DIR --model DiS-H/2 --image-size 256
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN train.py ...
-    python train.py --resume auto      # continue the latest run of --model in --results-dir
 
-A step: this rank's share of the global batch (data.py: datasets, their order, the latent space)
--> timesteps and noise -> in --grad-accum-steps micro-batches: diffusion.training_losses (DiS,
-L_simple + L_vlb) -> backward, gradients summed (DDP all-reduces after the last) ->
-gradient norm clipped -> AdamW with warm-up and cosine decay -> EMA. So the global batch is
---grad-accum-steps x the micro-batch per process x the processes. Settings default to the
-paper's section 3.1: AdamW with lr 1e-4 and no weight decay, cosine schedule, EMA 0.9999,
-batch 128, gradient norm clipped to 1, T = 1000 linear betas, learned sigma, horizontal flips only.
+A step: this rank's share of the global batch (data.py) -> timesteps and noise -> in
+--grad-accum-steps micro-batches: the loss of diffusion.training_losses (L_simple + L_vlb) ->
+backward, gradients summed (DDP all-reduces after the last) -> gradient norm clipped -> AdamW
+with warm-up and cosine decay -> EMA. --preset paper (the default with CUDA) is the paper's
+section 3.1: DiS-S/2, AdamW with lr 1e-4 and no weight decay, EMA 0.9999, batch 128, gradient
+norm clipped to 1, T = 1000 linear betas, learned sigma, horizontal flips only. --preset small
+(the default without CUDA) is SMALL_PRESET, to see the whole pipeline on a CPU. Flags given win
+over either. A run that clearly needs more memory than is available is refused before it starts.
 
-Randomness and resuming. The model is initialised from --global-seed (the same for any
-number of processes). The data order depends on (seed, epoch) only (data.py); timesteps and
-noise of the whole global batch come from a generator seeded by (seed, step). So a step does
-not depend on the number of processes (ranks and world size are global: several machines under
-torchrun are one world; LOCAL_RANK picks the GPU) or of micro-batches, and a resumed run draws
-exactly what the uninterrupted one would. Drop path and label dropout use each rank's default
-generator, seeded with global_seed * world_size + rank as in DiT, whose states are saved in
-checkpoints.
+Randomness and resuming. The model is initialised from --global-seed; the data order depends
+on (seed, epoch) only (data.py); timesteps and noise of the global batch on (seed, step); drop
+path and label dropout draw from each rank's generator, seeded global_seed * world_size + rank
+as in DiT and saved in checkpoints. So a step does not depend on the number of processes (ranks
+are global: several machines under torchrun are one world) or of micro-batches, and a resumed
+run draws exactly what the uninterrupted one would.
 
 Checkpoints (results/NNN-DiS-S-2/checkpoints/SSSSSSS.pt, written atomically) are plain dicts,
 loadable with torch.load(weights_only=True):
@@ -31,20 +30,20 @@ loadable with torch.load(weights_only=True):
   config                model.DiS(**config) rebuilds the network (sample.py uses it)
   rng                   per rank: {"cpu": ByteTensor, "cuda": ByteTensor or None}
   data                  {seed, epoch, batch_in_epoch, dataset_size, global_batch_size}
-  loss_curve, nonfinite [[step, mean loss], ...] per --log-every, and the count of skipped steps
---resume PATH|auto restores all of it (the run's folder is reused), so the run continues as if
-never stopped; only operational flags (RESUME_FROM_COMMAND_LINE) may change. SIGTERM and
-SIGINT save a checkpoint at the next step boundary and exit; --max-minutes stops cleanly
-with a checkpoint and a final grid. A step whose loss or gradient is not finite on any rank
-is skipped on all ranks (its batch is consumed; weights, optimizer, EMA and learning-rate
-schedule stay); more than --max-nonfinite in a row stop the run with a checkpoint.
+  loss_curve, nonfinite [[step, mean loss], ...] at step 1 and every --log-every; skipped steps
+--resume restores all of it into the run's folder; only operational flags
+(RESUME_FROM_COMMAND_LINE) may change. A step whose loss or gradient is not finite on any rank
+is skipped on all; more than --max-nonfinite in a row stop the run with a checkpoint. The run
+folder also holds log.txt, run.json (arguments, seeds, library versions of every launch),
+samples/SSSSSSS.png (EMA model, DDIM 25 steps, guidance --sample-cfg, a class per row; every
+--sample-every steps and at the end), tensorboard/ (the dashboard, monitor.py) and, with
+--fid-ref, fid/ (the FID of EMA samples after training and every --fid-every steps).
 
-The run folder also holds log.txt (loss, gradient norm, lr, img/s, peak memory), run.json
-(arguments, seeds per rank, library versions of every launch), samples/SSSSSSS.png (EMA
-model, DDIM 25 steps, classifier-free guidance --sample-cfg, one class per row; every
---sample-every steps and at the end), tensorboard/ (the dashboard: these numbers and grids as
-curves and images, see monitor.py) and, with --fid-ref, fid/ (the FID of EMA samples after
-training and every --fid-every steps).
+Stopping. The first Ctrl-C (SIGINT) or SIGTERM is acknowledged at once and the run stops after
+the step with a checkpoint; a second one stops at once (the previous checkpoint stays complete).
+Exit status: 0 done (or --max-minutes reached); 1 the run failed (non-finite losses, out of
+memory, a failed write); 2 a flag, or the data, checkpoint or folder it names, cannot be used
+(one line, before training); 130 / 143 stopped by SIGINT / SIGTERM (continue with --resume).
 """
 import argparse
 import contextlib
@@ -58,7 +57,7 @@ import signal
 import sys
 import time
 from copy import deepcopy
-from glob import glob
+from glob import escape, glob
 from importlib import metadata
 from typing import NamedTuple
 
@@ -69,20 +68,25 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import model as dis
-from data import DATASETS, batch_plan, data_stream, encode, prepare_data
+from data import DATASETS, TensorImages, batch_plan, data_stream, encode, prepare_data
 from diffusion import create_diffusion, generate
-from distributed import barrier, derived_seed, process_group, rank_seed, rng_states, set_rng_state
+from distributed import (StopSignals, available_memory, barrier, derived_seed, process_group, rank_seed, rng_states,
+                         set_rng_state)
 from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
-from scan import BACKENDS, OUR_KERNELS, active_scan_backend, set_scan_backend
+from scan import BACKENDS, resolve_backend
 from storage import grid_labels, load_checkpoint, model_config, save_grid, to_uint8, write_atomically, write_text
 
 DEFAULT_STEPS = 500_000  # the paper's CIFAR-10 / CelebA schedule
 GRID_RESPACING = "ddim25"
+SMALL_PRESET = dict(model="DiS-S/8", embed_dim=64, depth=4, global_batch_size=32, max_steps=500, warmup_steps=50,
+                    lr=1e-3, log_every=25, ckpt_every=250, sample_every=250)
+PRESETS = {"paper": {}, "small": SMALL_PRESET}
 RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everything else is the run's
     "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
     "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile", "compile_mode",
     "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples",
-    "inception_weights", "grad_accum_steps", "tensorboard", "fid_every", "fid_sampling_steps"}
+    "inception_weights", "grad_accum_steps", "tensorboard", "fid_every", "fid_sampling_steps", "preset", "memory_check"}
+OUR_KERNELS = ("triton", "cuda")  # the scans that keep chunk states for their backward pass (--scan-save-every)
 
 log = logging.getLogger("dis.train")
 
@@ -148,7 +152,7 @@ class Agreement(NamedTuple):
     loss: float  # mean over ranks
     norm: float
     finite: bool  # loss and gradient finite on every rank
-    signalled: bool  # some rank received SIGTERM/SIGINT
+    signalled: bool  # some rank received SIGINT/SIGTERM
     timed_out: bool
 
 
@@ -179,12 +183,13 @@ class Run:
         self.opt.load_state_dict(ckpt["opt"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.loss_curve, self.nonfinite = ckpt["step"], ckpt["loss_curve"], ckpt["nonfinite"]
+        self.saved_at = self.step
         if ckpt["data"]["dataset_size"] != self.dataset_size:
             log.warning(f"the dataset has {self.dataset_size} images, the run had {ckpt['data']['dataset_size']}: "
                         f"the data order changes")
 
-    def checkpoint_path(self):
-        return os.path.join(self.folder, "checkpoints", f"{self.step:07d}.pt")
+    def checkpoint_path(self, step=None):
+        return os.path.join(self.folder, "checkpoints", f"{self.step if step is None else step:07d}.pt")
 
     def save(self, rank, world, device):
         """Write the checkpoint (plus every rank's RNG state) atomically from rank 0."""
@@ -195,10 +200,26 @@ class Run:
                                global_batch_size=self.args.global_batch_size),
                      loss_curve=self.loss_curve, nonfinite=self.nonfinite, rng=rng_states(world, device))
         if rank == 0:
-            write_atomically(self.checkpoint_path(), functools.partial(torch.save, state))
+            with writing(self.checkpoint_path(), self.last_saved()):
+                write_atomically(self.checkpoint_path(), functools.partial(torch.save, state))
             log.info(f"Saved checkpoint {self.checkpoint_path()}")
         barrier()
         self.saved_at = self.step
+
+    def last_saved(self):
+        return "none" if self.saved_at is None else self.checkpoint_path(self.saved_at)
+
+
+@contextlib.contextmanager
+def writing(path, last_checkpoint):
+    """An OSError while writing `path` (a full disk, a folder made read-only or removed) ends the
+    run with one line naming the last complete checkpoint; the unfinished path.tmp is removed."""
+    try:
+        yield
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"cannot write {path}: {e.strerror}; the last complete checkpoint: {last_checkpoint}")
 
 
 class SampleGrid:
@@ -215,28 +236,30 @@ class SampleGrid:
         if rank == 0:
             labels = None if self.labels is None else self.labels.to(self.device)
             images = generate(run.ema, self.diffusion, self.noise.to(self.device), labels, self.cfg, "ddim", self.vae,
-                              bf16=self.bf16)
+                              bf16=self.bf16, progress=self.device.type == "cpu")
             text = json.dumps(dict(step=run.step, sampler=GRID_RESPACING, cfg_scale=self.cfg, weights="ema"))
             path = os.path.join(run.folder, "samples", f"{run.step:07d}.png")
-            save_grid(to_uint8(images), path, 10, text)
+            with writing(path, run.last_saved()):
+                save_grid(to_uint8(images), path, 10, text)
             board.image("samples", path, run.step)
         barrier()
 
 
-def new_run_dir(results_dir, model_name):
-    """results_dir/NNN-DiS-S-2 with NNN one above the highest existing index (DiT's layout)."""
-    os.makedirs(results_dir, exist_ok=True)
-    taken = [int(d[:3]) for d in os.listdir(results_dir) if d[:3].isdigit()]
-    path = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{model_name.replace('/', '-')}")
-    os.makedirs(os.path.join(path, "checkpoints"))
-    return path
-
-
 def open_run_dir(args, resume_path, rank, world):
-    """The resumed run's folder (when its checkpoint sits in RUN/checkpoints/), else a new one."""
+    """The resumed run's folder (when its checkpoint sits in RUN/checkpoints/), else a new
+    results_dir/NNN-DiS-S-2 with NNN one above the highest existing index (DiT's layout)."""
     if resume_path and os.path.basename(os.path.dirname(resume_path)) == "checkpoints":
         return os.path.dirname(os.path.dirname(resume_path))
-    run_dir = new_run_dir(args.results_dir, args.model) if rank == 0 else None
+    run_dir = None
+    if rank == 0:
+        try:
+            os.makedirs(args.results_dir, exist_ok=True)
+            taken = [int(d[:3]) for d in os.listdir(args.results_dir) if d[:3].isdigit()]
+            run_dir = os.path.join(args.results_dir, f"{max(taken, default=-1) + 1:03d}-{args.model.replace('/', '-')}")
+            os.makedirs(os.path.join(run_dir, "samples"))
+            os.makedirs(os.path.join(run_dir, "checkpoints"))
+        except OSError as e:
+            raise SystemExit(f"--results-dir {args.results_dir}: cannot create {e.filename}: {e.strerror}")
     if world > 1:
         shared = [run_dir]
         dist.broadcast_object_list(shared, src=0)
@@ -244,16 +267,26 @@ def open_run_dir(args, resume_path, rank, world):
     return run_dir
 
 
-def find_resume(args):
-    """--resume PATH, or with 'auto' the newest checkpoint of the newest run of --model in
-    --results-dir (None when there is none yet)."""
-    if args.resume != "auto":
-        if not os.path.isfile(args.resume):
-            raise SystemExit(f"--resume {args.resume}: no such checkpoint")
-        return args.resume
-    found = sorted(glob(os.path.join(args.results_dir, f"[0-9][0-9][0-9]-{args.model.replace('/', '-')}",
-                                     "checkpoints", "[0-9]*.pt")))
-    return found[-1] if found else None
+def find_resume(results_dir, model_name):
+    """The newest checkpoint of the newest run (the highest NNN) in results_dir that has one, of
+    the model `model_name` or, if None, of any; None when there is none."""
+    pattern = "*" if model_name is None else model_name.replace("/", "-")
+    runs = sorted(glob(os.path.join(escape(results_dir), f"[0-9][0-9][0-9]-{pattern}")), reverse=True)
+    for run in runs:
+        found = sorted(glob(os.path.join(escape(run), "checkpoints", "[0-9]*.pt")))
+        if found:
+            return found[-1]
+    return None
+
+
+def read_resume(path):
+    """The checkpoint --resume names, checked to be one of train.py's."""
+    ckpt = load_checkpoint(path, mmap=True)
+    missing = [k for k in ("model", "ema", "opt", "scheduler", "step", "args", "config", "rng") if k not in ckpt]
+    if missing:
+        raise SystemExit(f"--resume {path} is not a train.py checkpoint (it has no {', '.join(missing)}; a bare state "
+                         f"dict?): sample.py --ckpt reads such weights; to train anew, leave out --resume")
+    return ckpt
 
 
 def resumed_args(args, saved, parser):
@@ -263,7 +296,7 @@ def resumed_args(args, saved, parser):
     for key, value in vars(args).items():
         if key in RESUME_FROM_COMMAND_LINE or key not in saved:
             merged[key] = value
-        elif value != parser.get_default(key) and value != saved[key]:
+        elif value is not None and value != parser.get_default(key) and value != saved[key]:
             ignored.append(f"--{key.replace('_', '-')} {value} (the run's value: {saved[key]})")
     return argparse.Namespace(**merged), ignored
 
@@ -279,21 +312,16 @@ def restore_rng(ckpt, args, rank, world, device, step):
     torch.manual_seed(seed if step == 0 else derived_seed(seed, step))
 
 
-# ----------------------------------------------------------------------------- logging
-
 def record_launch(run_dir, args, world, device, backend, step):
     """Append this launch (arguments, seeds per rank, device, library versions) to run_dir/run.json."""
-    path = os.path.join(run_dir, "run.json")
-    launches = []
+    path, launches = os.path.join(run_dir, "run.json"), []
     if os.path.isfile(path):
         with open(path) as f:
             launches = json.load(f)
     versions = {"python": platform.python_version(), "cuda": torch.version.cuda}
     for name in ("torch", "torchvision", "numpy", "pillow", "diffusers", "triton", "mamba-ssm", "causal-conv1d"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     launches.append(dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, start_step=step, args=vars(args),
                          world_size=world, model_init_seed=args.global_seed,
                          rank_seeds=[rank_seed(args.global_seed, r, world) for r in range(world)], device=str(device),
@@ -302,27 +330,23 @@ def record_launch(run_dir, args, world, device, backend, step):
     write_text(path, json.dumps(launches, indent=1))
 
 
-class StopSignals:
-    """Remembers a SIGTERM/SIGINT; the training loop stops at the next step boundary, on every
-    rank at once, and saves a checkpoint. A second signal acts as it normally would."""
-
-    def __init__(self):
-        self.received = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(self, signum, frame):
-        self.received = signum
-        self.restore()
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 # ----------------------------------------------------------------------------- set-up
 
+@contextlib.contextmanager
+def input_errors():
+    """A SystemExit(message) raised inside (data, a checkpoint or a setting that cannot be used)
+    ends the program as argparse's errors do: `train.py: error: message`, exit status 2."""
+    try:
+        yield
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"train.py: error: {e.code}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def check_run(args, world, device):
-    """Settings that depend on the processes and the device, checked before anything is loaded."""
+    """Settings that depend on the processes and the device."""
     if args.global_batch_size % world:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
     if args.global_batch_size % (world * args.grad_accum_steps):
@@ -331,26 +355,21 @@ def check_run(args, world, device):
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.fid_ref:
         import fid
-        if not os.path.exists(args.fid_ref):
-            raise SystemExit(f"--fid-ref {args.fid_ref}: no such file or folder")
         try:
             fid.find_weights(args.inception_weights)
         except fid.FIDError as e:
             raise SystemExit(f"--fid-ref needs the Inception weights: {e}")
 
 
-def set_scan_save_every(every, device):
-    """--scan-save-every: our scans (Triton, CUDA) keep the state of every `every`-th chunk for their
-    backward pass (1/every of that memory, for recomputing the chunks in between)."""
-    if every < 1:
-        raise SystemExit(f"--scan-save-every must be at least 1, got {every}")
-    if every == 1:
-        return
-    backend = active_scan_backend(device, say=log.info)
-    if backend not in OUR_KERNELS:
+def scan_backend(args, device):
+    """The scan backend of this run (scan.resolve_backend: 'auto' is the fastest on the device)."""
+    try:
+        backend = resolve_backend(device, args.scan_backend)
+    except ValueError as e:
+        raise SystemExit(f"--scan-backend {args.scan_backend}: {e}")
+    if args.scan_save_every > 1 and backend not in OUR_KERNELS:
         raise SystemExit(f"--scan-save-every applies to our Triton and CUDA scans; this run uses the {backend} scan")
-    import scan_triton
-    scan_triton.SCAN_SAVE_EVERY = every
+    return backend
 
 
 def total_steps(args, dataset_size):
@@ -363,11 +382,66 @@ def total_steps(args, dataset_size):
     return min(ends) if ends else DEFAULT_STEPS
 
 
-def build_model(config, ckpt, args, device, world):
+def saved_bytes(config, batch):
+    """Bytes of the tensors autograd keeps for the backward pass of a training forward of `batch`
+    images through DiS(**config), counted on the meta device: shapes only, nothing is computed or
+    allocated."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        model = dis.DiS(**config, scan_backend="ref")
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        kept = {}  # storage -> bytes: views of one tensor count once, parameters not at all
+
+        def pack(t):
+            if t.untyped_storage()._cdata not in params:
+                kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            labels = torch.zeros(batch, dtype=torch.long) if model.num_classes else None
+            model(torch.zeros(batch, model.in_channels, model.img_size, model.img_size),
+                  torch.zeros(batch, dtype=torch.long), labels)
+    return sum(kept.values())
+
+
+def activation_bytes(config, batch):
+    """saved_bytes at the config's depth and batch, from four small probes (depth 2 and 4, batch 2
+    and 3): the bytes grow linearly with each pair of blocks (one in, one out) and with the batch
+    (from 2 on; a batch of 1 is counted as 2)."""
+    probes = {(depth, b): saved_bytes({**config, "depth": depth}, b) for depth in (2, 4) for b in (2, 3)}
+    pairs = config["depth"] // 2 - 1  # beyond the depth-2 model's
+    two, three = (probes[2, b] + pairs * (probes[4, b] - probes[2, b]) for b in (2, 3))
+    return two + (max(batch, 2) - 2) * (three - two)
+
+
+def check_memory(config, args, world, device, data):
+    """Refuse a run that clearly will not fit: weights, gradients, AdamW's moments and the EMA
+    (20 bytes a parameter), the dataset held on the device and, on the CPU (where running out
+    ends the process without a word), the activations autograd keeps."""
+    available = available_memory(device)
+    if not args.memory_check or available is None:
+        return
+    with torch.device("meta"):
+        need = 20 * sum(p.numel() for p in dis.DiS(**config).parameters())
+    need += data.source.images.nbytes if isinstance(data.source, TensorImages) else 0
+    if device.type == "cpu":
+        activations = activation_bytes(config, args.global_batch_size // world)
+        if args.grad_checkpointing:  # block inputs, and one block's activations while it is recomputed
+            activations = activations * 2 // (config["depth"] + 1)
+        need = (need + activations) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # its processes share the RAM
+    where = "of GPU memory" if device.type == "cuda" else "of RAM"
+    log.info(f"Memory: about {need / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB {where} available")
+    if need > available:
+        raise SystemExit(f"this run needs about {need / 2**30:.1f} GiB {where}, {available / 2**30:.1f} GiB are "
+                         f"available: lower --global-batch-size, use a smaller --model, --embed-dim or --depth, a "
+                         f"larger patch (DiS-S/4, DiS-S/8) or --grad-checkpointing (or skip this: --no-memory-check)")
+    if available < 1.5 * need:  # temporaries of the backward pass come on top
+        log.warning("this run may not fit in memory; if it is stopped for it, lower --global-batch-size")
+
+
+def build_model(config, ckpt, args, backend, device, world):
     """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
     from the global seed, so identically for any number of processes; or loaded from ckpt."""
     torch.manual_seed(args.global_seed)
-    model = dis.DiS(**config)
+    model = dis.DiS(**config, scan_backend=backend, scan_save_every=args.scan_save_every)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     ema = deepcopy(model).requires_grad_(False).eval()
@@ -381,19 +455,6 @@ def build_model(config, ckpt, args, device, world):
         model.compile(mode=args.compile_mode)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     return model, ema, ddp
-
-
-def quality_probe(args, data, learn_sigma, device):
-    """The QualityProbe of --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel space
-    (what yardstick.py measures), of the yardstick; None when neither is asked for."""
-    yardstick_data = data.where if args.dataset == "fashion-mnist" and data.vae is None and data.side == 32 else None
-    if args.fid_every and not (args.fid_ref or yardstick_data):
-        raise SystemExit(f"--fid-every without --fid-ref measures the Fashion-MNIST yardstick, which takes 32x32 "
-                         f"images in pixel space, not {data.side}x{data.side}{' latents' if data.vae else ''}; "
-                         f"add --fid-ref")
-    if not (args.fid_ref or args.fid_every):
-        return None
-    return QualityProbe(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
 
 
 def oom_advice(args, backend):
@@ -412,128 +473,139 @@ def oom_advice(args, backend):
     return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
 
 
+def quality_probe(args, data, learn_sigma, device):
+    """The QualityProbe of --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel space
+    (what yardstick.py measures), of the yardstick; None when neither is asked for."""
+    yardstick_data = data.where if args.dataset == "fashion-mnist" and data.vae is None and data.side == 32 else None
+    if args.fid_every and not (args.fid_ref or yardstick_data):
+        raise SystemExit(f"--fid-every without --fid-ref measures the Fashion-MNIST yardstick, which takes 32x32 "
+                         f"images in pixel space, not {data.side}x{data.side}{' latents' if data.vae else ''}; "
+                         f"add --fid-ref")
+    if not (args.fid_ref or args.fid_every):
+        return None
+    return QualityProbe(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
+
+
 # ----------------------------------------------------------------------------- training
 
 def train(args, parser, rank, world, device):
-    """Set-up, model, data, loop, save; returns the run's folder."""
-    setup_logging(rank)
-    set_scan_backend(args.scan_backend)
-    set_scan_save_every(args.scan_save_every, device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    resume_path = find_resume(args) if args.resume else None
-    ckpt = load_checkpoint(resume_path, mmap=True) if resume_path else None
-    args, ignored = resumed_args(args, ckpt["args"], parser) if ckpt else (args, [])
-    check_run(args, world, device)
-
-    data = prepare_data(args, rank, world, device)
-    n, batch = len(data.source), args.global_batch_size
-    end = total_steps(args, n)
-    config = ckpt["config"] if ckpt else model_config(
-        args.model, data.side, data.channels, args.num_classes, args.embed_dim, args.depth,
-        learn_sigma=args.learn_sigma, drop_path_rate=args.drop_path_rate, class_dropout_prob=args.class_dropout_prob,
-        skip=args.skip, cond=args.cond, dt_init=args.dt_init)
-
-    run_dir = open_run_dir(args, resume_path, rank, world)
+    """Set-up, data, model, loop, save; returns the run's folder."""
+    with input_errors():  # up to the first step, a problem is the input's: one line, exit status 2
+        setup_logging(rank)
+        resume_path = find_resume(args.results_dir, args.model) if args.resume == "auto" else args.resume
+        if args.resume == "auto":
+            log.info(f"--resume auto: resuming {resume_path}" if resume_path else
+                     f"--resume auto: no checkpoint in {args.results_dir}, starting a new run")
+        ckpt = read_resume(resume_path) if resume_path else None
+        args, ignored = resumed_args(args, ckpt["args"], parser) if ckpt else (args, [])
+        args.model = args.model or parser.get_default("model")
+        check_run(args, world, device)
+        backend = scan_backend(args, device)
+        data = prepare_data(args, rank, world, device)  # the data decides the model's input (channels, side)
+        end = total_steps(args, len(data.source))
+        config = ckpt["config"] if ckpt else model_config(
+            args.model, data.side, data.channels, args.num_classes, args.embed_dim, args.depth,
+            learn_sigma=args.learn_sigma, drop_path_rate=args.drop_path_rate,
+            class_dropout_prob=args.class_dropout_prob, skip=args.skip, cond=args.cond, dt_init=args.dt_init)
+        check_memory(config, args, world, device, data)
+        probe = quality_probe(args, data, config["learn_sigma"], device)
+        run_dir = open_run_dir(args, resume_path, rank, world)
     log_to_file(run_dir, rank)
     log.info(f"{'Resuming ' + resume_path if ckpt else 'New run'} in {run_dir}")
     for flag in ignored:
         log.warning(f"ignoring {flag}: a resumed run keeps its settings")
-    model, ema, ddp = build_model(config, ckpt, args, device, world)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    model, ema, ddp = build_model(config, ckpt, args, backend, device, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        opt, functools.partial(lr_factor, warmup=args.warmup_steps, total=end))
-    run = Run(run_dir, args, config, model, ema, opt, scheduler, n)
+    schedule = functools.partial(lr_factor, warmup=args.warmup_steps, total=end)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    run = Run(run_dir, args, config, model, ema, opt, scheduler, len(data.source))
     if ckpt is not None:
         run.restore(ckpt)
     restore_rng(ckpt, args, rank, world, device, run.step)
     del ckpt  # its tensors are copied into the model and optimizer
     diffusion = create_diffusion("", learn_sigma=config["learn_sigma"])
     grid = SampleGrid(args, data.channels, data.side, config["learn_sigma"], data.vae, device)
-    probe = quality_probe(args, data, config["learn_sigma"], device)
     board = Dashboard(os.path.join(run_dir, "tensorboard") if rank == 0 and args.tensorboard else None, run.step)
-
-    backend = active_scan_backend(device, say=log.info)
-    space = f"latent space ({args.vae})" if args.vae != "none" else "pixel space"
     log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), "
-             f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x{data.side}, "
-             f"{args.num_classes} classes, {space}")
-    log.info(f"Data: {args.dataset}, {n:,} images from {data.where}; {run.per_epoch:,} steps per epoch; "
-             f"{end:,} steps of {batch} on {world} process(es)"
+             f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x"
+             f"{data.side}, {args.num_classes} classes, {f'latent space ({args.vae})' if data.vae else 'pixel space'}")
+    log.info(f"Data: {args.dataset}, {len(data.source):,} images from {data.where}; {run.per_epoch:,} steps per epoch; "
+             f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
              f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
-             f"scan backend {backend}; "
-             f"{args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
+             f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
              f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
              f"{', compiled' if args.compile else ''}")
     if rank == 0:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        record_launch(run_dir, args, world, device, backend, run.step)
+        with writing(os.path.join(run_dir, "run.json"), run.last_saved()):
+            record_launch(run_dir, args, world, device, backend, run.step)
 
-    stream = data_stream(data.source, batch_plan(n, batch, rank, world, args.global_seed, run.step), device,
-                         args.num_workers)
+    batches = data_stream(data.source, batch_plan(len(data.source), args.global_batch_size, rank, world,
+                                                  args.global_seed, run.step), device, args.num_workers)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    stop, meter, bar = StopSignals(), Meter(run.step), tqdm(total=end, initial=run.step, disable=rank != 0,
-                                                            unit="step", dynamic_ncols=True)
-    stop_reason, in_a_row, started = None, 0, time.time()
-    try:
-        while run.step < end and stop_reason is None:
-            x, y = next(stream)
-            t, noise = step_noise(run.step, args.global_seed, batch, rank, world, (data.channels, data.side, data.side),
-                                  diffusion.num_timesteps, device)
-            opt.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(ddp, diffusion, (x, y, t, noise), args.grad_accum_steps,
-                                        data.vae if data.encode_batches else None, args.num_classes > 0,
-                                        args.precision == "bf16")
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            over_time = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
-            agreed = agree(loss, norm, stop.received is not None, over_time, world, device)
-            if agreed.finite:
-                opt.step()
-                scheduler.step()
-                update_ema(ema_params, params, ema_decay(run.step, args.ema_decay))
-                meter.add(agreed.loss, agreed.norm)
-                in_a_row = 0
-            else:
-                run.nonfinite, in_a_row = run.nonfinite + 1, in_a_row + 1
-                log.warning(f"non-finite loss or gradient at step {run.step} ({in_a_row} in a row, {run.nonfinite} "
-                            f"in all): update skipped on every rank")
-            run.step += 1
-            bar.update(1)
+    meter, started, in_a_row, stop_reason = Meter(run.step), time.time(), 0, None
+    bar = tqdm(total=end, initial=run.step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    with StopSignals(f"stopping after this step, saving a checkpoint in {run_dir}/checkpoints") as stop, bar:
+        try:
+            while run.step < end and stop_reason is None:
+                x, y = next(batches)
+                t, noise = step_noise(run.step, args.global_seed, args.global_batch_size, rank, world,
+                                      (data.channels, data.side, data.side), diffusion.num_timesteps, device)
+                opt.zero_grad(set_to_none=True)
+                loss = accumulate_gradients(ddp, diffusion, (x, y, t, noise), args.grad_accum_steps,
+                                            data.vae if data.encode_batches else None, args.num_classes > 0,
+                                            args.precision == "bf16")
+                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                over_time = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
+                agreed = agree(loss, norm, stop.received is not None, over_time, world, device)
+                if agreed.finite:
+                    opt.step()
+                    scheduler.step()
+                    update_ema(ema_params, params, ema_decay(run.step, args.ema_decay))
+                    meter.add(agreed.loss, agreed.norm)
+                    in_a_row = 0
+                else:
+                    run.nonfinite, in_a_row = run.nonfinite + 1, in_a_row + 1
+                    log.warning(f"non-finite loss or gradient at step {run.step} ({in_a_row} in a row, "
+                                f"{run.nonfinite} in all): update skipped on every rank")
+                run.step += 1
+                bar.update(1)
 
-            if in_a_row > args.max_nonfinite:
-                run.save(rank, world, device)
-                raise SystemExit(f"{in_a_row} non-finite steps in a row (more than --max-nonfinite "
-                                 f"{args.max_nonfinite}) at step {run.step}; checkpoint {run.checkpoint_path()} holds "
-                                 f"the weights before them; lower --lr or use --precision fp32, then --resume "
-                                 f"{run.checkpoint_path()}")
-            if run.step % args.log_every == 0 or run.step == end:
-                log_progress(run, meter, bar, device, board)
-            stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
-            if run.step % args.ckpt_every == 0 or stop_reason:
-                run.save(rank, world, device)
-            drew = args.sample_every and run.step % args.sample_every == 0 and stop_reason != "signal"
-            if drew:
-                grid.draw(run, rank, board)
-            measured = args.fid_every and run.step % args.fid_every == 0 and run.step < end and not stop_reason
-            if measured:  # the last step's FID follows the loop
-                probe.measure(run, rank, world, board, keep=False)
-            if run.saved_at == run.step or drew or measured:
-                meter.restart(run.step)
-    except torch.OutOfMemoryError:
-        micro = batch // (world * args.grad_accum_steps)
-        raise SystemExit(f"CUDA out of memory with {micro} images per GPU ({args.model}, {args.precision}, "
-                         f"{backend} scan): add --grad-accum-steps {2 * args.grad_accum_steps} (the same global "
-                         f"batch in smaller micro-batches), {oom_advice(args, backend)}")
-    finally:
-        bar.close()
-        stop.restore()
+                if in_a_row > args.max_nonfinite:
+                    run.save(rank, world, device)
+                    raise SystemExit(f"{in_a_row} non-finite steps in a row (more than --max-nonfinite "
+                                     f"{args.max_nonfinite}) at step {run.step}; checkpoint {run.checkpoint_path()} "
+                                     f"holds the weights before them; lower --lr or use --precision fp32, then "
+                                     f"--resume {run.checkpoint_path()}")
+                if run.step % args.log_every == 0 or run.step in (1, end):
+                    log_progress(run, meter, bar, device, board)
+                stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
+                if run.step % args.ckpt_every == 0 or stop_reason:
+                    run.save(rank, world, device)
+                drew = args.sample_every and run.step % args.sample_every == 0 and stop_reason != "signal"
+                if drew:
+                    grid.draw(run, rank, board)
+                measured = args.fid_every and run.step % args.fid_every == 0 and run.step < end and not stop_reason
+                if measured:  # the last step's FID follows the loop
+                    probe.measure(run, rank, world, board, keep=False)
+                if run.saved_at == run.step or drew or measured:
+                    meter.restart(run.step)
+            if stop_reason != "signal":
+                if run.saved_at != run.step:
+                    run.save(rank, world, device)
+                if args.sample_every and run.step % args.sample_every:
+                    grid.draw(run, rank, board)
+        except torch.OutOfMemoryError:
+            micro = args.global_batch_size // (world * args.grad_accum_steps)
+            raise SystemExit(f"CUDA out of memory with {micro} images per GPU ({args.model}, {args.precision}, "
+                             f"{backend} scan): add --grad-accum-steps {2 * args.grad_accum_steps} (the same global "
+                             f"batch in smaller micro-batches), {oom_advice(args, backend)}")
     if stop_reason == "signal":
-        raise SystemExit(f"stopped by a signal at step {run.step}; continue with --resume {run.checkpoint_path()}")
-
-    if run.saved_at != run.step:
-        run.save(rank, world, device)
-    if args.sample_every and run.step % args.sample_every:
-        grid.draw(run, rank, board)
+        log.info(f"Stopped by {signal.Signals(stop.received).name} at step {run.step}; continue with: "
+                 f"python train.py --resume {run.checkpoint_path()}")
+        board.close()
+        raise SystemExit(128 + stop.received)
     log.info(f"{'Time budget of --max-minutes reached' if stop_reason else 'Done'} at step {run.step} "
              f"after {(time.time() - started) / 60:.1f} minutes")
     if probe:
@@ -542,8 +614,76 @@ def train(args, parser, rank, world, device):
     return run_dir
 
 
+# ----------------------------------------------------------------------------- command line
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `train.py: error: message`, exit status 2 (usage: --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def at_least(low, what):
+    return lambda v: v >= low, what
+
+
+CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not tested
+    "image_size": at_least(1, "positive"), "num_classes": at_least(0, ">= 0 (0: unconditional)"),
+    "num_workers": at_least(0, ">= 0"), "embed_dim": at_least(1, "positive"),
+    "depth": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (depth/2 blocks on each side of the mid block)"),
+    "drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"), "class_dropout_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "global_batch_size": at_least(1, "positive"), "grad_accum_steps": at_least(1, "positive"),
+    "global_seed": (lambda v: 0 <= v < 2**63, "in [0, 2^63)"), "epochs": at_least(1, "positive"),
+    "max_steps": at_least(1, "positive"), "lr": (lambda v: 0 < v < math.inf, "positive and finite"),
+    "warmup_steps": at_least(0, ">= 0"), "max_grad_norm": (lambda v: v > 0, "positive (inf: no clipping)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_nonfinite": at_least(0, ">= 0"),
+    "scan_save_every": at_least(1, "positive"), "max_minutes": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "log_every": at_least(1, "positive"), "ckpt_every": at_least(1, "positive"),
+    "sample_every": at_least(0, ">= 0 (0: no sample grids)"),
+    "sample_cfg": (lambda v: 0 <= v < math.inf, ">= 0 and finite (1: no guidance)"),
+    "fid_samples": at_least(2, ">= 2"), "fid_every": at_least(0, ">= 0 (0: only after training)"),
+    "fid_sampling_steps": (lambda v: 2 <= v <= 1000, "in 2..1000"),
+}
+
+
+def check_args(args, parser):
+    """Every numeric and path argument in its range, or parser.error naming it (exit status 2)."""
+    for name, (accepts, what) in CHECKS.items():
+        value = getattr(args, name)
+        if value is not None and not accepts(value):
+            parser.error(f"--{name.replace('_', '-')} must be {what}, not {value:g}")
+    for flag, path in (("--data-path", args.data_path), ("--fid-ref", args.fid_ref),
+                       ("--inception-weights", args.inception_weights),
+                       ("--resume", None if args.resume == "auto" else args.resume)):
+        if path is not None and not os.path.exists(path):
+            parser.error(f"{flag} {path}: no such file or folder")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume} is a folder; give a checkpoint file or auto")
+    for flag, folder in (("--results-dir", args.results_dir), ("--cache-dir", args.cache_dir)):
+        existing = folder
+        while existing and not os.path.exists(existing):
+            existing = os.path.dirname(os.path.abspath(existing))
+        if existing and not os.path.isdir(existing):
+            parser.error(f"{flag} {folder}: {existing} is a file, not a folder")
+        if existing and not os.access(existing, os.W_OK | os.X_OK):
+            parser.error(f"{flag} {folder}: {existing} is not writable")
+    if args.scan_backend not in ("auto", *BACKENDS):
+        parser.error(f"--scan-backend (from DIS_SCAN_BACKEND) must be one of auto, {', '.join(BACKENDS)}, "
+                     f"not {args.scan_backend!r}")
+    if args.fid_every and not args.fid_ref and args.dataset != "fashion-mnist":
+        parser.error("--fid-every needs --fid-ref (on --dataset fashion-mnist it measures the yardstick without one)")
+    if args.tensorboard and not tensorboard_installed():
+        parser.error("--tensorboard needs the tensorboard package (pip install tensorboard), or use --no-tensorboard")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} takes effect with --compile; add --compile")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """(args, parser): the command line over the preset's defaults; args.model is None when
+    --model is not given (so that --resume auto takes the newest run of any model)."""
+    parser = OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=list(DATASETS), default="fashion-mnist")
     data.add_argument("--data-path", default=None, help="see data.py's docstring for what each dataset expects")
@@ -558,9 +698,13 @@ def parse_args(argv=None):
                       help="encode the dataset to latents once and train from that cache")
     data.add_argument("--cache-dir", default=None, help="default: RESULTS_DIR/latent-cache/DATASET-SIZE-VAE")
     net = parser.add_argument_group("model")
+    net.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                     help="the defaults of the flags: paper (section 3.1, DiS-S/2) or small (a DiS that trains in "
+                          "minutes on a CPU: %s); auto: paper with CUDA, else small" %
+                          " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMALL_PRESET.items()))
     net.add_argument("--model", choices=list(dis.DiS_models), default="DiS-S/2")
     net.add_argument("--embed-dim", type=int, default=None, help="override the hidden size of --model")
-    net.add_argument("--depth", type=int, default=None, help="override the depth of --model")
+    net.add_argument("--depth", type=int, default=None, help="override the depth of --model (even)")
     net.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
     net.add_argument("--skip", choices=["concat", "add", "none"], default="concat")
     net.add_argument("--cond", choices=["token", "adaln"], default="token")
@@ -585,23 +729,30 @@ def parse_args(argv=None):
     speed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="auto: CUDA when available (one GPU per process under torchrun)")
     speed.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    speed.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto")
+    speed.add_argument("--scan-backend", choices=["auto", *BACKENDS],
+                       default=os.environ.get("DIS_SCAN_BACKEND", "auto"),
+                       help="the selective scan's implementation (scan.py); auto: the fastest on the device; "
+                            "default: the environment variable DIS_SCAN_BACKEND, else auto")
     speed.add_argument("--scan-save-every", type=int, default=1,
-                       help="our scans (Triton, CUDA): keep the states of every Nth chunk for the backward pass (1/N of "
-                            "their memory, more recomputation; 2 fits DiS-H/2 at 32 images on an 80 GB card)")
+                       help="our scans (Triton, CUDA): keep the states of every Nth chunk for the backward pass "
+                            "(1/N of their memory, more recomputation)")
     speed.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model")
     speed.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                        help="torch.compile's mode with --compile; reduce-overhead adds CUDA graphs (see README)")
+    speed.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
+                       help="refuse a run that clearly needs more memory than is available")
     run = parser.add_argument_group("run and logging")
     run.add_argument("--results-dir", default="results")
-    run.add_argument("--resume", default=None, metavar="PATH|auto")
+    run.add_argument("--resume", default=None, metavar="PATH|auto",
+                     help="a checkpoint, or auto: the newest of the newest run in --results-dir (of --model if given)")
     run.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much training time")
-    run.add_argument("--log-every", type=int, default=100)
+    run.add_argument("--log-every", type=int, default=100, help="and at the first step")
     run.add_argument("--ckpt-every", type=int, default=50_000)
     run.add_argument("--sample-every", type=int, default=5_000, help="and at the end; 0: no sample grids")
     run.add_argument("--sample-cfg", type=float, default=1.5, help="guidance scale of the sample grids")
-    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=tensorboard_installed(),
                      help="the dashboard in RUN/tensorboard (default: on when the tensorboard package is installed)")
     run.add_argument("--fid-ref", default=None, help="after training, FID of --fid-samples EMA samples against this")
     run.add_argument("--fid-every", type=int, default=0, metavar="N",
@@ -610,29 +761,39 @@ def parse_args(argv=None):
     run.add_argument("--fid-samples", type=int, default=10_000)
     run.add_argument("--fid-sampling-steps", type=int, default=250, help="DDPM steps of the FID samples")
     run.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for --fid-ref")
-    args = parser.parse_args(argv)
-    for name in ("global_batch_size", "log_every", "ckpt_every", "fid_samples", "grad_accum_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.fid_every < 0:
-        parser.error(f"--fid-every must be >= 0 (0: no FID during training), not {args.fid_every}")
-    if args.fid_every and not args.fid_ref and args.dataset != "fashion-mnist":
-        parser.error("--fid-every needs --fid-ref (on --dataset fashion-mnist it measures the yardstick without one)")
-    if not 2 <= args.fid_sampling_steps <= 1000:  # of the T = 1000 steps the model is trained on
-        parser.error(f"--fid-sampling-steps must be in 2..1000, not {args.fid_sampling_steps}")
-    if args.tensorboard is None:
-        args.tensorboard = tensorboard_installed()
-    elif args.tensorboard and not tensorboard_installed():
-        parser.error("--tensorboard needs the tensorboard package (pip install tensorboard), or use --no-tensorboard")
-    if args.compile_mode != "default" and not args.compile:
-        parser.error(f"--compile-mode {args.compile_mode} takes effect with --compile; add --compile")
+    known, _ = parser.parse_known_args(argv)
+    if known.preset == "auto":
+        known.preset = "paper" if known.device != "cpu" and torch.cuda.is_available() else "small"
+    parser.set_defaults(preset=known.preset, **PRESETS[known.preset])
+    args = parser.parse_args(argv, argparse.Namespace(model=None))
+    check_args(args, parser)
     return args, parser
+
+
+def first_line(args, parser):
+    """What this command runs, and the command for the paper's configuration."""
+    model = args.model or parser.get_default("model")
+    dim, depth = dis.SIZES[model.split("-")[1].split("/")[0]]
+    what = (f"{model} (D={args.embed_dim or dim}, depth {args.depth or depth}) on {args.dataset}, batch "
+            f"{args.global_batch_size}, {args.max_steps or args.epochs and f'{args.epochs} epochs' or DEFAULT_STEPS} "
+            f"steps")
+    if args.resume:
+        return f"train.py: resuming ({args.resume}) with the preset {args.preset}; a resumed run keeps its settings"
+    if args.preset == "small":
+        return (f"train.py: no CUDA device, so a small DiS that shows the whole pipeline (--preset small): {what}; "
+                f"about 10 minutes on 2 cores. The paper's DiS-S/2: python train.py --preset paper (a GPU is advised)")
+    return f"train.py: {what}, the paper's settings otherwise (--preset paper)"
 
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    with process_group(args.device) as (rank, world, device):
-        return train(args, parser, rank, world, device)
+    if os.environ.get("RANK", "0") == "0":
+        print(first_line(args, parser), flush=True)
+    try:
+        with process_group(args.device) as (rank, world, device):
+            return train(args, parser, rank, world, device)
+    except KeyboardInterrupt:  # outside the step loop, which stops cleanly on its own
+        raise SystemExit("train.py: interrupted (no step had started since the last checkpoint)") from None
 
 
 if __name__ == "__main__":

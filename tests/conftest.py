@@ -1,6 +1,8 @@
 """Shared by the test modules: the repository on sys.path, a tiny training configuration, a
 Fashion-MNIST subset, checkpoint loading and the one-line error check."""
+import contextlib
 import gzip
+import io
 import os
 import sys
 
@@ -12,9 +14,10 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 
 FASHION = "/usr/share/datasets/fashion-mnist"
-# A DiS-S/2 shrunk to D=16 and 2 blocks + mid, on 8x8 images: a training step takes milliseconds.
-TINY = ["--device", "cpu", "--embed-dim", "16", "--depth", "2", "--image-size", "8", "--global-batch-size", "8",
-        "--warmup-steps", "1", "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--no-download"]
+# The paper's DiS-S/2 shrunk to D=16 and 2 blocks + mid, on 8x8 images: a step takes milliseconds.
+TINY = ["--device", "cpu", "--preset", "paper", "--embed-dim", "16", "--depth", "2", "--image-size", "8",
+        "--global-batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--sample-every", "0", "--num-workers", "0",
+        "--no-download"]
 
 
 @pytest.fixture
@@ -41,12 +44,31 @@ def load(path):
 
 
 def one_line_error(argv, main):
-    """The message of the SystemExit that main(argv) raises, checked to be a single line."""
-    with pytest.raises(SystemExit) as error:
+    """The message main(argv) stops with, checked to be a single line: a SystemExit's message,
+    or (exit status 2) MESSAGE of the `PROG: error: MESSAGE` line it printed last on stderr."""
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as error, contextlib.redirect_stderr(err):
         main(argv)
-    message = str(error.value.code)
+    if isinstance(error.value.code, str):
+        message = error.value.code
+    else:
+        assert error.value.code == 2 and "Traceback" not in err.getvalue(), (error.value.code, err.getvalue())
+        message = err.getvalue().rstrip("\n").splitlines()[-1].split(": error: ", 1)[-1]
     assert "\n" not in message
     return message
+
+
+def refusal(main, argv, capsys):
+    """The message of a command refused before it starts: exit status 2 and one line
+    `PROG: error: MESSAGE` as the last line of stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    err = capsys.readouterr().err
+    assert error.value.code == 2, (error.value.code, err)
+    assert "Traceback" not in err and [line for line in err.splitlines() if ": error: " in line] == [
+        err.splitlines()[-1]], err
+    return err.splitlines()[-1]
 
 
 def fashion_arrays(count):
