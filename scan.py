@@ -92,9 +92,22 @@ def _recurrence(h, dA, dBu, reverse):
     """States (T, batch, E, N) of h_t = dA_t h_{t-1} + dBu_t over a chunk's rows, from h (batch, E, N)
     before the first; `reverse` runs the rows last to first."""
     hs = torch.empty_like(dBu)
-    for t in (reversed(range(dA.shape[0])) if reverse else range(dA.shape[0])):
-        h = torch.addcmul(dBu[t], dA[t], h, out=hs[t])
+    steps = list(zip(dA.unbind(0), dBu.unbind(0), hs.unbind(0)))
+    for a_t, b_t, h_t in (reversed(steps) if reverse else steps):
+        h = torch.addcmul(b_t, a_t, h, out=h_t)
     return hs
+
+
+def _adjoint(carry, dA, gC, reverse):
+    """The adjoint states dh_t = gC_t + dA_{t+1} dh_{t+1} (T, batch, E, N) over a chunk's rows, run
+    backwards in scan order from carry = dA_{t+1} dh_{t+1} of the step after the chunk; and the
+    carry into the chunk before, dA dh of the chunk's first step."""
+    dh = torch.empty_like(gC)
+    steps = list(zip(dA.unbind(0), gC.unbind(0), dh.unbind(0)))
+    for a_t, gC_t, dh_t in (steps if reverse else reversed(steps)):
+        torch.add(gC_t, carry, out=dh_t)
+        carry = a_t * dh_t
+    return dh, carry
 
 
 def _chunks(L, chunk, reverse):
@@ -161,10 +174,7 @@ class _ChunkedScan(torch.autograd.Function):
                 sig = torch.sigmoid(z_c)
                 dz[rows] = g * y_ssm * sig * (1 + z_c * (1 - sig))
                 g = g * z_c * sig
-            # the adjoint recurrence, backwards in scan order: dh_t = C_t g_t + dA_{t+1} dh_{t+1}
-            dh = torch.empty_like(hs)
-            for t in (range(hs.shape[0]) if ctx.reverse else reversed(range(hs.shape[0]))):
-                carry = torch.addcmul(carry, C_c[t, :, None, :], g[t, :, :, None], out=dh[t]) * a[t]
+            dh, carry = _adjoint(carry, a, g[..., None] * C_c[:, :, None, :], ctx.reverse)
             h_prev = torch.cat([hs[1:], h0[None]]) if ctx.reverse else torch.cat([h0[None], hs[:-1]])
             w = dh * a * h_prev  # dL/d(dA_t) dA_t, from which d/dDelta_t = A and d/dA = Delta_t
             d_dtu = _dot_states(dh, B_c, over="n")  # dL/d(Delta_t u_t)
