@@ -2,7 +2,7 @@
 
 Figure 1, top to bottom, is the order of this file:
   image (B, C, H, W) -> patch tokens (B, J, D)                          PatchEmbed      (sec. 2.2)
-  time t -> one token; class y -> one token; prepended to the patches   TimestepEmbedder/LabelEmbedder
+  time t -> one token; class y -> one token; prepended to the patches   timestep_embedding, LabelEmbedder
   + learnable positional embedding over all tokens
   depth//2 "in" blocks, 1 "mid" block, depth//2 "out" blocks            Block, BiMamba  (sec. 2.2)
     each block: add, norm, bidirectional Mamba mixer; each out block first

@@ -118,10 +118,11 @@ def _chunks(L, chunk, reverse):
 
 def _dot_states(x, v, over):
     """Sum over states (over="n": x (T, batch, E, N), v (T, batch, N) -> (T, batch, E)) or over
-    channels (over="e": v (T, batch, E) -> (T, batch, N)) of x * v."""
+    channels (over="e": v (T, batch, E) -> (T, batch, N)) of x * v. Elementwise products and sums,
+    so that autocast leaves them in the state's precision."""
     if over == "n":
         return (x * v[:, :, None, :]).sum(-1)
-    return (v[:, :, None, :] @ x)[:, :, 0]  # (T, batch, 1, E) @ (T, batch, E, N)
+    return (x * v[..., None]).sum(2)
 
 
 class _ChunkedScan(torch.autograd.Function):
