@@ -394,7 +394,7 @@ def biconv_silu(x, weight, bias, backend="auto"):
     x = x.transpose(1, 2)  # (batch, E, L)
     u = [_causal_conv1d_silu(x, weight[0], bias[0], fused),
          _causal_conv1d_silu(x.flip(-1), weight[1], bias[1], fused).flip(-1)]
-    return torch.stack(u, dim=1).permute(0, 3, 1, 2)
+    return torch.stack([u_d.transpose(1, 2) for u_d in u], dim=2)  # contiguous (batch, L, 2, E)
 
 
 def _causal_conv1d_silu(x, weight, bias, fused):
