@@ -133,16 +133,18 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, keep_states):
         acc = torch.float64 if u.dtype == torch.float64 else torch.float32
         A_, D_, bias = (None if p is None else p.to(acc) for p in (A, D, delta_bias))
+        chunks = _chunks(u.shape[0], chunk, reverse)
         y = torch.empty_like(u)
-        h = u.new_zeros(u.shape[1], u.shape[2], A.shape[1], dtype=acc)
-        states = []
-        for rows in _chunks(u.shape[0], chunk, reverse):
+        # the state before each chunk, (chunks, batch, E, N); allocated before the chunks' temporaries
+        states = u.new_zeros(len(chunks) if keep_states else 1, u.shape[1], u.shape[2], A.shape[1], dtype=acc)
+        h = states[0]
+        for i, rows in enumerate(chunks):
             u_c, delta_c, B_c, C_c = (x[rows].to(acc) for x in (u, delta, B, C))
             if keep_states:
-                states.append(h)
+                states[i] = h
             _, _, dA, dBu = _step_inputs(u_c, delta_c, A_, B_c, bias, softplus)
             hs = _recurrence(h, dA, dBu, reverse)
-            h = hs[0 if reverse else -1].clone()  # the last state in scan order
+            h = hs[0 if reverse else -1]  # the last state in scan order
             y_c = _dot_states(hs, C_c, over="n")
             if D_ is not None:
                 y_c = y_c + D_ * u_c
@@ -150,13 +152,13 @@ class _ChunkedScan(torch.autograd.Function):
                 y_c = y_c * F.silu(z[rows].to(acc))
             y[rows] = y_c
         ctx.softplus, ctx.reverse, ctx.chunk = softplus, reverse, chunk
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *states)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states if keep_states else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, A, B, C, D, z, delta_bias, *states = ctx.saved_tensors
-        acc = states[0].dtype
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        acc = states.dtype
         A_, D_, bias = (None if p is None else p.to(acc) for p in (A, D, delta_bias))
         du, ddelta, dB, dC = (torch.empty_like(x) for x in (u, delta, B, C))
         dz = torch.empty_like(z) if z is not None else None
@@ -165,7 +167,7 @@ class _ChunkedScan(torch.autograd.Function):
         dbias = torch.zeros_like(bias) if bias is not None else None
         carry = torch.zeros_like(states[0])  # dA_{t+1} dh_{t+1}: what step t's state gets from the next
         chunks = _chunks(u.shape[0], ctx.chunk, ctx.reverse)
-        for rows, h0 in reversed(list(zip(chunks, states))):  # chunks last to first in scan order
+        for rows, h0 in reversed(list(zip(chunks, states.unbind(0)))):  # chunks last to first in scan order
             u_c, delta_c, B_c, C_c, g = (x[rows].to(acc) for x in (u, delta, B, C, dy))
             x, dt, a, dBu = _step_inputs(u_c, delta_c, A_, B_c, bias, ctx.softplus)
             hs = _recurrence(h0, a, dBu, ctx.reverse)  # the chunk's states again
