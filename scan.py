@@ -280,7 +280,6 @@ def resolve_backend(device, name="auto"):
     the reason. "cuda" (forced or chosen) is compiled here, before the first step. Resolved once
     per device type and name.
     """
-    name = _script_choice if name == "auto" else name
     if name not in ("auto", *BACKENDS):
         raise ValueError(f"scan backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
     device = torch.device(device)
@@ -448,26 +447,3 @@ def _check_bimamba(u, delta, A, B, C, D, z, delta_bias, save_every):
                   f"from u {tuple(u.shape)} and A {tuple(A.shape)}")
     if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1:
         raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The scripts' former interface, until train.py and sample.py pass scan_backend to DiS: the
-# backend set here stands in for "auto".
-# ---------------------------------------------------------------------------------------------
-_script_choice = "auto"
-OUR_KERNELS = ("triton", "cuda")
-
-
-def set_scan_backend(name):
-    """--scan-backend: 'auto' lets resolve_backend pick the fastest on the device; others are forced."""
-    global _script_choice
-    _script_choice = name
-
-
-def active_scan_backend(device, say=print):
-    """The scan backend that runs on `device`, or SystemExit with the reason (the CUDA scan is
-    compiled here, before anything is timed)."""
-    try:
-        return resolve_backend(device)
-    except ValueError as e:
-        raise SystemExit(str(e))
