@@ -317,18 +317,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return scan_triton.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if B.dim() == 4:  # grouped B, C: each group of channels on its own
         per = u.shape[1] // B.shape[1]
-        return torch.cat([selective_scan(u[:, g * per:(g + 1) * per], delta[:, g * per:(g + 1) * per],
-                                         A[g * per:(g + 1) * per], B[:, g], C[:, g], _part(D, g, per),
-                                         _part(z, g, per, dim=1), _part(delta_bias, g, per), delta_softplus,
-                                         backend="ref")
+        return torch.cat([selective_scan(_part(u, g, per, 1), _part(delta, g, per, 1), _part(A, g, per), B[:, g],
+                                         C[:, g], _part(D, g, per), _part(z, g, per, 1), _part(delta_bias, g, per),
+                                         delta_softplus, backend="ref")
                           for g in range(B.shape[1])], dim=1)
-    time_major = lambda x: None if x is None else x.permute(2, 0, 1)  # (batch, ., L) -> (L, batch, .)
+
+    def time_major(x):  # (batch, ., L) -> (L, batch, .)
+        return None if x is None else x.permute(2, 0, 1)
     y = _scan_ref(time_major(u), time_major(delta), A, time_major(B), time_major(C), D, time_major(z),
                   delta_bias, delta_softplus)
     return y.permute(1, 2, 0)
 
 
 def _part(x, g, per, dim=0):
+    """Group g of `per` channels of x along `dim` (None stays None)."""
     return None if x is None else x.narrow(dim, g * per, per)
 
 
@@ -336,9 +338,10 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
                  save_every=1):
     """The scans of DiS's two directions, summed, in token-major layout (Vim's bidirectional mixer).
 
-    u, delta: (batch, L, 2, E); A: (2, E, N); B, C: (batch, L, 2, N); D, delta_bias: (2, E) or None;
-    z: (batch, L, E) or None, shared by the directions. Direction 0 scans t = 0..L-1, direction 1
-    the flipped sequence, flipped back. Returns y (batch, L, E) in u's dtype:
+    u, delta: (batch, L, ND, E); A: (ND, E, N); B, C: (batch, L, ND, N); D, delta_bias: (ND, E) or
+    None; z: (batch, L, E) or None, shared by the directions. ND = 2 (or 1: direction 0 alone).
+    Direction 0 scans t = 0..L-1, direction 1 the flipped sequence, flipped back. Returns y
+    (batch, L, E) in u's dtype:
         selective_scan_ref(direction 0) + flip(selective_scan_ref(flip(direction 1))).
     save_every: the Triton and CUDA scans keep the state of every save_every-th chunk for the
     backward pass (less memory, the chunks between recomputed); the reference keeps one state per
@@ -357,23 +360,32 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
         return scan_triton.bimamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_every)
     y = 0
     for d in range(u.shape[2]):
-        args = [u[:, :, d], delta[:, :, d], A[d], B[:, :, d], C[:, :, d], None if D is None else D[d], z,
-                None if delta_bias is None else delta_bias[d]]
+        direction = (u[:, :, d], delta[:, :, d], A[d], B[:, :, d], C[:, :, d], None if D is None else D[d], z,
+                     None if delta_bias is None else delta_bias[d])
         if choice == "mamba":
-            y = y + _mamba_direction(*args, delta_softplus, reverse=d == 1)
+            y = y + _mamba_direction(*direction, delta_softplus, reverse=d == 1)
         else:
-            time_major = [x.transpose(0, 1) if x is not None and x.dim() == 3 else x for x in args]
-            y = y + _scan_ref(*time_major, delta_softplus, reverse=d == 1,
-                              chunk=REF_CHUNK * save_every).transpose(0, 1)
+            y = y + _ref_direction(*direction, delta_softplus, reverse=d == 1, chunk=REF_CHUNK * save_every)
     return y
+
+
+def _ref_direction(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk):
+    """One direction on the reference, from token-major (batch, L, .) arguments: (batch, L, E)."""
+    def time_major(x):  # (batch, L, .) -> (L, batch, .)
+        return None if x is None else x.transpose(0, 1)
+    y = _scan_ref(time_major(u), time_major(delta), A, time_major(B), time_major(C), D, time_major(z), delta_bias,
+                  softplus, reverse, chunk)
+    return y.transpose(0, 1)
 
 
 def _mamba_direction(u, delta, A, B, C, D, z, delta_bias, softplus, reverse):
     """One direction on mamba-ssm's kernel, from token-major (batch, L, .) arguments: (batch, L, E)."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    seq = lambda x: None if x is None else (x.flip(1) if reverse else x).transpose(1, 2)  # noqa: E731
-    y = selective_scan_fn(seq(u), seq(delta), A, seq(B), seq(C), D, seq(z), delta_bias, softplus)
-    y = y.transpose(1, 2)
+
+    def channel_major(x):  # (batch, L, .) -> (batch, ., L), in scan order
+        return None if x is None else (x.flip(1) if reverse else x).transpose(1, 2)
+    y = selective_scan_fn(channel_major(u), channel_major(delta), A, channel_major(B), channel_major(C), D,
+                          channel_major(z), delta_bias, softplus).transpose(1, 2)
     return y.flip(1) if reverse else y
 
 
