@@ -5,7 +5,7 @@ machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
 
     python tools/kernel_stats.py                 # T = 4, BLOCK_E 8 and 16
     T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
-    DIS_SCAN_SAVE_EVERY=2 python tools/kernel_stats.py   # the states of every other chunk only
+    SAVE_EVERY=2 python tools/kernel_stats.py    # the states of every other chunk only
     python tools/kernel_stats.py --cuda          # scan_cuda.cu's kernels instead (NVRTC; a minute)
 
 With --cuda it compiles scan_cuda.cu as scan_cuda.py does (NVRTC, for the H100/H200's sm_90), every
@@ -155,7 +155,7 @@ def main():
         return main_cuda()
     T = int(os.environ.get("T", scan_triton.SCAN_CHUNK["cuda"]))
     common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
-                  SAVE_EVERY=scan_triton.SCAN_SAVE_EVERY)
+                  SAVE_EVERY=int(os.environ.get("SAVE_EVERY", 1)))
     for name, kernel, extra in (("forward", scan_triton._scan_fwd_kernel, {"SAVE_STATES": True}),
                                 ("backward", scan_triton._scan_bwd_kernel, {})):
         for block_e in (int(b) for b in os.environ.get("BLOCK_E", "8,16").split(",")):
