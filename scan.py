@@ -202,8 +202,6 @@ class _ChunkedScan(torch.autograd.Function):
 
 def _scan_ref(u, delta, A, B, C, D, z, delta_bias, softplus, reverse=False, chunk=REF_CHUNK):
     """One direction on the "ref" backend, time-major: see _ChunkedScan. Returns (L, batch, E)."""
-    if u.is_meta:  # shapes only (model.py counts FLOPs on the meta device): no loop to run
-        return torch.empty_like(u)
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                            for x in (u, delta, A, B, C, D, z, delta_bias))
     return _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(softplus), reverse, chunk, keep)
