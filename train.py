@@ -772,17 +772,20 @@ def parse_args(argv=None):
 
 def first_line(args, parser):
     """What this command runs, and the command for the paper's configuration."""
+    if args.resume:
+        return f"train.py: resuming ({args.resume}) with --preset {args.preset}; a resumed run keeps its settings"
     model = args.model or parser.get_default("model")
     dim, depth = dis.SIZES[model.split("-")[1].split("/")[0]]
+    steps = f"{args.max_steps or DEFAULT_STEPS:,} steps"
+    if args.epochs and not args.max_steps:
+        steps = f"{args.epochs} epochs"
     what = (f"{model} (D={args.embed_dim or dim}, depth {args.depth or depth}) on {args.dataset}, batch "
-            f"{args.global_batch_size}, {args.max_steps or args.epochs and f'{args.epochs} epochs' or DEFAULT_STEPS} "
-            f"steps")
-    if args.resume:
-        return f"train.py: resuming ({args.resume}) with the preset {args.preset}; a resumed run keeps its settings"
-    if args.preset == "small":
-        return (f"train.py: no CUDA device, so a small DiS that shows the whole pipeline (--preset small): {what}; "
-                f"about 10 minutes on 2 cores. The paper's DiS-S/2: python train.py --preset paper (a GPU is advised)")
-    return f"train.py: {what}, the paper's settings otherwise (--preset paper)"
+            f"{args.global_batch_size}, {steps}")
+    if args.preset == "paper":
+        return f"train.py: {what}, the paper's settings otherwise (--preset paper)"
+    why = "" if args.device != "cpu" and torch.cuda.is_available() else "no CUDA device, so "
+    return (f"train.py: {why}a small DiS that shows the whole pipeline (--preset small, about 10 minutes on 2 CPU "
+            f"cores): {what}. The paper's DiS-S/2: python train.py --preset paper (on a GPU)")
 
 
 def main(argv=None):
@@ -792,8 +795,9 @@ def main(argv=None):
     try:
         with process_group(args.device) as (rank, world, device):
             return train(args, parser, rank, world, device)
-    except KeyboardInterrupt:  # outside the step loop, which stops cleanly on its own
-        raise SystemExit("train.py: interrupted (no step had started since the last checkpoint)") from None
+    except KeyboardInterrupt:  # outside the step loop (which stops cleanly on its own): set-up, the final FID
+        print("train.py: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 if __name__ == "__main__":

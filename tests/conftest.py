@@ -16,8 +16,8 @@ sys.path.insert(0, REPO)
 FASHION = "/usr/share/datasets/fashion-mnist"
 # The paper's DiS-S/2 shrunk to D=16 and 2 blocks + mid, on 8x8 images: a step takes milliseconds.
 TINY = ["--device", "cpu", "--preset", "paper", "--embed-dim", "16", "--depth", "2", "--image-size", "8",
-        "--global-batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--sample-every", "0", "--num-workers", "0",
-        "--no-download"]
+        "--global-batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--sample-every", "0",
+        "--num-workers", "0", "--no-download"]
 
 
 @pytest.fixture
