@@ -78,8 +78,8 @@ from storage import grid_labels, load_checkpoint, model_config, save_grid, to_ui
 
 DEFAULT_STEPS = 500_000  # the paper's CIFAR-10 / CelebA schedule
 GRID_RESPACING = "ddim25"
-SMALL_PRESET = dict(model="DiS-S/8", embed_dim=64, depth=4, global_batch_size=32, max_steps=500, warmup_steps=50,
-                    lr=1e-3, log_every=25, ckpt_every=250, sample_every=250)
+SMALL_PRESET = dict(model="DiS-S/4", image_size=16, embed_dim=64, depth=4, global_batch_size=32, max_steps=1200,
+                    warmup_steps=50, lr=1e-3, log_every=25, ckpt_every=400, sample_every=400)
 PRESETS = {"paper": {}, "small": SMALL_PRESET}
 RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everything else is the run's
     "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
@@ -428,7 +428,7 @@ def check_memory(config, args, world, device, data):
             activations = activations * 2 // (config["depth"] + 1)
         need = (need + activations) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # its processes share the RAM
     where = "of GPU memory" if device.type == "cuda" else "of RAM"
-    log.info(f"Memory: about {need / 2**30:.1f} GiB needed, {available / 2**30:.1f} GiB {where} available")
+    log.info(f"Memory: about {need / 2**30:.2f} GiB needed, {available / 2**30:.1f} GiB {where} available")
     if need > available:
         raise SystemExit(f"this run needs about {need / 2**30:.1f} GiB {where}, {available / 2**30:.1f} GiB are "
                          f"available: lower --global-batch-size, use a smaller --model, --embed-dim or --depth, a "
@@ -779,8 +779,9 @@ def first_line(args, parser):
     steps = f"{args.max_steps or DEFAULT_STEPS:,} steps"
     if args.epochs and not args.max_steps:
         steps = f"{args.epochs} epochs"
-    what = (f"{model} (D={args.embed_dim or dim}, depth {args.depth or depth}) on {args.dataset}, batch "
-            f"{args.global_batch_size}, {steps}")
+    size = args.image_size or DATASETS[args.dataset][0]
+    what = (f"{model} (D={args.embed_dim or dim}, depth {args.depth or depth}) on {args.dataset}"
+            f"{f' at {size}x{size}' if size else ''}, batch {args.global_batch_size}, {steps}")
     if args.preset == "paper":
         return f"train.py: {what}, the paper's settings otherwise (--preset paper)"
     why = "" if args.device != "cpu" and torch.cuda.is_available() else "no CUDA device, so "
