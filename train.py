@@ -415,15 +415,15 @@ def activation_bytes(config, batch):
 def check_memory(config, args, world, device, data):
     """Refuse a run that clearly will not fit: weights, gradients, AdamW's moments and the EMA
     (20 bytes a parameter), the dataset held on the device and, on the CPU (where running out
-    ends the process without a word), the activations autograd keeps."""
+    ends the process without a word), the activations autograd keeps for one micro-batch."""
     available = available_memory(device)
     if not args.memory_check or available is None:
         return
     with torch.device("meta"):
-        need = 20 * sum(p.numel() for p in dis.DiS(**config).parameters())
+        need = 20 * sum(p.numel() for p in dis.DiS(**config, scan_backend="ref").parameters())
     need += data.source.images.nbytes if isinstance(data.source, TensorImages) else 0
     if device.type == "cpu":
-        activations = activation_bytes(config, args.global_batch_size // world)
+        activations = activation_bytes(config, args.global_batch_size // (world * args.grad_accum_steps))
         if args.grad_checkpointing:  # block inputs, and one block's activations while it is recomputed
             activations = activations * 2 // (config["depth"] + 1)
         need = (need + activations) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # its processes share the RAM
