@@ -21,23 +21,13 @@ as in DiT and saved in checkpoints. So a step does not depend on the number of p
 are global: several machines under torchrun are one world) or of micro-batches, and a resumed
 run draws exactly what the uninterrupted one would.
 
-Checkpoints (results/NNN-DiS-S-2/checkpoints/SSSSSSS.pt, written atomically) are plain dicts,
-loadable with torch.load(weights_only=True):
-  model, ema            state dicts (EMA in float32)
-  opt, scheduler        AdamW and LambdaLR state dicts
-  step                  optimizer steps taken
-  args                  vars(args) with the defaults resolved (image size, classes, VAE, ...)
-  config                model.DiS(**config) rebuilds the network (sample.py uses it)
-  rng                   per rank: {"cpu": ByteTensor, "cuda": ByteTensor or None}
-  data                  {seed, epoch, batch_in_epoch, dataset_size, global_batch_size}
-  loss_curve, nonfinite [[step, mean loss], ...] at step 1 and every --log-every; skipped steps
---resume restores all of it into the run's folder; only operational flags
-(RESUME_FROM_COMMAND_LINE) may change. A step whose loss or gradient is not finite on any rank
-is skipped on all; more than --max-nonfinite in a row stop the run with a checkpoint. The run
-folder also holds log.txt, run.json (arguments, seeds, library versions of every launch),
-samples/SSSSSSS.png (EMA model, DDIM 25 steps, guidance --sample-cfg, a class per row; every
---sample-every steps and at the end), tensorboard/ (the dashboard, monitor.py) and, with
---fid-ref, fid/ (the FID of EMA samples after training and every --fid-every steps).
+The run's folder, results/NNN-DiS-S-2 (runs.py): checkpoints/SSSSSSS.pt (plain dicts, written
+atomically; their keys in runs.py), log.txt, run.json, samples/SSSSSSS.png (EMA model, DDIM 25
+steps, guidance --sample-cfg, a class per row; every --sample-every steps and at the end),
+tensorboard/ (the dashboard, monitor.py) and, with --fid-ref, fid/ (the FID of EMA samples after
+training and every --fid-every steps). --resume restores the whole state; only operational flags
+(runs.RESUME_FROM_COMMAND_LINE) may change. A step whose loss or gradient is not finite on any
+rank is skipped on all; more than --max-nonfinite in a row stop the run with a checkpoint.
 
 Stopping. The first Ctrl-C (SIGINT) or SIGTERM is acknowledged at once and the run stops after
 the step with a checkpoint; a second one stops at once (the previous checkpoint stays complete).
@@ -48,17 +38,13 @@ memory, a failed write); 2 a flag, or the data, checkpoint or folder it names, c
 import argparse
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
-import platform
 import signal
 import sys
 import time
 from copy import deepcopy
-from glob import escape, glob
-from importlib import metadata
 from typing import NamedTuple
 
 import torch
@@ -68,25 +54,20 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 import model as dis
-from data import DATASETS, TensorImages, batch_plan, data_stream, encode, prepare_data
-from diffusion import create_diffusion, generate
-from distributed import (StopSignals, available_memory, barrier, derived_seed, process_group, rank_seed, rng_states,
-                         set_rng_state)
+from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors, nearest_existing
+from data import DATASETS, batch_plan, data_stream, encode, prepare_data
+from diffusion import create_diffusion
+from distributed import StopSignals, derived_seed, process_group
+from memory import OUR_KERNELS, check_memory, out_of_memory
 from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
+from runs import Run, SampleGrid, open_run_dir, record_launch, restore_rng, resume_or_new, writing
 from scan import BACKENDS, resolve_backend
-from storage import grid_labels, load_checkpoint, model_config, save_grid, to_uint8, write_atomically, write_text
+from storage import model_config
 
 DEFAULT_STEPS = 500_000  # the paper's CIFAR-10 / CelebA schedule
-GRID_RESPACING = "ddim25"
 SMALL_PRESET = dict(model="DiS-S/4", image_size=16, embed_dim=64, depth=4, global_batch_size=32, max_steps=1200,
                     warmup_steps=50, lr=1e-3, log_every=25, ckpt_every=400, sample_every=400)
 PRESETS = {"paper": {}, "small": SMALL_PRESET}
-RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everything else is the run's
-    "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
-    "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile", "compile_mode",
-    "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples",
-    "inception_weights", "grad_accum_steps", "tensorboard", "fid_every", "fid_sampling_steps", "preset", "memory_check"}
-OUR_KERNELS = ("triton", "cuda")  # the scans that keep chunk states for their backward pass (--scan-save-every)
 
 log = logging.getLogger("dis.train")
 
@@ -167,183 +148,7 @@ def agree(loss, norm, signalled, timed_out, world, device):
     return Agreement(loss_sum / world, norm_sum / world, not bad, bool(signalled), bool(timed_out))
 
 
-# ----------------------------------------------------------------------------- the run and its folder
-
-class Run:
-    """What a checkpoint holds (the model, its EMA, the optimizer and its schedule, the step, the
-    loss curve) and the folder it is saved to."""
-
-    def __init__(self, folder, args, config, model, ema, opt, scheduler, dataset_size):
-        self.folder, self.args, self.config = folder, args, config
-        self.model, self.ema, self.opt, self.scheduler = model, ema, opt, scheduler
-        self.dataset_size, self.per_epoch = dataset_size, dataset_size // args.global_batch_size
-        self.step, self.loss_curve, self.nonfinite, self.saved_at = 0, [], 0, None
-
-    def restore(self, ckpt):
-        self.opt.load_state_dict(ckpt["opt"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step, self.loss_curve, self.nonfinite = ckpt["step"], ckpt["loss_curve"], ckpt["nonfinite"]
-        self.saved_at = self.step
-        if ckpt["data"]["dataset_size"] != self.dataset_size:
-            log.warning(f"the dataset has {self.dataset_size} images, the run had {ckpt['data']['dataset_size']}: "
-                        f"the data order changes")
-
-    def checkpoint_path(self, step=None):
-        return os.path.join(self.folder, "checkpoints", f"{self.step if step is None else step:07d}.pt")
-
-    def save(self, rank, world, device):
-        """Write the checkpoint (plus every rank's RNG state) atomically from rank 0."""
-        state = dict(model=self.model.state_dict(), ema=self.ema.state_dict(), opt=self.opt.state_dict(),
-                     scheduler=self.scheduler.state_dict(), step=self.step, args=vars(self.args), config=self.config,
-                     data=dict(seed=self.args.global_seed, epoch=self.step // self.per_epoch,
-                               batch_in_epoch=self.step % self.per_epoch, dataset_size=self.dataset_size,
-                               global_batch_size=self.args.global_batch_size),
-                     loss_curve=self.loss_curve, nonfinite=self.nonfinite, rng=rng_states(world, device))
-        if rank == 0:
-            with writing(self.checkpoint_path(), self.last_saved()):
-                write_atomically(self.checkpoint_path(), functools.partial(torch.save, state))
-            log.info(f"Saved checkpoint {self.checkpoint_path()}")
-        barrier()
-        self.saved_at = self.step
-
-    def last_saved(self):
-        return "none" if self.saved_at is None else self.checkpoint_path(self.saved_at)
-
-
-@contextlib.contextmanager
-def writing(path, last_checkpoint):
-    """An OSError while writing `path` (a full disk, a folder made read-only or removed) ends the
-    run with one line naming the last complete checkpoint; the unfinished path.tmp is removed."""
-    try:
-        yield
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise SystemExit(f"cannot write {path}: {e.strerror}; the last complete checkpoint: {last_checkpoint}")
-
-
-class SampleGrid:
-    """The grid drawn while training: the EMA model, DDIM 25 steps, guidance --sample-cfg, fixed
-    noise and labels (one class per row); written to samples/SSSSSSS.png and the dashboard."""
-
-    def __init__(self, args, channels, side, learn_sigma, vae, device):
-        self.labels, count = grid_labels(args.num_classes)
-        self.noise = torch.randn(count, channels, side, side, generator=torch.Generator().manual_seed(args.global_seed))
-        self.diffusion = create_diffusion(GRID_RESPACING, learn_sigma=learn_sigma)
-        self.cfg, self.vae, self.device, self.bf16 = args.sample_cfg, vae, device, args.precision == "bf16"
-
-    def draw(self, run, rank, board):
-        if rank == 0:
-            labels = None if self.labels is None else self.labels.to(self.device)
-            images = generate(run.ema, self.diffusion, self.noise.to(self.device), labels, self.cfg, "ddim", self.vae,
-                              bf16=self.bf16, progress=self.device.type == "cpu")
-            text = json.dumps(dict(step=run.step, sampler=GRID_RESPACING, cfg_scale=self.cfg, weights="ema"))
-            path = os.path.join(run.folder, "samples", f"{run.step:07d}.png")
-            with writing(path, run.last_saved()):
-                save_grid(to_uint8(images), path, 10, text)
-            board.image("samples", path, run.step)
-        barrier()
-
-
-def open_run_dir(args, resume_path, rank, world):
-    """The resumed run's folder (when its checkpoint sits in RUN/checkpoints/), else a new
-    results_dir/NNN-DiS-S-2 with NNN one above the highest existing index (DiT's layout)."""
-    if resume_path and os.path.basename(os.path.dirname(resume_path)) == "checkpoints":
-        return os.path.dirname(os.path.dirname(resume_path))
-    run_dir = None
-    if rank == 0:
-        try:
-            os.makedirs(args.results_dir, exist_ok=True)
-            taken = [int(d[:3]) for d in os.listdir(args.results_dir) if d[:3].isdigit()]
-            run_dir = os.path.join(args.results_dir, f"{max(taken, default=-1) + 1:03d}-{args.model.replace('/', '-')}")
-            os.makedirs(os.path.join(run_dir, "samples"))
-            os.makedirs(os.path.join(run_dir, "checkpoints"))
-        except OSError as e:
-            raise SystemExit(f"--results-dir {args.results_dir}: cannot create {e.filename}: {e.strerror}")
-    if world > 1:
-        shared = [run_dir]
-        dist.broadcast_object_list(shared, src=0)
-        run_dir = shared[0]
-    return run_dir
-
-
-def find_resume(results_dir, model_name):
-    """The newest checkpoint of the newest run (the highest NNN) in results_dir that has one, of
-    the model `model_name` or, if None, of any; None when there is none."""
-    pattern = "*" if model_name is None else model_name.replace("/", "-")
-    runs = sorted(glob(os.path.join(escape(results_dir), f"[0-9][0-9][0-9]-{pattern}")), reverse=True)
-    for run in runs:
-        found = sorted(glob(os.path.join(escape(run), "checkpoints", "[0-9]*.pt")))
-        if found:
-            return found[-1]
-    return None
-
-
-def read_resume(path):
-    """The checkpoint --resume names, checked to be one of train.py's."""
-    ckpt = load_checkpoint(path, mmap=True)
-    missing = [k for k in ("model", "ema", "opt", "scheduler", "step", "args", "config", "rng") if k not in ckpt]
-    if missing:
-        raise SystemExit(f"--resume {path} is not a train.py checkpoint (it has no {', '.join(missing)}; a bare state "
-                         f"dict?): sample.py --ckpt reads such weights; to train anew, leave out --resume")
-    return ckpt
-
-
-def resumed_args(args, saved, parser):
-    """The checkpoint's arguments, with the operational ones from the command line; returns them
-    and the command-line values that were ignored."""
-    merged, ignored = dict(saved), []
-    for key, value in vars(args).items():
-        if key in RESUME_FROM_COMMAND_LINE or key not in saved:
-            merged[key] = value
-        elif value is not None and value != parser.get_default(key) and value != saved[key]:
-            ignored.append(f"--{key.replace('_', '-')} {value} (the run's value: {saved[key]})")
-    return argparse.Namespace(**merged), ignored
-
-
-def restore_rng(ckpt, args, rank, world, device, step):
-    """Drop path and label dropout draw from each rank's default generator: restore it from the
-    checkpoint, else seed it with DiT's per-rank seed."""
-    if ckpt is not None and len(ckpt["rng"]) == world:
-        return set_rng_state(ckpt["rng"][rank], device)
-    if ckpt is not None:
-        log.warning(f"the run had {len(ckpt['rng'])} processes, now {world}: drop path and label dropout are reseeded")
-    seed = rank_seed(args.global_seed, rank, world)
-    torch.manual_seed(seed if step == 0 else derived_seed(seed, step))
-
-
-def record_launch(run_dir, args, world, device, backend, step):
-    """Append this launch (arguments, seeds per rank, device, library versions) to run_dir/run.json."""
-    path, launches = os.path.join(run_dir, "run.json"), []
-    if os.path.isfile(path):
-        with open(path) as f:
-            launches = json.load(f)
-    versions = {"python": platform.python_version(), "cuda": torch.version.cuda}
-    for name in ("torch", "torchvision", "numpy", "pillow", "diffusers", "triton", "mamba-ssm", "causal-conv1d"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    launches.append(dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, start_step=step, args=vars(args),
-                         world_size=world, model_init_seed=args.global_seed,
-                         rank_seeds=[rank_seed(args.global_seed, r, world) for r in range(world)], device=str(device),
-                         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                         scan_backend=backend, versions=versions))
-    write_text(path, json.dumps(launches, indent=1))
-
-
 # ----------------------------------------------------------------------------- set-up
-
-@contextlib.contextmanager
-def input_errors():
-    """A SystemExit(message) raised inside (data, a checkpoint or a setting that cannot be used)
-    ends the program as argparse's errors do: `train.py: error: message`, exit status 2."""
-    try:
-        yield
-    except SystemExit as e:
-        if not isinstance(e.code, str):
-            raise
-        print(f"train.py: error: {e.code}", file=sys.stderr)
-        raise SystemExit(2) from None
-
 
 def check_run(args, world, device):
     """Settings that depend on the processes and the device."""
@@ -382,61 +187,6 @@ def total_steps(args, dataset_size):
     return min(ends) if ends else DEFAULT_STEPS
 
 
-def saved_bytes(config, batch):
-    """Bytes of the tensors autograd keeps for the backward pass of a training forward of `batch`
-    images through DiS(**config), counted on the meta device: shapes only, nothing is computed or
-    allocated."""
-    with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        model = dis.DiS(**config, scan_backend="ref")
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
-        kept = {}  # storage -> bytes: views of one tensor count once, parameters not at all
-
-        def pack(t):
-            if t.untyped_storage()._cdata not in params:
-                kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            labels = torch.zeros(batch, dtype=torch.long) if model.num_classes else None
-            model(torch.zeros(batch, model.in_channels, model.img_size, model.img_size),
-                  torch.zeros(batch, dtype=torch.long), labels)
-    return sum(kept.values())
-
-
-def activation_bytes(config, batch):
-    """saved_bytes at the config's depth and batch, from four small probes (depth 2 and 4, batch 2
-    and 3): the bytes grow linearly with each pair of blocks (one in, one out) and with the batch
-    (from 2 on; a batch of 1 is counted as 2)."""
-    probes = {(depth, b): saved_bytes({**config, "depth": depth}, b) for depth in (2, 4) for b in (2, 3)}
-    pairs = config["depth"] // 2 - 1  # beyond the depth-2 model's
-    two, three = (probes[2, b] + pairs * (probes[4, b] - probes[2, b]) for b in (2, 3))
-    return two + (max(batch, 2) - 2) * (three - two)
-
-
-def check_memory(config, args, world, device, data):
-    """Refuse a run that clearly will not fit: weights, gradients, AdamW's moments and the EMA
-    (20 bytes a parameter), the dataset held on the device and, on the CPU (where running out
-    ends the process without a word), the activations autograd keeps for one micro-batch."""
-    available = available_memory(device)
-    if not args.memory_check or available is None:
-        return
-    with torch.device("meta"):
-        need = 20 * sum(p.numel() for p in dis.DiS(**config, scan_backend="ref").parameters())
-    need += data.source.images.nbytes if isinstance(data.source, TensorImages) else 0
-    if device.type == "cpu":
-        activations = activation_bytes(config, args.global_batch_size // (world * args.grad_accum_steps))
-        if args.grad_checkpointing:  # block inputs, and one block's activations while it is recomputed
-            activations = activations * 2 // (config["depth"] + 1)
-        need = (need + activations) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # its processes share the RAM
-    where = "of GPU memory" if device.type == "cuda" else "of RAM"
-    log.info(f"Memory: about {need / 2**30:.2f} GiB needed, {available / 2**30:.1f} GiB {where} available")
-    if need > available:
-        raise SystemExit(f"this run needs about {need / 2**30:.1f} GiB {where}, {available / 2**30:.1f} GiB are "
-                         f"available: lower --global-batch-size, use a smaller --model, --embed-dim or --depth, a "
-                         f"larger patch (DiS-S/4, DiS-S/8) or --grad-checkpointing (or skip this: --no-memory-check)")
-    if available < 1.5 * need:  # temporaries of the backward pass come on top
-        log.warning("this run may not fit in memory; if it is stopped for it, lower --global-batch-size")
-
-
 def build_model(config, ckpt, args, backend, device, world):
     """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
     from the global seed, so identically for any number of processes; or loaded from ckpt."""
@@ -457,22 +207,6 @@ def build_model(config, ckpt, args, backend, device, world):
     return model, ema, ddp
 
 
-def oom_advice(args, backend):
-    """What to change after running out of GPU memory, for this run's settings. Our scans (Triton,
-    CUDA) keep float32 chunk states for their backward pass; --scan-save-every keeps fewer,
-    --grad-checkpointing recomputes whole blocks, and mamba-ssm's kernel saves less but runs slower."""
-    advice = ["lower --global-batch-size"]
-    if backend in OUR_KERNELS and args.scan_save_every == 1:
-        advice.append("add --scan-save-every 2")
-    if not args.grad_checkpointing:
-        advice.append("add --grad-checkpointing")
-    if args.precision == "fp32":
-        advice.append("use --precision bf16")
-    if backend in OUR_KERNELS:
-        advice.append("use --scan-backend mamba (slower, less memory)")
-    return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
-
-
 def quality_probe(args, data, learn_sigma, device):
     """The QualityProbe of --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel space
     (what yardstick.py measures), of the yardstick; None when neither is asked for."""
@@ -486,19 +220,50 @@ def quality_probe(args, data, learn_sigma, device):
     return QualityProbe(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
 
 
+def log_settings(args, config, model, data, run, end, world, device, backend):
+    log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x"
+             f"{data.side}, {args.num_classes} classes, {f'latent space ({args.vae})' if data.vae else 'pixel space'}")
+    log.info(f"Data: {args.dataset}, {len(data.source):,} images from {data.where}; {run.per_epoch:,} steps per epoch; "
+             f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
+             f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
+             f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
+             f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
+             f"{', compiled' if args.compile else ''}")
+
+
+def stop_if_diverged(run, in_a_row, args, rank, world, device):
+    """More than --max-nonfinite skipped steps in a row end the run, with a checkpoint."""
+    if in_a_row > args.max_nonfinite:
+        run.save(rank, world, device)
+        raise SystemExit(f"{in_a_row} non-finite steps in a row (more than --max-nonfinite {args.max_nonfinite}) "
+                         f"at step {run.step}; checkpoint {run.checkpoint_path()} holds the weights before them; "
+                         f"lower --lr or use --precision fp32, then --resume {run.checkpoint_path()}")
+
+
+def after_step(run, args, end, stop_reason, meter, bar, grid, probe, board, rank, world, device):
+    """What runs every so many steps: the log line, the checkpoint, the sample grid, the FID."""
+    if run.step % args.log_every == 0 or run.step in (1, end):
+        log_progress(run, meter, bar, device, board)
+    if run.step % args.ckpt_every == 0 or stop_reason:
+        run.save(rank, world, device)
+    drew = args.sample_every and run.step % args.sample_every == 0 and stop_reason != "signal"
+    if drew:
+        grid.draw(run, rank, board)
+    measured = args.fid_every and run.step % args.fid_every == 0 and run.step < end and not stop_reason
+    if measured:  # the last step's FID follows the loop
+        probe.measure(run, rank, world, board, keep=False)
+    if run.saved_at == run.step or drew or measured:
+        meter.restart(run.step)  # the time spent on them is not training throughput
+
+
 # ----------------------------------------------------------------------------- training
 
 def train(args, parser, rank, world, device):
-    """Set-up, data, model, loop, save; returns the run's folder."""
-    with input_errors():  # up to the first step, a problem is the input's: one line, exit status 2
+    """Set-up, model, data, loop, save; returns the run's folder."""
+    with input_errors(parser):  # up to the first step, a problem is the input's: one line, exit status 2
         setup_logging(rank)
-        resume_path = find_resume(args.results_dir, args.model) if args.resume == "auto" else args.resume
-        if args.resume == "auto":
-            log.info(f"--resume auto: resuming {resume_path}" if resume_path else
-                     f"--resume auto: no checkpoint in {args.results_dir}, starting a new run")
-        ckpt = read_resume(resume_path) if resume_path else None
-        args, ignored = resumed_args(args, ckpt["args"], parser) if ckpt else (args, [])
-        args.model = args.model or parser.get_default("model")
+        args, ckpt, resume_path, ignored = resume_or_new(args, parser)
         check_run(args, world, device)
         backend = scan_backend(args, device)
         data = prepare_data(args, rank, world, device)  # the data decides the model's input (channels, side)
@@ -516,10 +281,12 @@ def train(args, parser, rank, world, device):
         log.warning(f"ignoring {flag}: a resumed run keeps its settings")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
+
+    # Model, optimizer, schedule and the run's state (restored with --resume)
     model, ema, ddp = build_model(config, ckpt, args, backend, device, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
-    schedule = functools.partial(lr_factor, warmup=args.warmup_steps, total=end)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, warmup=args.warmup_steps,
+                                                                         total=end))
     run = Run(run_dir, args, config, model, ema, opt, scheduler, len(data.source))
     if ckpt is not None:
         run.restore(ckpt)
@@ -528,19 +295,12 @@ def train(args, parser, rank, world, device):
     diffusion = create_diffusion("", learn_sigma=config["learn_sigma"])
     grid = SampleGrid(args, data.channels, data.side, config["learn_sigma"], data.vae, device)
     board = Dashboard(os.path.join(run_dir, "tensorboard") if rank == 0 and args.tensorboard else None, run.step)
-    log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), "
-             f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x"
-             f"{data.side}, {args.num_classes} classes, {f'latent space ({args.vae})' if data.vae else 'pixel space'}")
-    log.info(f"Data: {args.dataset}, {len(data.source):,} images from {data.where}; {run.per_epoch:,} steps per epoch; "
-             f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
-             f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
-             f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
-             f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
-             f"{', compiled' if args.compile else ''}")
+    log_settings(args, config, model, data, run, end, world, device, backend)
     if rank == 0:
         with writing(os.path.join(run_dir, "run.json"), run.last_saved()):
             record_launch(run_dir, args, world, device, backend, run.step)
 
+    # Data: this rank's share of each global batch, in the order of (seed, epoch), from run.step on
     batches = data_stream(data.source, batch_plan(len(data.source), args.global_batch_size, rank, world,
                                                   args.global_seed, run.step), device, args.num_workers)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -571,36 +331,18 @@ def train(args, parser, rank, world, device):
                                 f"{run.nonfinite} in all): update skipped on every rank")
                 run.step += 1
                 bar.update(1)
-
-                if in_a_row > args.max_nonfinite:
-                    run.save(rank, world, device)
-                    raise SystemExit(f"{in_a_row} non-finite steps in a row (more than --max-nonfinite "
-                                     f"{args.max_nonfinite}) at step {run.step}; checkpoint {run.checkpoint_path()} "
-                                     f"holds the weights before them; lower --lr or use --precision fp32, then "
-                                     f"--resume {run.checkpoint_path()}")
-                if run.step % args.log_every == 0 or run.step in (1, end):
-                    log_progress(run, meter, bar, device, board)
+                stop_if_diverged(run, in_a_row, args, rank, world, device)
                 stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
-                if run.step % args.ckpt_every == 0 or stop_reason:
-                    run.save(rank, world, device)
-                drew = args.sample_every and run.step % args.sample_every == 0 and stop_reason != "signal"
-                if drew:
-                    grid.draw(run, rank, board)
-                measured = args.fid_every and run.step % args.fid_every == 0 and run.step < end and not stop_reason
-                if measured:  # the last step's FID follows the loop
-                    probe.measure(run, rank, world, board, keep=False)
-                if run.saved_at == run.step or drew or measured:
-                    meter.restart(run.step)
+                after_step(run, args, end, stop_reason, meter, bar, grid, probe, board, rank, world, device)
+
+            # Save: the last checkpoint and grid (a second signal skips them: the previous checkpoint stays)
             if stop_reason != "signal":
                 if run.saved_at != run.step:
                     run.save(rank, world, device)
                 if args.sample_every and run.step % args.sample_every:
                     grid.draw(run, rank, board)
         except torch.OutOfMemoryError:
-            micro = args.global_batch_size // (world * args.grad_accum_steps)
-            raise SystemExit(f"CUDA out of memory with {micro} images per GPU ({args.model}, {args.precision}, "
-                             f"{backend} scan): add --grad-accum-steps {2 * args.grad_accum_steps} (the same global "
-                             f"batch in smaller micro-batches), {oom_advice(args, backend)}")
+            raise out_of_memory(args, world, backend)
     if stop_reason == "signal":
         log.info(f"Stopped by {signal.Signals(stop.received).name} at step {run.step}; continue with: "
                  f"python train.py --resume {run.checkpoint_path()}")
@@ -615,17 +357,6 @@ def train(args, parser, rank, world, device):
 
 
 # ----------------------------------------------------------------------------- command line
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `train.py: error: message`, exit status 2 (usage: --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def at_least(low, what):
-    return lambda v: v >= low, what
-
 
 CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not tested
     "image_size": at_least(1, "positive"), "num_classes": at_least(0, ">= 0 (0: unconditional)"),
@@ -648,21 +379,14 @@ CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not teste
 
 def check_args(args, parser):
     """Every numeric and path argument in its range, or parser.error naming it (exit status 2)."""
-    for name, (accepts, what) in CHECKS.items():
-        value = getattr(args, name)
-        if value is not None and not accepts(value):
-            parser.error(f"--{name.replace('_', '-')} must be {what}, not {value:g}")
-    for flag, path in (("--data-path", args.data_path), ("--fid-ref", args.fid_ref),
-                       ("--inception-weights", args.inception_weights),
-                       ("--resume", None if args.resume == "auto" else args.resume)):
-        if path is not None and not os.path.exists(path):
-            parser.error(f"{flag} {path}: no such file or folder")
+    check_ranges(args, parser, CHECKS)
+    check_exist(parser, (("--data-path", args.data_path), ("--fid-ref", args.fid_ref),
+                         ("--inception-weights", args.inception_weights),
+                         ("--resume", None if args.resume == "auto" else args.resume)))
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume} is a folder; give a checkpoint file or auto")
     for flag, folder in (("--results-dir", args.results_dir), ("--cache-dir", args.cache_dir)):
-        existing = folder
-        while existing and not os.path.exists(existing):
-            existing = os.path.dirname(os.path.abspath(existing))
+        existing = folder and nearest_existing(folder)
         if existing and not os.path.isdir(existing):
             parser.error(f"{flag} {folder}: {existing} is a file, not a folder")
         if existing and not os.access(existing, os.W_OK | os.X_OK):

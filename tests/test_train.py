@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import diffusion
+import memory
 import model as dis
 import train
 from conftest import REPO, TINY, fashion_arrays, load, one_line_error, write_fashion_subset  # noqa: F401
@@ -390,4 +391,4 @@ def test_activation_estimate_counts_what_autograd_keeps():
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randn(5, 1, 8, 8), torch.tensor([1, 500, 999, 0, 3]), torch.tensor([0, 3, 10, 9, 9]))
-    assert train.activation_bytes(config, 5) == sum(kept.values())
+    assert memory.activation_bytes(config, 5) == sum(kept.values())

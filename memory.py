@@ -1,0 +1,97 @@
+"""Will a training run fit in memory? An estimate made before the first step, on the meta device,
+and what to change after running out of GPU memory anyway.
+
+Training keeps, per parameter, the float32 weight, its gradient, AdamW's two moments and the EMA
+copy (20 bytes), plus the activations autograd saves for the backward pass of one micro-batch.
+"""
+import logging
+import os
+
+import torch
+
+import model as dis
+from data import TensorImages
+from distributed import available_memory
+
+OUR_KERNELS = ("triton", "cuda")  # the scans that keep chunk states for their backward pass (--scan-save-every)
+
+log = logging.getLogger("dis.train")
+
+
+def saved_bytes(config, batch):
+    """Bytes of the tensors autograd keeps for the backward pass of a training forward of `batch`
+    images through DiS(**config), counted on the meta device: shapes only, nothing is computed or
+    allocated."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        model = dis.DiS(**config, scan_backend="ref")
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        kept = {}  # storage -> bytes: views of one tensor count once, parameters not at all
+
+        def pack(t):
+            if t.untyped_storage()._cdata not in params:
+                kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            labels = torch.zeros(batch, dtype=torch.long) if model.num_classes else None
+            model(torch.zeros(batch, model.in_channels, model.img_size, model.img_size),
+                  torch.zeros(batch, dtype=torch.long), labels)
+    return sum(kept.values())
+
+
+def activation_bytes(config, batch):
+    """saved_bytes at the config's depth and batch, from four small probes (depth 2 and 4, batch 2
+    and 3): the bytes grow linearly with each pair of blocks (one in, one out) and with the batch
+    (from 2 on; a batch of 1 is counted as 2)."""
+    probes = {(depth, b): saved_bytes({**config, "depth": depth}, b) for depth in (2, 4) for b in (2, 3)}
+    pairs = config["depth"] // 2 - 1  # beyond the depth-2 model's
+    two, three = (probes[2, b] + pairs * (probes[4, b] - probes[2, b]) for b in (2, 3))
+    return two + (max(batch, 2) - 2) * (three - two)
+
+
+def check_memory(config, args, world, device, data):
+    """Refuse a run that clearly will not fit: weights, gradients, AdamW's moments and the EMA
+    (20 bytes a parameter), the dataset held on the device and, on the CPU (where running out
+    ends the process without a word), the activations autograd keeps for one micro-batch."""
+    available = available_memory(device)
+    if not args.memory_check or available is None:
+        return
+    with torch.device("meta"):
+        need = 20 * sum(p.numel() for p in dis.DiS(**config, scan_backend="ref").parameters())
+    need += data.source.images.nbytes if isinstance(data.source, TensorImages) else 0
+    if device.type == "cpu":
+        activations = activation_bytes(config, args.global_batch_size // (world * args.grad_accum_steps))
+        if args.grad_checkpointing:  # block inputs, and one block's activations while it is recomputed
+            activations = activations * 2 // (config["depth"] + 1)
+        need = (need + activations) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # its processes share the RAM
+    where = "of GPU memory" if device.type == "cuda" else "of RAM"
+    log.info(f"Memory: about {need / 2**30:.2f} GiB needed, {available / 2**30:.1f} GiB {where} available")
+    if need > available:
+        raise SystemExit(f"this run needs about {need / 2**30:.1f} GiB {where}, {available / 2**30:.1f} GiB are "
+                         f"available: lower --global-batch-size, use a smaller --model, --embed-dim or --depth, a "
+                         f"larger patch (DiS-S/4, DiS-S/8) or --grad-checkpointing (or skip this: --no-memory-check)")
+    if available < 1.5 * need:  # temporaries of the backward pass come on top
+        log.warning("this run may not fit in memory; if it is stopped for it, lower --global-batch-size")
+
+
+def oom_advice(args, backend):
+    """What to change after running out of GPU memory, for this run's settings. Our scans (Triton,
+    CUDA) keep float32 chunk states for their backward pass; --scan-save-every keeps fewer,
+    --grad-checkpointing recomputes whole blocks, and mamba-ssm's kernel saves less but runs slower."""
+    advice = ["lower --global-batch-size"]
+    if backend in OUR_KERNELS and args.scan_save_every == 1:
+        advice.append("add --scan-save-every 2")
+    if not args.grad_checkpointing:
+        advice.append("add --grad-checkpointing")
+    if args.precision == "fp32":
+        advice.append("use --precision bf16")
+    if backend in OUR_KERNELS:
+        advice.append("use --scan-backend mamba (slower, less memory)")
+    return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
+
+
+def out_of_memory(args, world, backend):
+    """The SystemExit for a CUDA out-of-memory error: the micro-batch that did not fit and what to change."""
+    micro = args.global_batch_size // (world * args.grad_accum_steps)
+    return SystemExit(f"CUDA out of memory with {micro} images per GPU ({args.model}, {args.precision}, {backend} "
+                      f"scan): add --grad-accum-steps {2 * args.grad_accum_steps} (the same global batch in smaller "
+                      f"micro-batches), {oom_advice(args, backend)}")
