@@ -30,6 +30,8 @@ from PIL import Image
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 from tqdm import tqdm
 
+from cli import OneLineParser
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -769,13 +771,6 @@ def evaluate(samples, reference, net=None, weights=None, mode="adm", batch_size=
     if net is None and network_needed(sam, ref):
         net = load_inception(weights, mode, device)
     return compare(sam, ref, net, mode, device, save_stats, progress)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `prog: error: message`, exit status 2 (usage: --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def checked(check):

@@ -45,6 +45,7 @@ import torch
 
 import fid
 import model as dis
+from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors, nearest_existing
 from diffusion import SAMPLERS, create_diffusion, generate, sampler_respacing
 from distributed import process_group
 from scan import BACKENDS, resolve_backend
@@ -53,16 +54,16 @@ from storage import (CheckpointError, export_model, grid_labels, is_hub_id, load
 
 DIFFUSION_STEPS = 1000
 DDIM_COUNTS = sorted({len(range(0, DIFFUSION_STEPS, stride)) for stride in range(1, DIFFUSION_STEPS)})
+CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not tested
+    "num_sampling_steps": (lambda v: 2 <= v <= DIFFUSION_STEPS, f"in 2..{DIFFUSION_STEPS}"),
+    "cfg_scale": at_least(0, ">= 0 (1: no guidance)"),
+    **{name: at_least(1, "positive") for name in ("per_proc_batch_size", "num_samples", "cfg_channels", "image_size",
+                                                  "channels", "embed_dim", "depth")},
+    "num_classes": at_least(0, ">= 0 (0: unconditional)"), "seed": at_least(0, ">= 0"),
+}
 
 
 # ----------------------------------------------------------------------------- command line
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `sample.py: error: message`, exit status 2 (usage: --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def parse_args(argv=None):
     parser = OneLineParser(prog="sample.py", description=__doc__.split("\n")[0])
@@ -127,35 +128,20 @@ def check_args(args, parser):
     """Every numeric and path argument in its range, or parser.error naming it (exit code 2)."""
     if not os.path.exists(args.ckpt) and not is_hub_id(args.ckpt):
         parser.error(f"--ckpt {args.ckpt}: no such file or folder (nor a Hugging Face hub id owner/name)")
+    check_ranges(args, parser, CHECKS)
     steps = args.num_sampling_steps
-    if not 2 <= steps <= DIFFUSION_STEPS:
-        parser.error(f"--num-sampling-steps must be in 2..{DIFFUSION_STEPS}, not {steps}")
     if args.sampler == "ddim" and steps not in DDIM_COUNTS:
         near = sorted(DDIM_COUNTS, key=lambda n: abs(n - steps))[:2]
         parser.error(f"--num-sampling-steps {steps} with --sampler ddim: no integer stride gives {steps} of the "
                      f"{DIFFUSION_STEPS} steps; nearest that do: {', '.join(map(str, sorted(near)))}")
-    if not args.cfg_scale >= 0:
-        parser.error(f"--cfg-scale must be >= 0 (1: no guidance), not {args.cfg_scale:g}")
     if args.cfg_interval is not None and not 0 <= args.cfg_interval[0] <= args.cfg_interval[1] <= 1:
         parser.error(f"--cfg-interval LOW HIGH needs 0 <= LOW <= HIGH <= 1, not {args.cfg_interval[0]:g} "
                      f"{args.cfg_interval[1]:g}")
-    positive = dict(per_proc_batch_size=args.per_proc_batch_size, num_samples=args.num_samples,
-                    cfg_channels=args.cfg_channels, image_size=args.image_size, channels=args.channels,
-                    embed_dim=args.embed_dim, depth=args.depth)
-    for name, value in positive.items():
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, not {value}")
     if args.depth is not None and args.depth % 2:
         parser.error(f"--depth must be even (depth/2 blocks on each side of the middle block), not {args.depth}")
-    if args.num_classes < 0:
-        parser.error(f"--num-classes must be >= 0 (0: unconditional), not {args.num_classes}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, not {args.seed}")
     if any(c < 0 for c in args.class_labels or []):
         parser.error(f"--class-labels must be >= 0, not {min(args.class_labels)}")
-    for flag, path in (("--fid-ref", args.fid_ref), ("--inception-weights", args.inception_weights)):
-        if path is not None and not os.path.exists(path):
-            parser.error(f"{flag} {path}: no such file or folder")
+    check_exist(parser, (("--fid-ref", args.fid_ref), ("--inception-weights", args.inception_weights)))
     if args.fid_ref is not None:
         if not args.num_samples:
             parser.error("--fid-ref needs --num-samples (the FID of the written .npz)")
@@ -167,9 +153,11 @@ def check_args(args, parser):
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             parser.error(f"{flag} {path} is a file; give a folder")
     if args.num_samples is None and args.export is None and os.path.isdir(args.out):
-        parser.error(f"--out {args.out} is a folder; give the grid's file name, e.g. {os.path.join(args.out, 'sample.png')}")
+        parser.error(f"--out {args.out} is a folder; give the grid's file name, e.g. "
+                     f"{os.path.join(args.out, 'sample.png')}")
+    grid_folder = None if args.num_samples or args.export else os.path.dirname(os.path.abspath(args.out))
     for flag, path in (("--sample-dir", args.sample_dir if args.num_samples else None), ("--export", args.export),
-                       ("--out", None if args.num_samples or args.export else os.path.dirname(os.path.abspath(args.out)))):
+                       ("--out", grid_folder)):
         if path is not None and not writable(path):
             parser.error(f"{flag} {path}: cannot write there (a file in the way, or no permission)")
     if 0 <= args.cfg_scale < 1:
@@ -181,9 +169,7 @@ def check_args(args, parser):
 
 def writable(folder):
     """Whether files can be created in `folder` or, where it does not exist, in its nearest existing parent."""
-    folder = os.path.abspath(folder)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = nearest_existing(folder)
     return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
 
 
@@ -213,12 +199,14 @@ def npz_name(args, info):
 
 
 def load(args, parser, device, load_decoder=True, scan_backend="auto"):
-    """load_model with the command line's settings; a checkpoint problem is a usage error."""
+    """load_model with the command line's settings; a problem with the checkpoint, the model
+    settings or the VAE is a usage error (one line, exit status 2)."""
     original = dict(model=args.model, image_size=args.image_size, num_classes=args.num_classes, channels=args.channels,
                     embed_dim=args.embed_dim, depth=args.depth, learn_sigma=args.learn_sigma, skip=args.skip,
                     cond=args.cond)
     try:
-        return load_model(args.ckpt, device, args.use_ema, args.vae, original, load_decoder, scan_backend)
+        with input_errors(parser):  # storage.model_config and data.load_vae end with SystemExit(message)
+            return load_model(args.ckpt, device, args.use_ema, args.vae, original, load_decoder, scan_backend)
     except CheckpointError as e:
         parser.error(f"--ckpt: {e}")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY, load, write_fashion_subset
+from conftest import REPO, TINY, load, refusal, write_fashion_subset
 
 import model as dis
 import sample
@@ -243,6 +243,18 @@ def test_error_checkpoint_of_another_model_size(ckpt, tmp_path, capsys):
     message = usage_error(["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--image-size", "8",
                            "--num-classes", "10", "--channels", "1"], capsys)
     assert "ask for DiS-S/2 (D=368, depth 24)" in message
+
+
+def test_unusable_model_size_or_vae_is_a_usage_error(ckpt, tmp_path, capsys):
+    """Settings that storage.model_config or data.load_vae refuse end as the parser's errors do:
+    one line, exit status 2."""
+    torch.save({"model": load(ckpt)["model"]}, tmp_path / "original.pth")
+    message = refusal(sample.main, ["--ckpt", str(tmp_path / "original.pth"), "--model", "DiS-S/2", "--image-size",
+                                    "7", "--num-classes", "10", "--channels", "1", "--device", "cpu"], capsys)
+    assert "7x7, which the patch size 2 of DiS-S/2 does not divide" in message
+    (tmp_path / "no-vae").mkdir()
+    message = refusal(sample.main, ["--ckpt", ckpt, "--vae", str(tmp_path / "no-vae"), "--device", "cpu"], capsys)
+    assert message.startswith(f"sample.py: error: cannot load the VAE '{tmp_path / 'no-vae'}'")
 
 
 def test_error_guidance_of_an_unconditional_model(tmp_path, capsys):
