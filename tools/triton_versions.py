@@ -9,7 +9,7 @@ one in the JIT's cache. Three steps:
     python tools/triton_versions.py compile specs.json other.json   # machine with the other Triton
     python tools/triton_versions.py bench other.json [REPS [KERNELS]]  # GPU machine: both, alternating
 
-The workload is bench.py's three scan shapes (both directions, bf16, forward and backward) and
+The workload is three of bench.py's scan shapes (both directions, bf16, forward and backward) and
 the DiS-S/2 32x32 batch-128 training step. `bench` first checks that the swapped kernels give
 the same outputs and gradients, then times local and other cubins alternately. KERNELS (a comma
 list, default all of scan_triton's) limits the swap to some kernels, to see which ones differ.
@@ -41,12 +41,13 @@ def run_workload():
     (a function that reruns the scans and gives their outputs and gradients, the scan cases as
     (arguments, leaves, dy), the model)."""
     import torch
-    import bench
     import scan_triton
+    from model import DiS_models
+    from timing import leaves_of, scan_inputs, throughput, token_major
     device = torch.device("cuda")
     cases = []
     for _, batch, E, L in SHAPES:
-        args = bench.leaves_of(bench.token_major(bench.scan_inputs(batch, E, L, torch.bfloat16, device, n_dir=2)))
+        args = leaves_of(token_major(scan_inputs(batch, E, L, torch.bfloat16, device, n_dir=2)))
         leaves = [v for v in args.values() if torch.is_tensor(v) and v.requires_grad]
         dy = torch.randn(batch, L, E, device=device, generator=torch.Generator(device).manual_seed(1)).bfloat16()
         cases.append((args, leaves, dy))
@@ -60,9 +61,8 @@ def run_workload():
     scans()
     torch.manual_seed(0)
     name, img, ch, classes, batch = MODEL
-    model = bench.build(name, img, ch, classes, device)
-    bench.use_scan(model, "triton")
-    bench.throughput(model, img, ch, classes, batch, device)
+    model = DiS_models[name](img_size=img, channels=ch, num_classes=classes, scan_backend="triton").to(device)
+    throughput(model, img, ch, classes, batch, device)
     return scans, cases, model
 
 
@@ -124,8 +124,8 @@ def swap_in(kernel, cubin, shared):
 def bench_versions(path, reps=3, kernels=",".join(KERNELS)):
     import torch
     import triton
-    import bench
     import scan_triton
+    from timing import measure, throughput
     with open(path) as f:
         other = json.load(f)
     device = torch.device("cuda")
@@ -156,7 +156,7 @@ def bench_versions(path, reps=3, kernels=",".join(KERNELS)):
               for x, y in zip(a, b))
     print(f"{len(versions[triton.__version__])} kernels swapped ({kernels}); largest relative difference of outputs and "
           f"gradients between the versions: {err:.1e}", flush=True)
-    ms = lambda fn: 1e3 * bench.measure(fn, device, warmup=5, repeat=30)  # noqa: E731
+    ms = lambda fn: 1e3 * measure(fn, device, warmup=5, repeat=30)  # noqa: E731
     name, img, ch, classes, batch = MODEL
     times = {}
     for _ in range(int(reps)):
@@ -165,7 +165,7 @@ def bench_versions(path, reps=3, kernels=",".join(KERNELS)):
             for (label, *_), (args, leaves, dy) in zip(SHAPES, cases):
                 t = ms(lambda: torch.autograd.grad(scan_triton.bimamba_scan(**args), leaves, dy))
                 times.setdefault((label, v), []).append(t)
-            times.setdefault((name, v), []).append(bench.throughput(model, img, ch, classes, batch, device)[0])
+            times.setdefault((name, v), []).append(throughput(model, img, ch, classes, batch, device)[0])
     print("| Triton | " + " | ".join(f"{label} fwd+bwd ms" for label, *_ in SHAPES) + f" | {name} train img/s |")
     print("|---" * (len(SHAPES) + 2) + "|")
     for v in versions:
