@@ -40,8 +40,12 @@ SCAN_CHUNK = {"cuda": 4, "cpu": 8}  # by device type; a power of two
 SCAN_FWD_CONFIGS = [(16, 1, None), (32, 1, None), (8, 1, None), (16, 1, 128), (32, 1, 168)]
 SCAN_BWD_CONFIGS = [(8, 1, None), (16, 1, None), (8, 1, 168)]
 SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
+# The convolutions: BLOCK_E channels per program (num_warps warps), time cut into spans of about
+# CONV_SPAN steps (one program each), walked CONV_BLOCK_T rows per loop step (their loads issued
+# together). Shorter spans make more programs; each span re-reads 2(W-1) rows at its ends.
 CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS = 8, 128, 4
-CONV_GRAD_SPAN = 64  # time steps per program of the conv's gradient kernel (a multiple of CONV_BLOCK_T)
+CONV_SPAN = 64
+CONV_CPU_TILE = (2, 8, 1, 4)  # interpreter: (BLOCK_T, BLOCK_E, num_warps, span), small so tests cross every edge
 # The backward pass leaves a chunk's T channel sums in T columns of a channel block (_channel_sums).
 if SCAN_CHUNK["cuda"] > min(be for be, _, _ in SCAN_BWD_CONFIGS) or SCAN_CHUNK["cpu"] > SCAN_CPU_BLOCK_E:
     raise ValueError("the scan's chunk length must not exceed its smallest backward channel block")
@@ -641,116 +645,163 @@ def _check_mamba_layout_args(u, delta, A, B, C, D, z, delta_bias):
 # Direction 0 is mamba's causal Conv1d(groups=E, padding=W-1)[..., :L]; direction 1 is the
 # same on the time-reversed sequence, reversed back, i.e. anti-causal.
 #   pre0[t] = bias0 + sum_k w0[k] x[t - (W-1) + k]      pre1[t] = bias1 + sum_k w1[k] x[t + (W-1) - k]
+# The backward pass is the transposed convolutions of g_d = du_d silu'(pre_d):
+#   dx[t] = sum_k w0[k] g0[t + (W-1) - k] + w1[k] g1[t - (W-1) + k]
+#
+# Both kernels stream: a program owns BLOCK_E channels of one sequence over a span of time steps
+# and walks it one row (the BLOCK_E contiguous channels of a time step) at a time, BLOCK_T rows
+# per loop step, loads first. At lead row s it holds the window x[s-W+1..s] in registers, which
+# is exactly what pre0[s] and pre1[s-W+1] read, so each x row is loaded once. The backward pass
+# also keeps the W newest rows of g0 (up to s) and of g1 (up to s-W+1), which are what dx[s-W+1]
+# reads. A span's outputs need W-1 rows of x and du past each of its ends: those rows are loaded
+# again by the neighbouring span, and their g recomputed but summed into dw, dbias only by the
+# span that owns them. Windows are tuples of (BLOCK_E,) rows, shifted by one per row.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _tap(t, k, D: tl.constexpr, W: tl.constexpr):
-    """Time index that tap k of direction D's filter reads for outputs at times t."""
-    if D == 0:
-        tk = t - (W - 1) + k
-    else:
-        tk = t + (W - 1) - k
-    return tk
+def _conv_rows(ptrs, t0, emask, L, stride_t, N: tl.constexpr, ACC: tl.constexpr):
+    """Rows t0..t0+N-1 of a (time, channels) array whose row 0 is at ptrs, as a tuple of N
+    (BLOCK_E,) rows in ACC, zero outside the sequence."""
+    rows = ()
+    for i in tl.static_range(N):
+        t = t0 + i
+        rows = rows + (tl.load(ptrs + t * stride_t, mask=emask & (t >= 0) & (t < L), other=0.0).to(ACC),)
+    return rows
 
 
 @triton.jit
-def _conv_taps(x_base, t, e, emask, L, sx_l, sx_e, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-    """The inputs that direction D's filter reads for outputs at times t: a (BLOCK_T, WP, BLOCK_E)
-    tile, x[t_k] at [i, k] for t_k = _tap(t[i], k), zero outside the sequence and for the taps
-    k >= W that pad W to a power of two."""
-    k = tl.arange(0, WP)[None, :]
-    tk = _tap(t[:, None], k, D, W)
-    m = ((tk >= 0) & (tk < L) & (k < W))[:, :, None] & emask[None, None, :]
-    return tl.load(x_base + tk[:, :, None] * sx_l + e[None, None, :] * sx_e, mask=m, other=0.0)
+def _conv_filter(w_ptr, b_ptr, e, emask, E, D: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
+    """Direction D's filter as a tuple of W (BLOCK_E,) taps, and its bias."""
+    taps = ()
+    for k in tl.static_range(W):
+        taps = taps + (tl.load(w_ptr + (D * E + e) * W + k, mask=emask, other=0.0).to(ACC),)
+    return taps, tl.load(b_ptr + D * E + e, mask=emask, other=0.0).to(ACC)
 
 
 @triton.jit
-def _conv_filter(w_ptr, e, emask, E, D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
-    """Direction D's filter as a (WP, BLOCK_E) tile, zero for the padding taps."""
-    k = tl.arange(0, WP)[:, None]
-    return tl.load(w_ptr + (D * E + e[None, :]) * W + k, mask=(k < W) & emask[None, :], other=0.0).to(ACC)
+def _conv_pre(xs, w0, b0, w1, b1, W: tl.constexpr):
+    """pre0[s] and pre1[s-W+1] from the window xs = (x[s-W+1], ..., x[s])."""
+    pre0 = b0
+    pre1 = b1
+    for k in tl.static_range(W):
+        pre0 += w0[k] * xs[k]
+        pre1 += w1[k] * xs[W - 1 - k]
+    return pre0, pre1
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, sx_b, sx_l, sx_e, W: tl.constexpr, WP: tl.constexpr,
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, u_ptr, L, E, span, sx_b, sx_l, sx_e, W: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """u[t] for t in this program's span: lead row s writes u0[s] and u1[s-W+1]."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = tl.program_id(1) * span
+    t1 = tl.minimum(t0 + span, L)
     b = tl.program_id(2).to(tl.int64)
     emask = e < E
-    mask = (t < L)[:, None] & emask[None, :]
-    x_base = x_ptr + b * sx_b
-    for d in tl.static_range(2):
-        w = _conv_filter(w_ptr, e, emask, E, d, W, WP, ACC)
-        bias = tl.load(b_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
-        taps = _conv_taps(x_base, t, e, emask, L, sx_l, sx_e, d, W, WP).to(ACC)
-        pre = bias[None, :] + tl.sum(taps * w[None, :, :], axis=1)
-        out = pre * _sigmoid(pre)
-        tl.store(u_ptr + b * L * 2 * E + t[:, None] * 2 * E + d * E + e[None, :],
-                 out.to(u_ptr.dtype.element_ty), mask=mask)
+    x_ptrs = x_ptr + b * sx_b + e * sx_e
+    u_ptrs = u_ptr + b * L * 2 * E + e
+    w0, b0 = _conv_filter(w_ptr, b_ptr, e, emask, E, 0, W, ACC)
+    w1, b1 = _conv_filter(w_ptr, b_ptr, e, emask, E, 1, W, ACC)
+    xs = _conv_rows(x_ptrs, t0 - (W - 1), emask, L, sx_l, W - 1, ACC)  # the window before lead row t0
+    for s0 in range(t0, t1 + W - 1, BLOCK_T):
+        x_rows = _conv_rows(x_ptrs, s0, emask, L, sx_l, BLOCK_T, ACC)
+        for i in tl.static_range(BLOCK_T):
+            s = s0 + i
+            r = s - (W - 1)
+            xs = xs + (x_rows[i],)
+            pre0, pre1 = _conv_pre(xs, w0, b0, w1, b1, W)
+            tl.store(u_ptrs + s * 2 * E, (pre0 * _sigmoid(pre0)).to(u_ptr.dtype.element_ty), mask=emask & (s < t1))
+            tl.store(u_ptrs + r * 2 * E + E, (pre1 * _sigmoid(pre1)).to(u_ptr.dtype.element_ty),
+                     mask=emask & (r >= t0) & (r < t1))
+            xs = xs[1:]
 
 
 @triton.jit
-def _conv_grad_kernel(x_ptr, w_ptr, b_ptr, du_ptr, g_ptr, dw_ptr, db_ptr, L, E,
-                      sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e, SPAN: tl.constexpr, W: tl.constexpr,
-                      WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
-    """Backward, step 1, for a block of channels of one batch element over SPAN time steps, walked
-    in tiles of BLOCK_T: the gradient at the pre-activations, g_d = du_d silu'(pre_d), written to
-    g (batch, L, 2, E) in x's dtype (only dx is computed from it), and the program's sums over
-    time of dw and dbias (from the unrounded g), written to
-    (batch, spans, 2, E, W) and (batch, spans, 2, E). The sums are kept as whole tiles and
-    reduced across threads once, at the end."""
-    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    span = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    emask = e < E
-    x_base = x_ptr + b * sx_b
-    for d in tl.static_range(2):
-        w = _conv_filter(w_ptr, e, emask, E, d, W, WP, ACC)
-        bias = tl.load(b_ptr + d * E + e, mask=emask, other=0.0).to(ACC)
-        db = tl.zeros([BLOCK_T, BLOCK_E], ACC)
-        dw = tl.zeros([BLOCK_T, WP, BLOCK_E], ACC)
-        for t0 in range(span * SPAN, tl.minimum(L, span * SPAN + SPAN), BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            mask = (t < L)[:, None] & emask[None, :]
-            taps = _conv_taps(x_base, t, e, emask, L, sx_l, sx_e, d, W, WP).to(ACC)
-            pre = bias[None, :] + tl.sum(taps * w[None, :, :], axis=1)
-            sig = _sigmoid(pre)
-            dout = tl.load(du_ptr + b * sdu_b + t[:, None] * sdu_l + d * sdu_d + e[None, :] * sdu_e, mask=mask,
-                           other=0.0)
-            g = dout.to(ACC) * sig * (1.0 + pre * (1.0 - sig))  # zero past the end (dout masked)
-            tl.store(g_ptr + ((b * L + t[:, None]) * 2 + d) * E + e[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
-            db += g
-            dw += g[:, None, :] * taps
-        pe = ((b * tl.num_programs(1) + span) * 2 + d) * E + e
-        tl.store(db_ptr + pe, tl.sum(db, axis=0), mask=emask)
-        k = tl.arange(0, WP)[:, None]
-        tl.store(dw_ptr + pe[None, :] * W + k, tl.sum(dw, axis=0), mask=(k < W) & emask[None, :])
+def _silu_grad(du, pre):
+    """du silu'(pre), silu'(p) = sigmoid(p) (1 + p (1 - sigmoid(p)))."""
+    sig = _sigmoid(pre)
+    return du * sig * (1.0 + pre * (1.0 - sig))
 
 
 @triton.jit
-def _conv_dx_kernel(g_ptr, w_ptr, dx_ptr, L, E,
-                    W: tl.constexpr, WP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
-    """Backward, step 2: dx = the transposed convolutions of g, for a (time, channel) tile.
-    The transpose of the causal filter reads the future, that of the anti-causal one the past:
-        dx[t] = sum_k w0[k] g0[t + (W-1) - k] + w1[k] g1[t - (W-1) + k]"""
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E, span,
+                     sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e, W: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """dx[t] for t in this program's span (lead row s writes dx[s-W+1]), and the span's sums over
+    time of dw and dbias, written to (batch, spans, 2, E, W) and (batch, spans, 2, E)."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = tl.program_id(1) * span
+    t1 = tl.minimum(t0 + span, L)
     b = tl.program_id(2).to(tl.int64)
     emask = e < E
-    dx = tl.zeros([BLOCK_T, BLOCK_E], ACC)
-    for d in tl.static_range(2):
-        w = _conv_filter(w_ptr, e, emask, E, d, W, WP, ACC)
-        taps = _conv_taps(g_ptr + b * L * 2 * E + d * E, t, e, emask, L, 2 * E, 1, 1 - d, W, WP).to(ACC)
-        dx += tl.sum(taps * w[None, :, :], axis=1)
-    mask = (t < L)[:, None] & emask[None, :]
-    tl.store(dx_ptr + b * L * E + t[:, None] * E + e[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    x_ptrs = x_ptr + b * sx_b + e * sx_e
+    du_ptrs = du_ptr + b * sdu_b + e * sdu_e
+    dx_ptrs = dx_ptr + b * L * E + e
+    w0, b0 = _conv_filter(w_ptr, b_ptr, e, emask, E, 0, W, ACC)
+    w1, b1 = _conv_filter(w_ptr, b_ptr, e, emask, E, 1, W, ACC)
+    xs = _conv_rows(x_ptrs, t0 - (W - 1), emask, L, sx_l, W - 1, ACC)  # the window before lead row t0
+    zero = tl.zeros([BLOCK_E], ACC)
+    # g0[s-W+1..s-1] and g1[s-2W+2..s-W] before lead row s; the zeros that stand for rows before
+    # the span reach only dx rows that the span does not write
+    g0s = ()
+    g1s = ()
+    for k in tl.static_range(W - 1):
+        g0s = g0s + (zero,)
+        g1s = g1s + (zero,)
+    dw0 = ()
+    dw1 = ()
+    for k in tl.static_range(W):
+        dw0 = dw0 + (zero,)
+        dw1 = dw1 + (zero,)
+    db0 = zero
+    db1 = zero
+    for s0 in range(t0, t1 + W - 1, BLOCK_T):
+        x_rows = _conv_rows(x_ptrs, s0, emask, L, sx_l, BLOCK_T, ACC)
+        du0_rows = _conv_rows(du_ptrs, s0, emask, L, sdu_l, BLOCK_T, ACC)
+        du1_rows = _conv_rows(du_ptrs + sdu_d, s0 - (W - 1), emask, L, sdu_l, BLOCK_T, ACC)
+        for i in tl.static_range(BLOCK_T):
+            s = s0 + i
+            r = s - (W - 1)
+            xs = xs + (x_rows[i],)
+            pre0, pre1 = _conv_pre(xs, w0, b0, w1, b1, W)
+            g0 = _silu_grad(du0_rows[i], pre0)  # zero past the end (du masked)
+            g1 = _silu_grad(du1_rows[i], pre1)  # zero before the start
+            g0s = g0s + (g0,)
+            g1s = g1s + (g1,)
+            dx = zero
+            for k in tl.static_range(W):
+                dx += w0[k] * g0s[W - 1 - k] + w1[k] * g1s[k]
+            own1 = (r >= t0) & (r < t1)
+            tl.store(dx_ptrs + r * E, dx.to(dx_ptr.dtype.element_ty), mask=emask & own1)
+            g0 = tl.where(s < t1, g0, 0.0)  # g0[s] for s >= t1 is summed by the next span
+            g1 = tl.where(own1, g1, 0.0)
+            db0 += g0
+            db1 += g1
+            new0 = ()
+            new1 = ()
+            for k in tl.static_range(W):
+                new0 = new0 + (dw0[k] + g0 * xs[k],)
+                new1 = new1 + (dw1[k] + g1 * xs[W - 1 - k],)
+            dw0 = new0
+            dw1 = new1
+            xs = xs[1:]
+            g0s = g0s[1:]
+            g1s = g1s[1:]
+    pe = (b * tl.num_programs(1) + tl.program_id(1)) * 2 * E + e
+    tl.store(db_ptr + pe, db0, mask=emask)
+    tl.store(db_ptr + pe + E, db1, mask=emask)
+    for k in tl.static_range(W):
+        tl.store(dw_ptr + pe * W + k, dw0[k], mask=emask)
+        tl.store(dw_ptr + (pe + E) * W + k, dw1[k], mask=emask)
 
 
 def _conv_meta(x, W):
-    """Tile sizes and constants of the conv kernels: (BLOCK_T, BLOCK_E, SPAN), launch keywords."""
-    bt, be, nw, span = (CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS, CONV_GRAD_SPAN) if x.is_cuda else (4, 8, 1, 8)
-    return bt, be, span, dict(W=W, WP=triton.next_power_of_2(W), BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x),
-                              num_warps=nw)
+    """Span length, number of spans, channel block and launch keywords of the conv kernels. The
+    spans are of equal length (up to rounding), so that none is a short tail."""
+    bt, be, nw, span = (CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS, CONV_SPAN) if x.is_cuda else CONV_CPU_TILE
+    L = x.shape[1]
+    n_spans = triton.cdiv(L, span)
+    span = triton.cdiv(L, n_spans)
+    return span, n_spans, be, dict(W=W, BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x), num_warps=nw)
 
 
 class _BiConvSiLU(torch.autograd.Function):
@@ -759,8 +810,8 @@ class _BiConvSiLU(torch.autograd.Function):
         batch, L, E = x.shape
         weight, bias = weight.contiguous(), bias.contiguous()
         u = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
-        bt, be, _, meta = _conv_meta(x, weight.shape[-1])
-        _conv_fwd_kernel[(triton.cdiv(E, be), triton.cdiv(L, bt), batch)](x, weight, bias, u, L, E, *x.stride(), **meta)
+        span, n_spans, be, meta = _conv_meta(x, weight.shape[-1])
+        _conv_fwd_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, u, L, E, span, *x.stride(), **meta)
         ctx.save_for_backward(x, weight, bias)
         return u
 
@@ -769,18 +820,13 @@ class _BiConvSiLU(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         batch, L, E = x.shape
         W = weight.shape[-1]
-        bt, be, span, meta = _conv_meta(x, W)
-        n_spans = triton.cdiv(L, span)
+        span, n_spans, be, meta = _conv_meta(x, W)
         acc = _acc_torch_dtype(x)
-        # g in x's dtype: most of the two kernels' memory traffic is g's, and dx, its only use, is
-        # rounded to that dtype anyway (in bf16 training this adds an error of the same size)
-        g = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
+        dx = torch.empty(batch, L, E, device=x.device, dtype=x.dtype)
         dw = torch.empty(batch, n_spans, 2, E, W, device=x.device, dtype=acc)
         db = torch.empty(batch, n_spans, 2, E, device=x.device, dtype=acc)
-        _conv_grad_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, du, g, dw, db, L, E, *x.stride(),
-                                                                *du.stride(), SPAN=span, **meta)
-        dx = torch.empty(batch, L, E, device=x.device, dtype=x.dtype)
-        _conv_dx_kernel[(triton.cdiv(E, be), triton.cdiv(L, bt), batch)](g, weight, dx, L, E, **meta)
+        _conv_bwd_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, du, dx, dw, db, L, E, span,
+                                                               *x.stride(), *du.stride(), **meta)
         return dx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype)
 
 

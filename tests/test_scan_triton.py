@@ -186,14 +186,32 @@ def test_interp_mamba_layout(groups):
 
 
 @interp_only
-@pytest.mark.parametrize("W", [4, 3])  # DiS's d_conv, and a width the kernels pad to a power of two
-def test_interp_biconv(poisoned_empty, W):
-    check_biconv(1, 11, 13, torch.float64, "cpu", 1e-10, W)
+@pytest.mark.parametrize("batch, L, E, W", [
+    (1, 11, 13, 4),  # spans of 4, 4, 3 (CPU tile): L a multiple of neither span nor BLOCK_T; a partial channel block
+    (1, 11, 13, 3),  # a width that is not a power of two
+    (2, 13, 5, 4),   # two sequences; spans of 4, 4, 4, 1: a last span of one row
+    (1, 9, 6, 4),    # spans of 3: each halo (W-1 rows) covers a whole neighbouring span
+    (1, 3, 6, 4),    # L shorter than W: one span, every output reads padding
+    (1, 1, 3, 3),    # L = 1
+])
+def test_interp_biconv(poisoned_empty, batch, L, E, W):
+    check_biconv(batch, L, E, torch.float64, "cpu", 1e-10, W)
 
 
 @interp_only
-def test_interp_biconv_bf16(poisoned_empty):  # the gradient kernel's bf16 intermediate (g) path
+def test_interp_biconv_bf16(poisoned_empty):
+    """bf16 in and out, float32 inside: u and dx rounded once each."""
     check_biconv(1, 11, 13, torch.bfloat16, "cpu", 1e-2)
+
+
+@interp_only
+def test_interp_biconv_cuda_tile(poisoned_empty, monkeypatch):
+    """The CUDA tile (BLOCK_T rows per step, BLOCK_E channels, spans of about CONV_SPAN steps):
+    L = CONV_SPAN + 13 is two spans whose lead rows are not a multiple of BLOCK_T, and
+    E = BLOCK_E + 2 ends in a partial channel block."""
+    tile = (scan_triton.CONV_BLOCK_T, scan_triton.CONV_BLOCK_E, scan_triton.CONV_WARPS, scan_triton.CONV_SPAN)
+    monkeypatch.setattr(scan_triton, "CONV_CPU_TILE", tile)
+    check_biconv(1, scan_triton.CONV_SPAN + 13, scan_triton.CONV_BLOCK_E + 2, torch.float64, "cpu", 1e-10)
 
 
 @interp_only
@@ -276,5 +294,6 @@ def test_gpu_gradcheck_float64():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
-def test_gpu_biconv(poisoned_empty, dtype, tol):
-    check_biconv(4, 257, 300, dtype, "cuda", tol)
+@pytest.mark.parametrize("batch, L, E, W", [(4, 257, 300, 4), (2, 130, 736, 3), (3, 2, 40, 4)])
+def test_gpu_biconv(poisoned_empty, dtype, tol, batch, L, E, W):
+    check_biconv(batch, L, E, dtype, "cuda", tol, W)
