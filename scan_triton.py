@@ -593,8 +593,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     u, delta, z: (batch, E, L); A: (E, N); B, C: (batch, N, L), or (batch, G, N, L) with channel
     e using group e // (E / G); D, delta_bias: (E,) or None. Returns (batch, E, L) in u's dtype.
+    The shapes are those scan.selective_scan, the dispatcher, has checked.
     """
-    _check_mamba_layout_args(u, delta, A, B, C, D, z, delta_bias)
     if B.dim() == 4 and B.shape[1] > 1:  # one call per group of channels
         per = u.shape[1] // B.shape[1]
         outs = []
@@ -618,26 +618,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         z.transpose(1, 2) if z is not None else None, param(delta_bias), delta_softplus, save_every,
     )
     return y.transpose(1, 2)
-
-
-def _check_mamba_layout_args(u, delta, A, B, C, D, z, delta_bias):
-    """selective_scan's shapes, each error naming the argument (before any transpose hides them)."""
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, E, L), got {tuple(u.shape)}")
-    batch, E, L = u.shape
-    if A.dim() != 2 or A.shape[0] != E:
-        raise ValueError(f"A must be (E, N) with E = {E} channels (from u), got {tuple(A.shape)}")
-    N = A.shape[1]
-    for name, x in (("B", B), ("C", C)):
-        if not ((x.dim() == 3 and x.shape == (batch, N, L))
-                or (x.dim() == 4 and x.shape[0] == batch and x.shape[2:] == (N, L) and x.shape[1] >= 1
-                    and E % x.shape[1] == 0)):
-            raise ValueError(f"{name} must be (batch, N, L) = {(batch, N, L)} or (batch, G, N, L) with G dividing "
-                             f"the {E} channels, got {tuple(x.shape)}")
-    for name, x, shape in (("delta", delta, u.shape), ("z", z, u.shape), ("D", D, (E,)),
-                           ("delta_bias", delta_bias, (E,))):
-        if x is not None and x.shape != shape:
-            raise ValueError(f"{name} must have shape {tuple(shape)} (from u {tuple(u.shape)}), got {tuple(x.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
