@@ -177,6 +177,40 @@ def bench_scan(device, quick, dtypes, only_backends=None, shapes=None):
     return rows, checks, bandwidth
 
 
+CONV_SHAPES = [SCAN_SHAPES[0], SCAN_SHAPES[2]]  # the mixer's x at the DiS-S/2 and DiS-H/2 shapes
+
+
+def bench_conv(device, quick, bandwidth, backend, width=4):
+    """scan.biconv_silu (both directions' depthwise conv + SiLU, DiS's d_conv = 4) in bf16
+    (float32 on CPU) against its memory floor: the forward reads x and writes u (two rows per
+    step), the backward reads x and du and writes dx. x is the strided x half of in_proj's output,
+    as in the mixer. Times are of SCAN_RUN calls launched back to back: the GPU's time."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for label, batch, E, L in (QUICK_SCAN_SHAPES if quick else CONV_SHAPES):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(batch, L, 2 * E, generator=g, device=device).to(dtype)[..., :E].requires_grad_(True)
+        weight = (0.5 * torch.randn(2, E, width, generator=g, device=device)).requires_grad_(True)
+        bias = torch.randn(2, E, generator=g, device=device).requires_grad_(True)
+        du = torch.randn(batch, L, 2, E, generator=g, device=device).to(dtype)
+
+        def run():
+            return scan.biconv_silu(x, weight, bias, backend=backend)
+
+        def back_to_back(fn):
+            return measure(lambda: [fn() for _ in range(SCAN_RUN)], device, warmup=1, repeat=5) / SCAN_RUN
+        with torch.no_grad():
+            t_fwd = back_to_back(run)
+        t_fb = back_to_back(lambda: torch.autograd.grad(run(), (x, weight, bias), du))
+        size = dtype.itemsize * batch * L * E
+        floor_fb = 7 * size / bandwidth
+        rows.append({"shape": f"{label} ({batch}, {L}, {E})", "dtype": str(dtype).replace("torch.", ""),
+                     "fwd_ms": 1e3 * t_fwd, "fwd_bwd_ms": 1e3 * t_fb, "floor_fwd_ms": 1e3 * 3 * size / bandwidth,
+                     "floor_fwd_bwd_ms": 1e3 * floor_fb, "fwd_bwd_over_floor": t_fb / floor_fb})
+        print(rows[-1], flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- DiT yardstick
 
 class DiTBlock(nn.Module):
@@ -505,6 +539,9 @@ def main(argv=None):
                    table(checks)]
         raw["scan_summary"] = scan_summary(rows, default)
         summary += ["\nBoth directions' scan, forward+backward, over its memory floor:\n", table(raw["scan_summary"])]
+        raw["conv"] = bench_conv(device, args.quick, bandwidth, default)
+        report += [f"\n## Both directions' depthwise conv + SiLU ({default} backend), {SCAN_RUN} calls back to back\n",
+                   table(raw["conv"])]
         write_report(args.out, report, raw)
     if "model" in parts:
         rows, checks, profiles, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode)
