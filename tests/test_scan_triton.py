@@ -4,7 +4,8 @@ checked against a scalar loop) and a loop over the convolutions' taps.
 Two modes. With a CUDA GPU the `gpu` tests run the compiled kernels at realistic sizes. Without
 one, `test_interpreter_suite` re-runs this file in a subprocess with TRITON_INTERPRET=1 (it must be
 set before triton is imported), where the `test_interp_*` tests run the same kernels on CPU
-tensors at tiny sizes, in float64 and float32.
+tensors at tiny sizes, in float64 and float32. Without a GPU, Triton still compiles the conv
+kernels to a cubin (test_conv_kernels_compile_for_cuda), which checks what the interpreter lets pass.
 """
 import os
 import subprocess
@@ -12,6 +13,8 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import scan_triton
 from scan import selective_scan_ref
@@ -212,6 +215,26 @@ def test_interp_biconv_cuda_tile(poisoned_empty, monkeypatch):
     tile = (scan_triton.CONV_BLOCK_T, scan_triton.CONV_BLOCK_E, scan_triton.CONV_WARPS, scan_triton.CONV_SPAN)
     monkeypatch.setattr(scan_triton, "CONV_CPU_TILE", tile)
     check_biconv(1, scan_triton.CONV_SPAN + 13, scan_triton.CONV_BLOCK_E + 2, torch.float64, "cpu", 1e-10)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernels; the interpreter runs them instead")
+@pytest.mark.parametrize("kernel", ["_conv_fwd_kernel", "_conv_bwd_kernel"])
+def test_conv_kernels_compile_for_cuda(kernel):
+    """Triton compiles the conv kernels to a cubin for the H100/H200 (sm_90) without a GPU, with the
+    CUDA tile, bf16 data, W = 4 and x's channel stride 1 as in DiS: the interpreter runs code that
+    the compiler may still refuse (loop-carried tuples, dtypes of values carried through loops)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = getattr(scan_triton, kernel)
+    data = {"x_ptr", "u_ptr", "du_ptr", "dx_ptr"}
+    signature = {a: ("*bf16" if a in data else "*fp32") if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+    constexprs = dict(W=4, BLOCK_T=scan_triton.CONV_BLOCK_T, BLOCK_E=scan_triton.CONV_BLOCK_E, ACC=tl.float32,
+                      sx_e=1, sdu_e=1)
+    constexprs = {k: v for k, v in constexprs.items() if k in signature}
+    signature.update({k: "constexpr" for k in constexprs})
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=scan_triton.CONV_WARPS))
+    assert compiled.asm["cubin"][:4] == b"\x7fELF"
 
 
 @interp_only
