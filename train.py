@@ -72,25 +72,90 @@ PRESETS = {"paper": {}, "small": SMALL_PRESET}
 log = logging.getLogger("dis.train")
 
 
-# ----------------------------------------------------------------------------- optimisation
+# ----------------------------------------------------------------------------- set-up
 
-def lr_factor(step, warmup, total):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at step `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def check_run(args, world, device):
+    """Settings that depend on the processes and the device."""
+    if args.global_batch_size % world:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    if args.global_batch_size % (world * args.grad_accum_steps):
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by --grad-accum-steps "
+                         f"{args.grad_accum_steps} x {world} process(es): every micro-batch must split evenly")
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.fid_ref:
+        import fid
+        try:
+            fid.find_weights(args.inception_weights)
+        except fid.FIDError as e:
+            raise SystemExit(f"--fid-ref needs the Inception weights: {e}")
 
 
-def ema_decay(step, target):
-    """min(target, (1 + step) / (10 + step)): a fixed 0.9999 would keep 90% of the initial weights
-    after 1,000 steps, so short runs would sample noise."""
-    return min(target, (1 + step) / (10 + step))
+def scan_backend(args, device):
+    """The scan backend of this run (scan.resolve_backend: 'auto' is the fastest on the device)."""
+    try:
+        backend = resolve_backend(device, args.scan_backend)
+    except ValueError as e:
+        raise SystemExit(f"--scan-backend {args.scan_backend}: {e}")
+    if args.scan_save_every > 1 and backend not in OUR_KERNELS:
+        raise SystemExit(f"--scan-save-every applies to our Triton and CUDA scans; this run uses the {backend} scan")
+    return backend
 
 
-@torch.no_grad()
-def update_ema(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, for lists of float32 tensors."""
-    torch._foreach_lerp_(ema_params, params, 1 - decay)  # a few fused kernels instead of one per tensor
+def total_steps(args, dataset_size):
+    """The step at which the run ends: --max-steps or --epochs, the earlier; neither: DEFAULT_STEPS."""
+    per_epoch = dataset_size // args.global_batch_size
+    if per_epoch == 0:
+        raise SystemExit(f"the dataset has {dataset_size} images, fewer than --global-batch-size "
+                         f"{args.global_batch_size}")
+    ends = [s for s in (args.max_steps, args.epochs and args.epochs * per_epoch) if s]
+    return min(ends) if ends else DEFAULT_STEPS
+
+
+def quality_probe(args, data, learn_sigma, device):
+    """The QualityProbe of --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel space
+    (what yardstick.py measures), of the yardstick; None when neither is asked for."""
+    yardstick_data = data.where if args.dataset == "fashion-mnist" and data.vae is None and data.side == 32 else None
+    if args.fid_every and not (args.fid_ref or yardstick_data):
+        raise SystemExit(f"--fid-every without --fid-ref measures the Fashion-MNIST yardstick, which takes 32x32 "
+                         f"images in pixel space, not {data.side}x{data.side}{' latents' if data.vae else ''}; "
+                         f"add --fid-ref")
+    if not (args.fid_ref or args.fid_every):
+        return None
+    return QualityProbe(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
+
+
+def log_settings(args, config, model, data, run, end, world, device, backend):
+    log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x"
+             f"{data.side}, {args.num_classes} classes, {f'latent space ({args.vae})' if data.vae else 'pixel space'}")
+    log.info(f"Data: {args.dataset}, {len(data.source):,} images from {data.where}; {run.per_epoch:,} steps per epoch; "
+             f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
+             f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
+             f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
+             f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
+             f"{', compiled' if args.compile else ''}")
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(config, ckpt, args, backend, device, world):
+    """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
+    from the global seed, so identically for any number of processes; or loaded from ckpt."""
+    torch.manual_seed(args.global_seed)
+    model = dis.DiS(**config, scan_backend=backend, scan_save_every=args.scan_save_every)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    ema = deepcopy(model).requires_grad_(False).eval()
+    if ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
+    model.to(device).train()
+    ema.to(device)
+    if args.grad_checkpointing:
+        checkpoint_blocks(model)
+    if args.compile:
+        model.compile(mode=args.compile_mode)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    return model, ema, ddp
 
 
 def checkpoint_blocks(model):
@@ -99,6 +164,8 @@ def checkpoint_blocks(model):
     for block in model.blocks():
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
+
+# ----------------------------------------------------------------------------- the step and what follows it
 
 def step_noise(step, seed, global_batch, rank, world, shape, num_timesteps, device):
     """Timesteps (B,) and noise (B, *shape) of this rank's slice of the global batch at `step`;
@@ -148,88 +215,23 @@ def agree(loss, norm, signalled, timed_out, world, device):
     return Agreement(loss_sum / world, norm_sum / world, not bad, bool(signalled), bool(timed_out))
 
 
-# ----------------------------------------------------------------------------- set-up
-
-def check_run(args, world, device):
-    """Settings that depend on the processes and the device."""
-    if args.global_batch_size % world:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
-    if args.global_batch_size % (world * args.grad_accum_steps):
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by --grad-accum-steps "
-                         f"{args.grad_accum_steps} x {world} process(es): every micro-batch must split evenly")
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if args.fid_ref:
-        import fid
-        try:
-            fid.find_weights(args.inception_weights)
-        except fid.FIDError as e:
-            raise SystemExit(f"--fid-ref needs the Inception weights: {e}")
+def lr_factor(step, warmup, total):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def scan_backend(args, device):
-    """The scan backend of this run (scan.resolve_backend: 'auto' is the fastest on the device)."""
-    try:
-        backend = resolve_backend(device, args.scan_backend)
-    except ValueError as e:
-        raise SystemExit(f"--scan-backend {args.scan_backend}: {e}")
-    if args.scan_save_every > 1 and backend not in OUR_KERNELS:
-        raise SystemExit(f"--scan-save-every applies to our Triton and CUDA scans; this run uses the {backend} scan")
-    return backend
+def ema_decay(step, target):
+    """min(target, (1 + step) / (10 + step)): a fixed 0.9999 would keep 90% of the initial weights
+    after 1,000 steps, so short runs would sample noise."""
+    return min(target, (1 + step) / (10 + step))
 
 
-def total_steps(args, dataset_size):
-    """The step at which the run ends: --max-steps or --epochs, the earlier; neither: DEFAULT_STEPS."""
-    per_epoch = dataset_size // args.global_batch_size
-    if per_epoch == 0:
-        raise SystemExit(f"the dataset has {dataset_size} images, fewer than --global-batch-size "
-                         f"{args.global_batch_size}")
-    ends = [s for s in (args.max_steps, args.epochs and args.epochs * per_epoch) if s]
-    return min(ends) if ends else DEFAULT_STEPS
-
-
-def build_model(config, ckpt, args, backend, device, world):
-    """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
-    from the global seed, so identically for any number of processes; or loaded from ckpt."""
-    torch.manual_seed(args.global_seed)
-    model = dis.DiS(**config, scan_backend=backend, scan_save_every=args.scan_save_every)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    ema = deepcopy(model).requires_grad_(False).eval()
-    if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
-    model.to(device).train()
-    ema.to(device)
-    if args.grad_checkpointing:
-        checkpoint_blocks(model)
-    if args.compile:
-        model.compile(mode=args.compile_mode)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    return model, ema, ddp
-
-
-def quality_probe(args, data, learn_sigma, device):
-    """The QualityProbe of --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel space
-    (what yardstick.py measures), of the yardstick; None when neither is asked for."""
-    yardstick_data = data.where if args.dataset == "fashion-mnist" and data.vae is None and data.side == 32 else None
-    if args.fid_every and not (args.fid_ref or yardstick_data):
-        raise SystemExit(f"--fid-every without --fid-ref measures the Fashion-MNIST yardstick, which takes 32x32 "
-                         f"images in pixel space, not {data.side}x{data.side}{' latents' if data.vae else ''}; "
-                         f"add --fid-ref")
-    if not (args.fid_ref or args.fid_every):
-        return None
-    return QualityProbe(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
-
-
-def log_settings(args, config, model, data, run, end, world, device, backend):
-    log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), "
-             f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x"
-             f"{data.side}, {args.num_classes} classes, {f'latent space ({args.vae})' if data.vae else 'pixel space'}")
-    log.info(f"Data: {args.dataset}, {len(data.source):,} images from {data.where}; {run.per_epoch:,} steps per epoch; "
-             f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
-             f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
-             f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
-             f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
-             f"{', compiled' if args.compile else ''}")
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, for lists of float32 tensors."""
+    torch._foreach_lerp_(ema_params, params, 1 - decay)  # a few fused kernels instead of one per tensor
 
 
 def stop_if_diverged(run, in_a_row, args, rank, world, device):
