@@ -125,6 +125,7 @@ def quality_probe(args, data, learn_sigma, device):
 
 
 def log_settings(args, config, model, data, run, end, world, device, backend):
+    """Two log lines: the model, then the data, the steps, the processes and the speed settings."""
     log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), "
              f"{sum(p.numel() for p in model.parameters()):,} parameters, input {data.channels}x{data.side}x"
              f"{data.side}, {args.num_classes} classes, {f'latent space ({args.vae})' if data.vae else 'pixel space'}")
