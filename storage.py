@@ -274,10 +274,19 @@ def save_npz(path, **arrays):
 
 def write_atomically(path, write, mode="wb"):
     """write(f) into path + ".tmp", then rename it over path: an interrupted run never leaves a
-    half-written file, and the previous version stays intact until the new one is complete."""
-    with open(path + ".tmp", mode) as f:
-        write(f)
-    os.replace(path + ".tmp", path)
+    half-written file, and the previous version stays intact until the new one is complete. If
+    writing raises (a full disk, Ctrl-C), the .tmp file is removed and the error raised again."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass  # never created, or already gone: the first error is the one to report
+        raise
 
 
 def write_text(path, text):

@@ -100,3 +100,15 @@ def test_unusable_checkpoints_are_one_line_errors(tmp_path):
         assert "\n" not in str(error.value)
     with pytest.raises(SystemExit, match="not found"):     # the scripts' form
         storage.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_write_atomically_keeps_the_old_file_and_no_tmp_when_writing_fails(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    storage.write_atomically(path, lambda f: f.write(b"old"))
+    for error in (OSError, KeyboardInterrupt):  # a full disk, Ctrl-C
+        def write(f, error=error):
+            f.write(b"half")
+            raise error()
+        with pytest.raises(error):
+            storage.write_atomically(path, write)
+        assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == b"old"
