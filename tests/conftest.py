@@ -30,6 +30,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Subprocesses started once the tests are collected, by test node id; their tests wait for them.
+STARTED = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: only the tests that will run
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -37,6 +42,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+        # Triton's interpreter runs the kernels in Python, single-threaded, for half a minute:
+        # started now, it runs on the second core while the tests before it run on the first.
+        if item.name == "test_interpreter_suite" and os.environ.get("TRITON_INTERPRET") != "1":
+            STARTED[item.nodeid] = item.module.start_interpreter_suite()
+
+
+def pytest_sessionfinish(session):
+    """Stop the subprocesses whose tests did not run (-x, Ctrl-C)."""
+    for process, output in STARTED.values():
+        process.kill()
+        process.wait()
+        output.close()
+    STARTED.clear()
 
 
 def load(path):

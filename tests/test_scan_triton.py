@@ -10,6 +10,7 @@ kernels to a cubin (test_conv_kernels_compile_for_cuda), which checks what the i
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import triton.language as tl
 
 import scan_triton
 from scan import selective_scan_ref
+from conftest import STARTED
 from scan_triton import biconv_silu, bimamba_scan, selective_scan
 from test_scan import bimamba_oracle, loop_biconv, rel_err
 
@@ -134,17 +136,31 @@ def check_biconv(batch, L, E, dtype, device, tol, W=4):
 # ------------------------------------------------------------------------------------------------
 # CPU: the kernels under Triton's interpreter (tiny sizes)
 # ------------------------------------------------------------------------------------------------
-def test_interpreter_suite():
+def start_interpreter_suite():
+    """The test_interp_* tests of this file in a pytest subprocess with TRITON_INTERPRET=1, started
+    and not waited for: (process, file of its output). conftest.py starts it when the session's
+    tests are collected, so that it runs on the second core while the other tests run."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    output = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
+                                os.path.abspath(__file__)], cwd=root, env=env, stdout=output,
+                               stderr=subprocess.STDOUT, text=True)
+    return process, output
+
+
+def test_interpreter_suite(request):
     if INTERPRETED:
         pytest.skip("already inside the interpreter subprocess")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the compiled kernels are tested instead of the interpreter")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
-                          os.path.abspath(__file__)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+    process, output = STARTED.pop(request.node.nodeid, None) or start_interpreter_suite()
+    with output:
+        process.wait(timeout=600)
+        output.seek(0)
+        text = output.read()
+    assert process.returncode == 0, text[-6000:]
+    assert " passed" in text and " failed" not in text
 
 
 @interp_only
