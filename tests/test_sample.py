@@ -269,11 +269,15 @@ def test_error_guidance_of_an_unconditional_model(tmp_path, capsys):
 
 def test_fid_ref_evaluates_the_written_samples(ckpt, tmp_path, monkeypatch):
     """fid.evaluate runs on the grayscale .npz with a randomly initialised Inception (the real
-    weights are a download): against the same images FID is 0."""
+    weights are a download): against the same images FID is 0. The square-root trace of the
+    2048-dimensional covariances is taken in the 8 dimensions that hold 4 samples' covariance
+    (test_fid.py's end-to-end test takes it in 2048)."""
     import fid
+    from test_workflow import low_rank_trace_sqrt_product
     random_inception = lambda weights=None, mode="adm", device="cpu": fid.FIDInceptionV3(mode).eval().to(device)
     monkeypatch.setattr(fid, "load_inception", random_inception)
     monkeypatch.setattr(fid, "find_weights", lambda path=None: "random weights")
+    monkeypatch.setattr(fid, "trace_sqrt_product", low_rank_trace_sqrt_product)
     args = ["--ckpt", ckpt, *FAST, "--num-samples", "4", "--per-proc-batch-size", "4"]
     first = sample.main(args + ["--sample-dir", str(tmp_path / "a")])
     with pytest.warns(UserWarning, match="FID is biased"):
