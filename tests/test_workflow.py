@@ -2,7 +2,7 @@
 gradient of the whole batch, one micro-batch and an uninterrupted run), the TensorBoard
 dashboard (read back with tensorboard's own event reader), the FID every N steps (a random
 Inception network against samples drawn by sample.py), and two "nodes" joined by torchrun's
-c10d rendezvous against one process."""
+c10d rendezvous, one of them with a NaN loss, against one process."""
 import io
 import json
 import os
@@ -318,25 +318,39 @@ def test_yardstick_every_n_steps(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- several machines
 
 @pytest.mark.slow
-def test_two_nodes_match_one_process(fashion, tmp_path, one_batch):
+def test_two_nodes_match_one_process(fashion, tmp_path, monkeypatch):
     """Two torchrun agents, each a "node" with one gloo process, joined by a c10d rendezvous on
     localhost (as on two machines: global ranks 0 and 1, LOCAL_RANK 0 on both), each process
-    taking its half of the batch in 2 micro-batches: the weights of one process with one batch."""
+    taking its half of the global batch of 8 in 2 micro-batches, against one process with the
+    whole batch at once: the same weights after 3 steps. Step 2 has a NaN loss in one micro-batch
+    of rank 1 only (on the whole batch in one process): every rank must skip the step."""
+    from test_train import poison_step
+    args = ["--data-path", fashion, *TINY, *DETERMINISTIC, "--max-steps", "3", "--ckpt-every", "3",
+            "--no-tensorboard"]
+    wrapper = tmp_path / "poisoned_train.py"
+    wrapper.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{REPO!r}, {os.path.dirname(os.path.abspath(__file__))!r}]\n"
+        "import pytest, test_train, train\n"
+        "with pytest.MonkeyPatch.context() as mp:\n"
+        "    test_train.poison_step(mp, 3, ranks={'1'})  # step 2's first micro-batch\n"
+        "    train.main(sys.argv[1:])\n")
     endpoint = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
-         "--rdzv-conf", f"is_host={int(node == 0)}", os.path.join(REPO, "train.py"), "--data-path", fashion, *TINY,
-         *DETERMINISTIC, "--max-steps", "3", "--ckpt-every", "3", "--grad-accum-steps", "2", "--no-tensorboard",
-         "--results-dir", str(tmp_path)],
+         "--rdzv-conf", f"is_host={int(node == 0)}", str(wrapper), *args, "--grad-accum-steps", "2",
+         "--results-dir", str(tmp_path / "two")],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
-    (name,) = os.listdir(tmp_path)
-    ckpt = load(os.path.join(tmp_path, name, "checkpoints", "0000003.pt"))
-    assert len(ckpt["rng"]) == 2
-    assert_matches_one_batch(ckpt, one_batch)
-    (launch,) = json.load(open(os.path.join(tmp_path, name, "run.json")))
+    poison_step(monkeypatch, 2, ranks={"0"})
+    one = load(os.path.join(train.main(args + ["--results-dir", str(tmp_path / "one")]), "checkpoints", "0000003.pt"))
+    (name,) = os.listdir(tmp_path / "two")
+    two = load(os.path.join(tmp_path, "two", name, "checkpoints", "0000003.pt"))
+    assert one["nonfinite"] == two["nonfinite"] == 1 and len(two["rng"]) == 2
+    assert_matches_one_batch(two, one)
+    (launch,) = json.load(open(os.path.join(tmp_path, "two", name, "run.json")))
     assert launch["world_size"] == 2 and launch["rank_seeds"] == [0, 1]
