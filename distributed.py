@@ -1,12 +1,14 @@
 """Processes and seeds: the process group under torchrun (NCCL on GPUs, gloo on CPU), a barrier,
-seeds derived from several parts (the same in every process and run), the generator states of
-every rank, the memory a process may use, and stopping cleanly on SIGINT/SIGTERM."""
+the ranks' agreement on each training step, seeds derived from several parts (the same in every
+process and run), the generator states of every rank, the memory a process may use, and stopping
+cleanly on SIGINT/SIGTERM."""
 import contextlib
 import hashlib
 import os
 import signal
 import socket
 import threading
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -45,6 +47,26 @@ def process_group(kind="auto"):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+class Agreement(NamedTuple):
+    loss: float  # mean over ranks
+    norm: float
+    finite: bool  # loss and gradient finite on every rank
+    signalled: bool  # some rank received SIGINT/SIGTERM
+    timed_out: bool
+
+
+def agree(loss, norm, signalled, timed_out, world, device):
+    """One all-reduce per step makes every rank agree on skipping a non-finite step and on stopping:
+    loss and norm are this rank's 0-dim tensors, signalled and timed_out its bools."""
+    nonfinite = ~torch.isfinite(loss) | ~torch.isfinite(norm)
+    flags = torch.cat([torch.stack([loss.detach(), norm, nonfinite]).float(),
+                       torch.tensor([signalled, timed_out], dtype=torch.float, device=device)])
+    if world > 1:
+        dist.all_reduce(flags)
+    loss_sum, norm_sum, bad, signalled, timed_out = flags.tolist()
+    return Agreement(loss_sum / world, norm_sum / world, not bad, bool(signalled), bool(timed_out))
 
 
 def rank_seed(global_seed, rank, world):

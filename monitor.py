@@ -174,6 +174,21 @@ class QualityProbe:
         self.yardstick_data = yardstick_data
         self.diffusion = create_diffusion(str(args.fid_sampling_steps), learn_sigma=learn_sigma)
 
+    @classmethod
+    def for_run(cls, args, data, learn_sigma, device):
+        """The probe of train.py's run: --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel
+        space (what yardstick.py measures), the yardstick; None when neither is asked for. data is
+        data.prepare_data's."""
+        pixels_32 = args.dataset == "fashion-mnist" and data.vae is None and data.side == 32
+        yardstick_data = data.where if pixels_32 else None
+        if args.fid_every and not (args.fid_ref or yardstick_data):
+            raise SystemExit(f"--fid-every without --fid-ref measures the Fashion-MNIST yardstick, which takes 32x32 "
+                             f"images in pixel space, not {data.side}x{data.side}{' latents' if data.vae else ''}; "
+                             f"add --fid-ref")
+        if not (args.fid_ref or args.fid_every):
+            return None
+        return cls(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
+
     def measure(self, run, rank, world, board, keep):
         """Sample and evaluate the EMA model at run.step (every rank must call this); keep=False
         deletes the .npz once its metrics are recorded. A failed evaluation (a ValueError of fid.py

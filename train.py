@@ -45,10 +45,8 @@ import signal
 import sys
 import time
 from copy import deepcopy
-from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
@@ -57,7 +55,7 @@ import model as dis
 from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors, nearest_existing
 from data import DATASETS, batch_plan, data_stream, encode, prepare_data
 from diffusion import create_diffusion
-from distributed import StopSignals, derived_seed, process_group
+from distributed import StopSignals, agree, derived_seed, process_group
 from memory import OUR_KERNELS, check_memory, out_of_memory
 from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
 from runs import Run, SampleGrid, open_run_dir, record_launch, restore_rng, resume_or_new, writing
@@ -109,19 +107,6 @@ def total_steps(args, dataset_size):
                          f"{args.global_batch_size}")
     ends = [s for s in (args.max_steps, args.epochs and args.epochs * per_epoch) if s]
     return min(ends) if ends else DEFAULT_STEPS
-
-
-def quality_probe(args, data, learn_sigma, device):
-    """The QualityProbe of --fid-ref and, with --fid-every on 32x32 Fashion-MNIST in pixel space
-    (what yardstick.py measures), of the yardstick; None when neither is asked for."""
-    yardstick_data = data.where if args.dataset == "fashion-mnist" and data.vae is None and data.side == 32 else None
-    if args.fid_every and not (args.fid_ref or yardstick_data):
-        raise SystemExit(f"--fid-every without --fid-ref measures the Fashion-MNIST yardstick, which takes 32x32 "
-                         f"images in pixel space, not {data.side}x{data.side}{' latents' if data.vae else ''}; "
-                         f"add --fid-ref")
-    if not (args.fid_ref or args.fid_every):
-        return None
-    return QualityProbe(args, learn_sigma, data.vae, device, yardstick_data if args.fid_every else None)
 
 
 def log_settings(args, config, model, data, run, end, world, device, backend):
@@ -197,25 +182,6 @@ def accumulate_gradients(ddp, diffusion, batch, steps, vae=None, conditional=Tru
     return total
 
 
-class Agreement(NamedTuple):
-    loss: float  # mean over ranks
-    norm: float
-    finite: bool  # loss and gradient finite on every rank
-    signalled: bool  # some rank received SIGINT/SIGTERM
-    timed_out: bool
-
-
-def agree(loss, norm, signalled, timed_out, world, device):
-    """One all-reduce per step makes every rank agree on skipping a non-finite step and on stopping."""
-    nonfinite = ~torch.isfinite(loss) | ~torch.isfinite(norm)
-    flags = torch.cat([torch.stack([loss.detach(), norm, nonfinite]).float(),
-                       torch.tensor([signalled, timed_out], dtype=torch.float, device=device)])
-    if world > 1:
-        dist.all_reduce(flags)
-    loss_sum, norm_sum, bad, signalled, timed_out = flags.tolist()
-    return Agreement(loss_sum / world, norm_sum / world, not bad, bool(signalled), bool(timed_out))
-
-
 def lr_factor(step, warmup, total):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at step `total`."""
     if step < warmup:
@@ -276,7 +242,7 @@ def train(args, parser, rank, world, device):
             learn_sigma=args.learn_sigma, drop_path_rate=args.drop_path_rate,
             class_dropout_prob=args.class_dropout_prob, skip=args.skip, cond=args.cond, dt_init=args.dt_init)
         check_memory(config, args, world, device, data)
-        probe = quality_probe(args, data, config["learn_sigma"], device)
+        probe = QualityProbe.for_run(args, data, config["learn_sigma"], device)
         run_dir = open_run_dir(args, resume_path, rank, world)
     log_to_file(run_dir, rank)
     log.info(f"{'Resuming ' + resume_path if ckpt else 'New run'} in {run_dir}")
