@@ -21,16 +21,34 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KERNELS = ["_scan_fwd_kernel", "_scan_bwd_kernel", "_conv_fwd_kernel", "_conv_grad_kernel", "_conv_dx_kernel"]
+KERNELS = ["_scan_fwd_kernel", "_scan_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel"]
 SHAPES = [("DiS-S/2 32x32", 128, 736, 257), ("(32, 768, 1026)", 32, 768, 1026), ("DiS-H/2", 32, 3072, 258)]
 MODEL = ("DiS-S/2", 32, 3, 10, 128)  # name, image size, channels, classes, batch
 
 
+def defined_kernels():
+    """The names of scan_triton's Triton kernels (the launched @triton.jit functions, *_kernel)."""
+    import triton
+    import scan_triton
+    return sorted(name for name, fn in vars(scan_triton).items()
+                  if name.endswith("_kernel") and isinstance(fn, triton.runtime.jit.KernelInterface))
+
+
+def kernels_named(names):
+    """{name: scan_triton's kernel} for the names; a name that is not one of its kernels stops the
+    tool with the names it has."""
+    import scan_triton
+    defined = defined_kernels()
+    missing = [name for name in names if name not in defined]
+    if missing:
+        raise SystemExit(f"tools/triton_versions.py: scan_triton has no kernel {', '.join(missing)}; "
+                         f"its kernels: {', '.join(defined)}")
+    return {name: getattr(scan_triton, name) for name in names}
+
+
 def compiled_kernels():
     """(cache id, JIT function, compiled kernel) for every specialisation compiled so far."""
-    import scan_triton
-    for name in KERNELS:
-        fn = getattr(scan_triton, name)
+    for name, fn in kernels_named(KERNELS).items():
         for caches in fn.device_caches.values():
             for key, kernel in caches[0].items():
                 yield name + ":" + hashlib.md5(str(key).encode()).hexdigest(), fn, kernel
@@ -93,12 +111,11 @@ def compile_specs(path, out):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
-    import scan_triton
     with open(path) as f:
         records = json.load(f)
     result = {}
     for cid, r in records.items():
-        fn = getattr(scan_triton, r["kernel"])
+        fn = kernels_named([r["kernel"]])[r["kernel"]]
         constants = {k: tl.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in r["constexprs"].items()}
         attrs = {(fn.arg_names.index(k),): v for k, v in r["attrs"].items()}
         source = triton.compiler.ASTSource(fn=fn, signature=r["signature"], constexprs=constants, attrs=attrs)
@@ -128,6 +145,7 @@ def bench_versions(path, reps=3, kernels=",".join(KERNELS)):
     from timing import measure, throughput
     with open(path) as f:
         other = json.load(f)
+    kernels_named(kernels.split(","))
     device = torch.device("cuda")
     scans, cases, model = run_workload()
     versions = {triton.__version__: {}, other["triton"]: {}}
