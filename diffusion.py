@@ -18,13 +18,14 @@ Usage:
 Models are callables model(x, t, **model_kwargs) -> (B, 2C, ...) with learned sigma (noise,
 then variance interpolation in [-1, 1]) or (B, C, ...) without. t is always given in the
 ORIGINAL 1000-step indices, also when the process is respaced. `generate` samples images
-from a DiS with any of the samplers (DDPM, DDIM, DPM-Solver++), classifier-free guidance
+from a DiS with any of the samplers (DDPM, DDIM, DPM-Solver++ and its SDE form), classifier-free guidance
 (optionally in an interval of noise levels) and the VAE decoder.
 
 All schedule constants are float64 numpy arrays; per-step values are gathered into float32
 tensors on the data's device by `extract`. Randomness comes only from torch (randn_like), so
 sampling is reproducible under torch.manual_seed.
 """
+import functools
 import math
 import re
 
@@ -381,9 +382,12 @@ class GaussianDiffusion:
         return final["sample"]
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None,
-                               device=None, progress=False):
+                               device=None, progress=False, stochastic=False):
         """DPM-Solver++(2M) ([DPM-Solver++] Algorithm 2, multistep second order, on the data
-        prediction) over this process's steps; returns x_0 of `shape` (B, C, ...).
+        prediction) over this process's steps; returns x_0 of `shape` (B, C, ...). stochastic:
+        SDE-DPM-Solver++(2M) ([DPM-Solver++] section 5, the reverse SDE's solver), which adds
+        fresh noise at every step like DDPM and can correct the model's errors as DDPM does,
+        where the ODE solver carries them to the end.
 
         The model is evaluated once at each of the num_timesteps steps, from the noisiest to
         t = 0 (the steps DDPM visits), with diffusers' DPMSolverMultistepScheduler stepping
@@ -394,7 +398,8 @@ class GaussianDiffusion:
         clipped to [-1, 1] with clip_denoised)."""
         from diffusers import DPMSolverMultistepScheduler
         scheduler = DPMSolverMultistepScheduler(num_train_timesteps=self.num_timesteps, trained_betas=self.betas,
-                                                solver_order=2, prediction_type="sample", algorithm_type="dpmsolver++",
+                                                solver_order=2, prediction_type="sample",
+                                                algorithm_type="sde-dpmsolver++" if stochastic else "dpmsolver++",
                                                 lower_order_final=True, final_sigmas_type="zero")
         indices = list(range(self.num_timesteps - 1, -1, -1))
         scheduler.set_timesteps(timesteps=indices)
@@ -404,7 +409,8 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():
                 pred_xstart = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)["pred_xstart"]
-            x = scheduler.step(pred_xstart, i, x).prev_sample
+            step_noise = torch.randn_like(x) if stochastic else None  # drawn as p_sample draws DDPM's
+            x = scheduler.step(pred_xstart, i, x, variance_noise=step_noise).prev_sample
         return x
 
     # --- likelihood
@@ -488,7 +494,7 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=Fals
                              original_num_timesteps=diffusion_steps)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
 
 
 def sampler_respacing(sampler, steps):
@@ -532,7 +538,8 @@ def generate(model, diffusion, noise, labels=None, cfg_scale=1.0, sampler="ddpm"
              bf16=False, cfg_interval=None, progress=False):
     """noise (B, C, h, w), labels (B,) or None -> images (B, C_img, H, W) in [-1, 1].
 
-    sampler: "ddpm" (ancestral), "ddim" (eta = 0) or "dpm++" (DPM-Solver++(2M)), each running the
+    sampler: "ddpm" (ancestral), "ddim" (eta = 0), "dpm++" (DPM-Solver++(2M)) or "dpm++sde"
+    (SDE-DPM-Solver++(2M), drawing noise at each step like ddpm), each running the
     model once per step of `diffusion` (see sampler_respacing). With labels and cfg_scale != 1
     the model is guided (see guided_model for cfg_interval). Pixel-space samples have x_0
     clipped to [-1, 1] at each step (ADM); latents are not clipped and go through the VAE decoder
@@ -546,7 +553,8 @@ def generate(model, diffusion, noise, labels=None, cfg_scale=1.0, sampler="ddpm"
     else:
         fn = model if labels is None else (lambda x, t: model(x, t, labels))
     loop = {"ddpm": diffusion.p_sample_loop, "ddim": diffusion.ddim_sample_loop,
-            "dpm++": diffusion.dpm_solver_sample_loop}[sampler]
+            "dpm++": diffusion.dpm_solver_sample_loop,
+            "dpm++sde": functools.partial(diffusion.dpm_solver_sample_loop, stochastic=True)}[sampler]
     with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=bf16):
         x = loop(fn, noise.shape, noise=noise, clip_denoised=vae is None, device=noise.device, progress=progress)
     if vae is not None:

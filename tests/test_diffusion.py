@@ -467,6 +467,49 @@ def test_dpm_solver_matches_the_papers_algorithm(clip):
     assert np.abs(ours.numpy() - expected).max() < 1e-5 * np.abs(expected).max()   # float32 against float64
 
 
+def reference_sde_dpm_solver_2m(eps_fn, x, steps, clip, draw):
+    """SDE-DPM-Solver++(2M) ([DPM-Solver++] section 5, multistep second order, midpoint form) in
+    float64 numpy, restated from the paper like reference_dpm_solver_2m; draw() gives the fresh
+    standard normal noise of each update (one per step, the last one unused)."""
+    abar = reference_alphas_cumprod()[steps]
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    x, prev_x0, prev_h = x.double().numpy(), None, None
+    for i, t in enumerate(steps):
+        x0 = (x - sigma[i] * eps_fn(x, t)) / alpha[i]
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+        z = draw()
+        if i == len(steps) - 1:
+            return x0
+        h = lam[i + 1] - lam[i]
+        D = x0 if prev_x0 is None else x0 + h / (2 * prev_h) * (x0 - prev_x0)
+        x = (sigma[i + 1] / sigma[i] * np.exp(-h) * x + alpha[i + 1] * (1 - np.exp(-2 * h)) * D
+             + sigma[i + 1] * np.sqrt(1 - np.exp(-2 * h)) * z)
+        prev_x0, prev_h = x0, h
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_sde_dpm_solver_matches_the_papers_algorithm(clip):
+    d = create_diffusion("12")
+    torch.manual_seed(0)
+    model = TinyNet(channels=1, out_scale=3.0)
+    noise = torch.randn(2, 1, 6, 6)
+    torch.manual_seed(5)
+    ours = d.dpm_solver_sample_loop(model, noise.shape, noise=noise, clip_denoised=clip, stochastic=True)
+
+    def eps_fn(x, t):
+        with torch.no_grad():
+            return model(torch.tensor(x, dtype=torch.float32), torch.full((2,), t))[:, :1].double().numpy()
+    torch.manual_seed(5)
+    expected = reference_sde_dpm_solver_2m(eps_fn, noise, d.timestep_map[::-1], clip,
+                                           lambda: torch.randn(noise.shape).double().numpy())
+    assert np.abs(ours.numpy() - expected).max() < 1e-4 * np.abs(expected).max()   # float32 against float64
+    torch.manual_seed(6)   # fresh noise at every step: another seed, another sample
+    other = d.dpm_solver_sample_loop(model, noise.shape, noise=noise, clip_denoised=clip, stochastic=True)
+    assert (other - ours).abs().max() > 1e-3
+
+
 def test_fast_samplers_converge_to_the_ode_solution_of_gaussian_data():
     """Data N(mu, s^2) per pixel: the exact noise prediction is sigma_t (x - a_t mu) / (a_t^2 s^2 +
     sigma_t^2), and the probability-flow ODE keeps z = (x_t - a_t mu) / sqrt(a_t^2 s^2 + sigma_t^2)
@@ -517,7 +560,7 @@ def sample_with(model, sampler, seed=0, **kwargs):
     return generate(model, d, noise, torch.tensor([1, 4, 7]), sampler=sampler, **kwargs)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "dpm++sde"])
 def test_guidance_interval_outside_is_the_conditional_model_inside_is_guided(tiny_dis, sampler):
     conditional = sample_with(tiny_dis, sampler, cfg_scale=1.0)
     guided = sample_with(tiny_dis, sampler, cfg_scale=4.0)

@@ -34,11 +34,13 @@ def setting(sampler, steps, cfg=1.0, interval=None, precision="fp32"):
 
 
 # name -> setting, the most telling first (the table is written after each): the paper's DDPM 250,
-# the fast samplers at 10-50 steps, bf16, guidance scales and intervals.
+# the fast samplers at 10-50 steps (DDPM respaced to fewer steps too), bf16, guidance scales and intervals.
 SETTINGS = {
     "ddpm250": setting("ddpm", 250),
     **{f"dpm++{n}": setting("dpm++", n) for n in (25, 10, 15, 50)},
     **{f"ddim{n}": setting("ddim", n) for n in (25, 10, 15, 50)},
+    **{f"dpm++sde{n}": setting("dpm++sde", n) for n in (25, 10, 15, 50)},
+    **{f"ddpm{n}": setting("ddpm", n) for n in (25, 50, 100)},
     "dpm++25-bf16": setting("dpm++", 25, precision="bf16"),
     "ddpm250-bf16": setting("ddpm", 250, precision="bf16"),
     **{f"dpm++25-cfg{s:g}": setting("dpm++", 25, s) for s in (1.5, 2, 3, 4)},
