@@ -17,7 +17,7 @@ unless --no-use-ema.
 
 Data flows: noise (B, C, h, w) and labels -> a sampler of diffusion.py running the model
 --num-sampling-steps times: ddpm (ancestral, the paper's 250 steps), ddim (deterministic) or
-dpm++ (DPM-Solver++(2M), deterministic, good from about 15 steps) -> VAE decoder in latent
+dpm++ (DPM-Solver++(2M), deterministic) or dpm++sde (its stochastic form) -> VAE decoder in latent
 space -> uint8 images (B, H, W, C). Classifier-free guidance when --cfg-scale != 1; with
 --cfg-interval LOW HIGH only at the steps t of the 1000-step process with LOW <= t/1000 <= HIGH
 (0: data, 1: pure noise), the conditional model alone elsewhere (at half the cost).
@@ -80,7 +80,7 @@ def parse_args(argv=None):
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                           help="ddpm: ancestral (the paper's); ddim: deterministic, DDIM's stride; "
-                               "dpm++: DPM-Solver++(2M), deterministic")
+                               "dpm++: DPM-Solver++(2M), deterministic; dpm++sde: its stochastic (SDE) form")
     sampling.add_argument("--num-sampling-steps", type=int, default=250,
                           help=f"model evaluations per image (2..{DIFFUSION_STEPS}; ddim: a count an integer stride "
                                f"gives, e.g. 10, 25, 50, 100, 250)")
@@ -95,8 +95,9 @@ def parse_args(argv=None):
     sampling.add_argument("--class-labels", type=int, nargs="+", default=None,
                           help="labels to sample (cycled for --num-samples); default: a grid of classes, or uniform")
     sampling.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0)
-    sampling.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                          help="bf16 autocast of the model (CUDA); fp32 uses TF32 matmuls on CUDA")
+    sampling.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                          help="bf16: autocast of the model; fp32 uses TF32 matmuls on CUDA; auto (default): bf16 "
+                               "on CUDA (the same Frechet distance at 1.5x the speed, BENCHMARKS.md), fp32 elsewhere")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="sample.png", help="the grid's path when --num-samples is not given")
     output.add_argument("--num-samples", type=int, default=None, help="write this many samples to an .npz")
@@ -245,6 +246,8 @@ def main(argv=None):
     with process_group(args.device) as (rank, world, device):
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32, as DiT's sampler
+        if args.precision == "auto":
+            args.precision = "bf16" if device.type == "cuda" else "fp32"
         backend = scan_backend_on(args, parser, device)
         model, vae, info = load(args, parser, device, scan_backend=backend)
         check_against_model(args, parser, model)
