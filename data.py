@@ -482,6 +482,6 @@ def prepare_data(args, rank, world, device):
         args.results_dir, "latent-cache", f"{args.dataset}-{args.image_size}-{os.path.basename(args.vae.rstrip('/'))}")
     meta = dict(dataset=args.dataset, data_path=os.path.abspath(args.data_path or ""), image_size=args.image_size,
                 vae=args.vae, count=len(source))
-    cache = build_latent_cache(source, vae, folder, meta, args.global_batch_size // world, args.num_workers,
-                               rank, world, device)
+    micro_batch = args.global_batch_size // (world * args.grad_accum_steps)  # what the run fits at once
+    cache = build_latent_cache(source, vae, folder, meta, micro_batch, args.num_workers, rank, world, device)
     return TrainingData(cache, vae, latent_channels, side, False, folder)
