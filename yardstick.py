@@ -8,8 +8,10 @@ what Inception, trained on photographs, does not: garments.
 
 The classifier is trained once, on first use (seconds on a GPU, minutes on a CPU), and cached with
 the statistics of its features on the test split under $XDG_CACHE_HOME/dis (else ~/.cache/dis), in
-a file named by a hash of its training settings. Numbers are comparable only between runs with the
-same cache file.
+a file named by a hash of its training settings and of the device type it is evaluated on, which
+is the one it was trained on: a classifier trained on a GPU has other weights than one trained on
+a CPU (other kernels, other rounding), and so gives other numbers. Numbers are comparable only
+between runs with the same cache file.
 
 Data flow: uint8 images (N, 32, 32) -> [-1, 1] as train.py feeds the model -> CNN -> features
 (N, 256) and class predictions -> mean and covariance (float64) -> Frechet distance to the test
@@ -196,9 +198,11 @@ def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dis")
 
 
-def cache_path(settings, cache_dir=None):
-    """<cache_dir>/yardstick-<12 hex digits of the settings' SHA-256>.pt"""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+def cache_path(settings, cache_dir=None, device="cpu"):
+    """<cache_dir>/yardstick-<12 hex digits of the SHA-256 of the settings and the device type>.pt;
+    the device type (cpu, cuda, mps), not its index: GPUs of one type train the same weights."""
+    key = json.dumps({**settings, "device": torch.device(device).type}, sort_keys=True)
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir or default_cache_dir(), f"yardstick-{key}.pt")
 
 
@@ -229,9 +233,11 @@ def save_atomically(obj, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # an OSError, or Ctrl-C: no .tmp file left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise YardstickError(f"cannot write the cache {path} ({e.strerror or e}); give another folder "
                              "(--cache-dir DIR, cache_dir=)") from e
 
@@ -239,7 +245,7 @@ def save_atomically(obj, path):
 def load_yardstick(data_path=None, cache_dir=None, device="cpu", settings=SETTINGS, progress=True):
     """(Classifier in eval mode on `device`, the cache's dict): read from the cache, or trained,
     measured and cached first. The data is needed only for that first time."""
-    path = cache_path(settings, cache_dir)
+    path = cache_path(settings, cache_dir, device)
     cached = None
     if os.path.isfile(path):
         try:
@@ -373,7 +379,7 @@ def main(argv=None):
     try:
         if args.train:
             _, reference = load_yardstick(args.data_path, args.cache_dir, args.device)
-            print(f"Cached: {cache_path(SETTINGS, args.cache_dir)}")
+            print(f"Cached: {cache_path(SETTINGS, args.cache_dir, args.device)}")
             print(f"Trained in: {reference['train_seconds']:.0f} s on {reference['trained_on']}")
             result = {"classifier_test_accuracy": reference["test_accuracy"], "fd_train_test": reference["fd_train_test"]}
         else:

@@ -68,11 +68,24 @@ def test_frechet_distance_matches_scipy():
     assert yardstick.distance_to_reference(features, reference) == pytest.approx(expected, rel=1e-8)
 
 
+def test_cache_file_is_named_by_the_settings_and_the_device_type(tmp_path):
+    """A classifier trained on a GPU has other weights than one trained on the CPU, so it gives
+    other numbers: their caches must not be taken for each other. GPUs of one type share one."""
+    path = yardstick.cache_path(TINY, str(tmp_path), "cpu")
+    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("yardstick-")
+    assert yardstick.cache_path(TINY, str(tmp_path), "cuda") != path
+    assert yardstick.cache_path(TINY, str(tmp_path), "cuda:1") == yardstick.cache_path(TINY, str(tmp_path), "cuda")
+    assert yardstick.cache_path({**TINY, "steps": 151}, str(tmp_path), "cpu") != path
+    assert yardstick.cache_path(dict(reversed(TINY.items())), str(tmp_path), torch.device("cpu")) == path
+
+
 @needs_data
-def test_short_training_beats_chance_and_is_cached(tmp_path):
+def test_short_training_beats_chance_and_is_cached(tmp_path, recwarn):
+    (tmp_path / os.path.basename(yardstick.cache_path(TINY, str(tmp_path), "cuda"))).write_bytes(b"a GPU's cache")
     model, cached = yardstick.load_yardstick(cache_dir=str(tmp_path), settings=TINY, progress=False)
+    assert not [w for w in recwarn if "yardstick cache" in str(w.message)]  # the GPU's file is not read
     assert cached["test_accuracy"] > 0.6  # 10 classes: chance is 0.1
-    assert cached["fd_train_test"] >= 0 and os.path.isfile(yardstick.cache_path(TINY, str(tmp_path)))
+    assert cached["fd_train_test"] >= 0 and os.path.isfile(yardstick.cache_path(TINY, str(tmp_path), "cpu"))
     # From the cache, without the data (an empty folder as data_path would fail any training).
     (tmp_path / "no-data").mkdir()
     again, cached_again = yardstick.load_yardstick(str(tmp_path / "no-data"), str(tmp_path), settings=TINY, progress=False)
