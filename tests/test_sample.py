@@ -308,14 +308,15 @@ def tiny_yardstick(tmp_path, monkeypatch):
 
 
 def fashion_checkpoint(path, num_classes=10, side=32):
-    """A train.py-style checkpoint of a tiny pixel-space grayscale DiS with random weights."""
+    """A train.py-style checkpoint of a tiny pixel-space grayscale DiS with random weights, in
+    patches of 8 (16 tokens at 32x32: the scans are short)."""
     torch.manual_seed(0)
-    config = dict(img_size=side, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=num_classes)
+    config = dict(img_size=side, patch_size=8, channels=1, embed_dim=16, depth=2, num_classes=num_classes)
     model = dis.DiS(**config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    torch.save({"ema": model.state_dict(), "config": config, "args": dict(model="DiS-S/2", image_size=side, vae="none")},
+    torch.save({"ema": model.state_dict(), "config": config, "args": dict(model="DiS-S/8", image_size=side, vae="none")},
                path)
     return str(path)
 

@@ -123,7 +123,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_resume_equals_uninterrupted_run(fashion, tmp_path):
+def test_resume_equals_uninterrupted_run(fashion, tmp_path, quick_grids):
     """6 steps in one go vs 3 steps, checkpoint, resume for 3 more: same losses, weights, EMA,
     optimizer and RNG states, bitwise (drop path and label dropout on, an epoch boundary at 4)."""
     args = ["--data-path", fashion, *TINY, "--max-steps", "6", "--ckpt-every", "3", "--sample-every", "6"]
@@ -173,7 +173,7 @@ def random_vae(folder):
     return vae.eval()
 
 
-def test_latent_space_with_random_vae(fashion, tmp_path):
+def test_latent_space_with_random_vae(fashion, tmp_path, quick_grids):
     """--cache-latents holds the diffusers posterior means of every image and of its mirror image;
     training runs from the cache, on the fly, and from the cache folder as --dataset latents."""
     vae_dir = str(tmp_path / "vae")
@@ -294,7 +294,7 @@ def test_cpu_defaults_are_the_small_preset_and_flags_win():
     assert paper == ("DiS-S/2", 128, 1e-4, None)
 
 
-def test_max_minutes_stops_cleanly_with_checkpoint_and_grid(fashion, tmp_path):
+def test_max_minutes_stops_cleanly_with_checkpoint_and_grid(fashion, tmp_path, quick_grids):
     folder = train.main(["--data-path", fashion, *TINY, "--max-steps", "1000", "--max-minutes", "0",
                          "--sample-every", "500", "--results-dir", str(tmp_path)])
     assert os.listdir(os.path.join(folder, "checkpoints")) == ["0000001.pt"]

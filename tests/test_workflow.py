@@ -167,7 +167,7 @@ def scalars(events, tag):
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def test_dashboard_holds_the_log_and_the_grid(fashion, tmp_path):
+def test_dashboard_holds_the_log_and_the_grid(fashion, tmp_path, quick_grids):
     pytest.importorskip("tensorboard")
     args = ["--data-path", fashion, *TINY, "--max-steps", "3", "--sample-every", "3", "--tensorboard",
             "--results-dir", str(tmp_path)]
@@ -295,7 +295,8 @@ def test_yardstick_every_n_steps(tmp_path, monkeypatch):
     original = yardstick.evaluate
     monkeypatch.setattr(yardstick, "evaluate", lambda *args, **kwargs: original(
         *args, **kwargs, settings=small, cache_dir=str(tmp_path / "cache")))
-    args = ["--data-path", folder, *TINY, "--image-size", "32", "--global-batch-size", "2", "--max-steps", "2",
+    args = ["--data-path", folder, *TINY, "--image-size", "32", "--model", "DiS-S/8",  # 16 tokens, as at 8x8
+            "--global-batch-size", "2", "--max-steps", "2",
             "--fid-samples", "4", "--fid-sampling-steps", "2", "--no-tensorboard", "--results-dir", str(tmp_path / "r")]
     message = one_line_error(args + ["--fid-every", "1", "--image-size", "16"], train.main)
     assert "yardstick, which takes 32x32 images in pixel space, not 16x16" in message
