@@ -473,18 +473,10 @@ def _launch(kernel, tuned, grid_args, *args, **meta):
     return be
 
 
-def _check_scan_args(u, delta, A, B, C, D, z, delta_bias):
-    # runs on every call, before the GPU gets work: kept to cheap comparisons
-    if u.dim() != 4 or u.shape[2] not in (1, 2):
-        raise ValueError(f"u must be (batch, L, ND, E) with ND in (1, 2), got {tuple(u.shape)}")
-    batch, L, ND, E = u.shape
+def _check_scan_args(u, delta, A, B, C):
+    """What the kernels need beyond the shapes scan.bimamba_scan checks; runs on every call, before
+    the GPU gets work: kept to cheap comparisons."""
     N = A.shape[-1]
-    bc, per_channel = (batch, L, ND, N), (ND, E)
-    for name, x, shape in (("delta", delta, u.shape), ("A", A, (ND, E, N)), ("B", B, bc), ("C", C, bc),
-                           ("D", D, per_channel), ("z", z, (batch, L, E)), ("delta_bias", delta_bias, per_channel)):
-        if x is not None and x.shape != shape:
-            raise ValueError(f"{name} must have shape {tuple(shape)} (from u {tuple(u.shape)} and A), "
-                             f"got {tuple(x.shape)}")
     if N > 256:
         raise ValueError(f"the state size N must be at most 256 (Mamba uses 16), got {N}")
     device = u.device
@@ -579,8 +571,9 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     save_every: keep the state of every save_every-th chunk for the backward pass (1/save_every
     of that memory, for recomputing the chunks in between).
     Returns y: (batch, L, E) in u's dtype, sum over directions of scan_d(...) * silu(z).
+    The shapes are those scan.bimamba_scan, the dispatcher, has checked.
     """
-    _check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    _check_scan_args(u, delta, A, B, C)
     if not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
     inputs = (u, delta, A, B, C, D, z, delta_bias)
@@ -825,8 +818,6 @@ def biconv_silu(x, weight, bias):
     x: (batch, L, E), any strides (in DiS the x half of in_proj's output, row stride 2E);
     weight: (2, E, W); bias: (2, E). Returns u: (batch, L, 2, E) contiguous, direction 0 causal
     (mamba's conv1d), direction 1 anti-causal (conv1d_b on the flipped sequence, flipped back).
+    The shapes are those scan.biconv_silu, the dispatcher, has checked.
     """
-    if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[2]) or tuple(bias.shape) != (2, x.shape[2]):
-        raise ValueError(f"biconv_silu needs x (batch, L, E), weight (2, E, W), bias (2, E); got "
-                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}")
     return _BiConvSiLU.apply(x, weight, bias)
