@@ -131,6 +131,26 @@ def check_scan(backend, dtype, device, E, L):
     return errors
 
 
+def time_scan(run, args, device):
+    """Seconds of run(args): the forward pass, forward and backward, and forward and backward of
+    SCAN_RUN calls launched back to back (per call)."""
+    with torch.no_grad():
+        t_fwd = measure(lambda: run(args), device)
+    y = run(args)
+    g = torch.randn_like(y)
+    grads_of = [t for a in (args if isinstance(args, list) else [args]) for t in a.values()
+                if torch.is_tensor(t) and t.requires_grad]
+    del y
+
+    def fwd_bwd():
+        for t in grads_of:
+            t.grad = None
+        run(args).backward(g)
+    t_fb = measure(fwd_bwd, device)
+    t_run = measure(lambda: [fwd_bwd() for _ in range(SCAN_RUN)], device, warmup=1, repeat=5) / SCAN_RUN
+    return t_fwd, t_fb, t_run
+
+
 def bench_scan(device, quick, dtypes, only_backends=None, shapes=None):
     backends = scan_backends(device, quick)
     if only_backends:
@@ -152,26 +172,13 @@ def bench_scan(device, quick, dtypes, only_backends=None, shapes=None):
                                **check_scan(backend, dtype, device, E, L)})
                 print(checks[-1], flush=True)
                 args = leaves_of(prepare(scan_inputs(batch, E, L, dtype, device, n_dir=2)))
-                with torch.no_grad():
-                    t_fwd = measure(lambda: run(args), device)
-                y = run(args)
-                g = torch.randn_like(y)
-                grads_of = [t for a in (args if isinstance(args, list) else [args]) for t in a.values()
-                            if torch.is_tensor(t) and t.requires_grad]
-                del y
-
-                def fwd_bwd():
-                    for t in grads_of:
-                        t.grad = None
-                    run(args).backward(g)
-                t_fb = measure(fwd_bwd, device)
-                t_run = measure(lambda: [fwd_bwd() for _ in range(SCAN_RUN)], device, warmup=1, repeat=5) / SCAN_RUN
+                t_fwd, t_fb, t_run = time_scan(run, args, device)
                 rows.append({"dtype": str(dtype).replace("torch.", ""), "shape": f"{label} ({batch}, {E}, {L})",
                              "backend": name, "fwd_ms": 1e3 * t_fwd, "fwd_bwd_ms": 1e3 * t_fb,
                              "fwd_bwd_back_to_back_ms": 1e3 * t_run,
                              "floor_fwd_ms": 1e3 * floor_f * n_dir, "floor_fwd_bwd_ms": 1e3 * floor_fb * n_dir})
                 print(rows[-1], flush=True)
-                del args, g, grads_of
+                del args
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows, checks, bandwidth
