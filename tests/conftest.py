@@ -44,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         # Triton's interpreter runs the kernels in Python, single-threaded, for half a minute:
         # started now, it runs on the second core while the tests before it run on the first.
-        if item.name == "test_interpreter_suite" and os.environ.get("TRITON_INTERPRET") != "1":
+        if (item.name == "test_interpreter_suite" and os.environ.get("TRITON_INTERPRET") != "1"
+                and not config.option.collectonly):
             STARTED[item.nodeid] = item.module.start_interpreter_suite()
 
 
