@@ -139,12 +139,13 @@ def check_biconv(batch, L, E, dtype, device, tol, W=4):
 def start_interpreter_suite():
     """The test_interp_* tests of this file in a pytest subprocess with TRITON_INTERPRET=1, started
     and not waited for: (process, file of its output). conftest.py starts it when the session's
-    tests are collected, so that it runs on the second core while the other tests run."""
+    tests are collected, so that it runs on the second core while the other tests run; at a lower
+    priority (nice), so that it yields that core to tests that use two threads."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_interp_",
-                                os.path.abspath(__file__)], cwd=root, env=env, stdout=output,
+    process = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "-k", "test_interp_", os.path.abspath(__file__)], cwd=root, env=env, stdout=output,
                                stderr=subprocess.STDOUT, text=True)
     return process, output
 
