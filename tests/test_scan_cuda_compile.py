@@ -223,14 +223,19 @@ def test_no_gpu_is_a_reason():
     assert scan_cuda.why_unavailable() == "the CUDA scan cannot run here: no CUDA GPU"
 
 
-def test_no_driver_is_a_reason(pretend_gpu, monkeypatch):
+def missing_library(monkeypatch, fragment):
+    """Make ctypes fail to open the shared libraries whose names contain fragment."""
     real = ctypes.CDLL
 
     def cdll(name, *args, **kwargs):
-        if "cuda" in str(name):
+        if fragment in str(name):
             raise OSError(f"{name}: cannot open shared object file")
         return real(name, *args, **kwargs)
     monkeypatch.setattr(ctypes, "CDLL", cdll)
+
+
+def test_no_driver_is_a_reason(pretend_gpu, monkeypatch):
+    missing_library(monkeypatch, "cuda")
     assert not scan_cuda.available()
     reason = scan_cuda.why_unavailable()
     assert "\n" not in reason and "NVIDIA driver" in reason and "cannot open shared object file" in reason
@@ -238,13 +243,7 @@ def test_no_driver_is_a_reason(pretend_gpu, monkeypatch):
 
 def test_no_nvrtc_is_a_reason(pretend_gpu, monkeypatch):
     monkeypatch.setattr(scan_cuda, "_device", _sm90)
-    real = ctypes.CDLL
-
-    def cdll(name, *args, **kwargs):
-        if "nvrtc" in str(name):
-            raise OSError(f"{name}: cannot open shared object file")
-        return real(name, *args, **kwargs)
-    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    missing_library(monkeypatch, "nvrtc")
     assert not scan_cuda.available()
     reason = scan_cuda.why_unavailable()
     assert "\n" not in reason and reason.startswith("the CUDA scan cannot run here: NVRTC could not be loaded (")
