@@ -43,7 +43,6 @@ import sys
 
 import torch
 
-import fid
 import model as dis
 from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors, nearest_existing
 from diffusion import SAMPLERS, create_diffusion, generate, sampler_respacing
@@ -144,6 +143,7 @@ def check_args(args, parser):
         parser.error(f"--class-labels must be >= 0, not {min(args.class_labels)}")
     check_exist(parser, (("--fid-ref", args.fid_ref), ("--inception-weights", args.inception_weights)))
     if args.fid_ref is not None:
+        import fid  # with torchvision's Inception network: seconds to import, so only for --fid-ref
         if not args.num_samples:
             parser.error("--fid-ref needs --num-samples (the FID of the written .npz)")
         try:  # before sampling: the weights are looked for (or downloaded) now rather than after hours of it
@@ -272,6 +272,7 @@ def main(argv=None):
         except OSError as e:  # a full disk, a folder removed meanwhile: the samples on disk stay, resumable
             raise SystemExit(f"cannot write {e.filename}: {e.strerror}")
         if args.fid_ref and rank == 0:
+            import fid
             try:
                 metrics = fid.evaluate(path, args.fid_ref, weights=args.inception_weights)
             except fid.FIDError as e:
