@@ -4,6 +4,7 @@ and what to change after running out of GPU memory anyway.
 Training keeps, per parameter, the float32 weight, its gradient, AdamW's two moments and the EMA
 copy (20 bytes), plus the activations autograd saves for the backward pass of one micro-batch.
 """
+import functools
 import logging
 import os
 
@@ -38,11 +39,18 @@ def saved_bytes(config, batch):
     return sum(kept.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _probe(config_items, depth, batch):
+    """saved_bytes of one small probe; a process that checks several runs probes each model once."""
+    return saved_bytes({**dict(config_items), "depth": depth}, batch)
+
+
 def activation_bytes(config, batch):
     """saved_bytes at the config's depth and batch, from four small probes (depth 2 and 4, batch 2
     and 3): the bytes grow linearly with each pair of blocks (one in, one out) and with the batch
     (from 2 on; a batch of 1 is counted as 2)."""
-    probes = {(depth, b): saved_bytes({**config, "depth": depth}, b) for depth in (2, 4) for b in (2, 3)}
+    items = tuple(sorted((k, v) for k, v in config.items() if k != "depth"))
+    probes = {(depth, b): _probe(items, depth, b) for depth in (2, 4) for b in (2, 3)}
     pairs = config["depth"] // 2 - 1  # beyond the depth-2 model's
     two, three = (probes[2, b] + pairs * (probes[4, b] - probes[2, b]) for b in (2, 3))
     return two + (max(batch, 2) - 2) * (three - two)

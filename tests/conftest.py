@@ -58,24 +58,6 @@ def pytest_sessionfinish(session):
     STARTED.clear()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def remembered_activation_estimates():
-    """memory.activation_bytes computed once per (config, batch): train.py's memory check probes
-    four models on the meta device before every run (a second at 8x8, several at 32x32), and the
-    tests start dozens of runs of a few tiny configurations. The estimate depends on nothing else."""
-    import memory
-    real, estimates = memory.activation_bytes, {}
-
-    def remembered(config, batch):
-        key = (tuple(sorted(config.items())), batch)
-        if key not in estimates:
-            estimates[key] = real(config, batch)
-        return estimates[key]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memory, "activation_bytes", remembered)
-        yield
-
-
 @pytest.fixture
 def quick_grids(monkeypatch):
     """The sample grids of training drawn in 2 DDIM steps instead of 25 (100 images, guided): the
