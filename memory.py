@@ -9,6 +9,9 @@ import logging
 import os
 
 import torch
+import torch.utils._pytree as pytree
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as dis
 from data import TensorImages
@@ -19,24 +22,40 @@ OUR_KERNELS = ("triton", "cuda")  # the scans that keep chunk states for their b
 log = logging.getLogger("dis.train")
 
 
+class _Created(TorchDispatchMode):
+    """Weak references to the storage of every tensor the operations inside create."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = []  # (weak reference, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.storages.append((StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()))
+        return out
+
+    def alive(self, but=()):
+        """Bytes of the created storages still referenced, each counted once, except those of `but`."""
+        skip = {t.untyped_storage()._cdata for t in but}
+        alive = {ref.cdata: n for ref, n in self.storages if not ref.expired() and ref.cdata not in skip}
+        return sum(alive.values())
+
+
 def saved_bytes(config, batch):
     """Bytes of the tensors autograd keeps for the backward pass of a training forward of `batch`
     images through DiS(**config), counted on the meta device: shapes only, nothing is computed or
-    allocated."""
+    allocated. What is kept is what the forward pass created and is still referenced once it is
+    done (by the autograd graph of the output), so tensors recomputed in the backward pass
+    (recompute.py) are not counted."""
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
         model = dis.DiS(**config, scan_backend="ref")
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
-        kept = {}  # storage -> bytes: views of one tensor count once, parameters not at all
-
-        def pack(t):
-            if t.untyped_storage()._cdata not in params:
-                kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            labels = torch.zeros(batch, dtype=torch.long) if model.num_classes else None
-            model(torch.zeros(batch, model.in_channels, model.img_size, model.img_size),
-                  torch.zeros(batch, dtype=torch.long), labels)
-    return sum(kept.values())
+        with _Created() as created:  # the inputs too: the backward pass may need them
+            out = model(torch.zeros(batch, model.in_channels, model.img_size, model.img_size),
+                        torch.zeros(batch, dtype=torch.long),
+                        torch.zeros(batch, dtype=torch.long) if model.num_classes else None)
+        return created.alive(but=[out, *model.parameters()])
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import scan
+from recompute import Recomputed
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -127,23 +128,33 @@ class BiMamba(nn.Module):
         dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
         return conv1d, x_proj, dt_proj
 
-    def forward(self, h):
+    def backend(self, device):
+        return scan.resolve_backend(device, self.scan_backend)
+
+    def scan_inputs(self, x):
+        """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2, R + 2N), Delta (B, L, 2, E) of both directions."""
         E, R, N = self.D.shape[0], self.dt_rank, self.d_state
-        backend = scan.resolve_backend(h.device, self.scan_backend)
-        x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) each
         u = scan.biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
-                             torch.stack([self.conv1d.bias, self.conv1d_b.bias]), backend=backend)  # (B, L, 2, E)
+                             torch.stack([self.conv1d.bias, self.conv1d_b.bias]), backend=self.backend(x.device))
         # x_proj and dt_proj of both directions as one GEMM each, with block-diagonal weights: the
         # zero blocks double these small GEMMs' FLOPs, but a GEMM batched over the two directions
         # gets slow cuBLAS kernels for its weight gradients (a reduction over all B*L tokens).
         x_dbl = F.linear(u.flatten(2), torch.block_diag(self.x_proj.weight, self.x_proj_b.weight))
-        x_dbl = x_dbl.unflatten(-1, (2, R + 2 * N))  # (B, L, 2, R + 2N): Delta's R, B's N, C's N
+        x_dbl = x_dbl.unflatten(-1, (2, R + 2 * N))  # Delta's R, B's N, C's N
         delta = F.linear(x_dbl[..., :R].flatten(2), torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight))
-        delta = delta.unflatten(-1, (2, E))  # (B, L, 2, E); dt_proj's bias is added in the scan
-        y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
-                              x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(), z,
-                              torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True,
-                              backend=backend, save_every=self.scan_save_every)  # (B, L, E)
+        return u, x_dbl, delta.unflatten(-1, (2, E))  # dt_proj's bias is added in the scan
+
+    def forward(self, h):
+        E, R, N = self.D.shape[0], self.dt_rank, self.d_state
+        x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) each
+        # u and Delta are recomputed from x for the backward pass rather than kept (recompute.py)
+        with Recomputed() as saved:
+            u, x_dbl, delta = saved.compute(self.scan_inputs, x, drop=(0, 2))
+            y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
+                                  x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(),
+                                  z, torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+                                  delta_softplus=True, backend=self.backend(x.device),
+                                  save_every=self.scan_save_every)  # (B, L, E)
         return self.out_proj(y)
 
 

@@ -20,7 +20,7 @@ import diffusion
 import memory
 import model as dis
 import train
-from conftest import REPO, TINY, fashion_arrays, load, one_line_error, write_fashion_subset  # noqa: F401
+from conftest import REPO, TINY, KeepAll, fashion_arrays, load, one_line_error, write_fashion_subset  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -343,10 +343,13 @@ def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
     assert "--global-batch-size" in message and "--grad-checkpointing" in message and "bf16" in message
 
 
-def test_activation_estimate_counts_what_autograd_keeps():
+def test_activation_estimate_counts_what_autograd_keeps(monkeypatch):
     """The memory check's estimate (meta device, two shallow models, extrapolated) against the
-    tensors a real CPU forward keeps for its backward pass, counted by their storage."""
+    tensors a real CPU forward keeps for its backward pass without recomputation, counted by
+    their storage, less each mixer's u and Delta (recomputed: 2 x (batch, L, 2, E) float32)."""
     config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=6, num_classes=10)
+    estimate = memory.activation_bytes(config, 5)
+    monkeypatch.setattr(dis, "Recomputed", KeepAll)
     torch.manual_seed(0)
     model = dis.DiS(**config)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -358,4 +361,5 @@ def test_activation_estimate_counts_what_autograd_keeps():
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randn(5, 1, 8, 8), torch.tensor([1, 500, 999, 0, 3]), torch.tensor([0, 3, 10, 9, 9]))
-    assert memory.activation_bytes(config, 5) == sum(kept.values())
+    mixers, tokens, E = 6 + 1, 2 + (8 // 2) ** 2, 2 * 16
+    assert estimate == sum(kept.values()) - mixers * 2 * (5 * tokens * 2 * E * 4)

@@ -1,0 +1,96 @@
+"""recompute.py: the mixer's u and Delta recomputed in the backward pass. The reference is the
+same model with autograd keeping every tensor itself (conftest.KeepAll)."""
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.checkpoint import checkpoint
+
+import model as dis
+from conftest import KeepAll
+from recompute import Recomputed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gradients(model, autocast=False, checkpointed=False):
+    """Parameter gradients of one training loss of `model` on a fixed batch (dropouts seeded)."""
+    torch.manual_seed(1)
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 10])
+    model.zero_grad(set_to_none=True)
+    run = (lambda *a: checkpoint(model, *a, use_reentrant=False)) if checkpointed else model
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = run(x, t, y)
+    out.float().pow(2).mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return dis.DiS(img_size=8, patch_size=2, channels=3, embed_dim=32, depth=2, num_classes=10, drop_path_rate=0.1,
+                   scan_backend="ref").train()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["", "grad-checkpointing"])
+def test_gradients_equal_keeping_everything(model, monkeypatch, autocast, checkpointed):
+    """The same gradients, bit for bit: the recomputed u and Delta are the forward pass's (also
+    under autocast, whose state the recomputation restores, and inside gradient checkpointing)."""
+    ours = gradients(model, autocast, checkpointed)
+    monkeypatch.setattr(dis, "Recomputed", KeepAll)
+    reference = gradients(model, autocast, checkpointed)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+
+
+def test_dropped_outputs_are_freed_and_recomputed_once():
+    """Autograd keeps no dropped output, nor a view of one, whether saved while the function runs
+    (exp saves its output) or after it (the product saves a[1:]); the backward pass recomputes
+    them with one more call and gives the gradient of the plain computation."""
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        a = x.exp()
+        return a, (a * 2).sin()  # sin saves its input a * 2: kept
+
+    def loss(a, b):
+        return (a[1:] * b[1:]).sum()
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with Recomputed() as saved:
+        a, b = saved.compute(fn, x, drop=(0,))
+        out = loss(a, b)
+    a_storage = StorageWeakRef(a.untyped_storage())
+    del a, b
+    assert a_storage.expired() and len(calls) == 1
+    out.backward()
+    assert len(calls) == 2
+    x_ref = x.detach().requires_grad_()
+    loss(*fn(x_ref)).backward()
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_no_grad_installs_nothing():
+    """Sampling (no autograd) runs the function once and keeps nothing."""
+    with torch.no_grad(), Recomputed() as saved:
+        u, = saved.compute(lambda x: (x * 2,), torch.ones(3), drop=(0,))
+    assert torch.equal(u, torch.full((3,), 2.0))
+
+
+@pytest.mark.gpu
+def test_gradients_equal_on_the_gpu_kernels(monkeypatch):
+    """On CUDA with the fast scan and convolution kernels, under bf16 autocast as train.py runs."""
+    torch.manual_seed(0)
+    model = dis.DiS(img_size=16, patch_size=2, channels=3, embed_dim=64, depth=2, num_classes=10).cuda().train()
+
+    def grads():
+        torch.manual_seed(1)
+        x, t, y = torch.randn(4, 3, 16, 16, device="cuda"), torch.tensor([1, 5, 500, 999]).cuda(), torch.arange(4).cuda()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, t, y)
+        out.float().pow(2).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+    ours = grads()
+    monkeypatch.setattr(dis, "Recomputed", KeepAll)
+    assert all(torch.equal(a, b) for a, b in zip(ours, grads()))
