@@ -281,6 +281,9 @@ MODEL_CASES = [  # (DiS name, DiT name, image size, channels, classes, batch)
     ("DiS-H/2", "DiT-XL/2", 32, 4, 1000, 32),
 ]
 QUICK_MODEL_CASES = [("DiS-tiny", "DiT-tiny", 8, 3, 10, 4)]
+# train.py's options that trade time for memory, timed on the default scan backend: (label, mixer settings)
+MEMORY_OPTIONS = [("--recompute-scan-inputs", dict(recompute_scan_inputs=True, scan_save_every=1)),
+                  ("--recompute-scan-inputs --scan-save-every 2", dict(recompute_scan_inputs=True, scan_save_every=2))]
 
 
 def build(name, img, ch, classes, device):
@@ -293,11 +296,12 @@ def build(name, img, ch, classes, device):
     return DiS_models[name](img_size=img, channels=ch, num_classes=classes).to(device)
 
 
-def use_scan(model, backend):
-    """Run `model`'s selective scans on `backend` (a runtime option of each mixer)."""
+def use_scan(model, backend, recompute_scan_inputs=False, scan_save_every=1):
+    """Run `model`'s selective scans on `backend`, with the memory options (runtime options of each mixer)."""
     for module in model.modules():
         if isinstance(module, BiMamba):
-            module.scan_backend = backend
+            module.scan_backend, module.scan_save_every = backend, scan_save_every
+            module.recompute_scan_inputs = recompute_scan_inputs
 
 
 def model_parity(model, img, ch, classes, backend, device, batch=2, mixer_forward=None):
@@ -399,6 +403,10 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
                 rows.append(throughput_row(f"{dis_name} ({row_label})", label, dis, img, ch, classes, batch, device))
             if backend == default and mixer_forward is None:
                 dis_row = rows[-1]
+        for label_options, options in MEMORY_OPTIONS:
+            use_scan(dis, default, **options)
+            rows.append(throughput_row(f"{dis_name} ({default} scan, {label_options})", label, dis, img, ch, classes,
+                                       batch, device))
         use_scan(dis, default)
         if profile_too:
             for r in profile_step(dis, img, ch, classes, batch, device):

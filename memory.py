@@ -86,7 +86,8 @@ def check_memory(config, args, world, device, data):
         need = 20 * sum(p.numel() for p in dis.DiS(**config, scan_backend="ref").parameters())
     need += data.source.images.nbytes if isinstance(data.source, TensorImages) else 0
     if device.type == "cpu":
-        activations = activation_bytes(config, args.global_batch_size // (world * args.grad_accum_steps))
+        activations = activation_bytes({**config, "recompute_scan_inputs": args.recompute_scan_inputs},
+                                       args.global_batch_size // (world * args.grad_accum_steps))
         if args.grad_checkpointing:  # block inputs, and one block's activations while it is recomputed
             activations = activations * 2 // (config["depth"] + 1)
         need = (need + activations) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # its processes share the RAM
@@ -101,10 +102,13 @@ def check_memory(config, args, world, device, data):
 
 
 def oom_advice(args, backend):
-    """What to change after running out of GPU memory, for this run's settings. Our scans (Triton,
-    CUDA) keep float32 chunk states for their backward pass; --scan-save-every keeps fewer,
-    --grad-checkpointing recomputes whole blocks, and mamba-ssm's kernel saves less but runs slower."""
+    """What to change after running out of GPU memory, for this run's settings, cheapest first:
+    --recompute-scan-inputs recomputes the mixers' u and Delta, --scan-save-every keeps fewer of our
+    scans' (Triton, CUDA) chunk states, --grad-checkpointing recomputes whole blocks, and
+    mamba-ssm's kernel saves less but runs slower."""
     advice = ["lower --global-batch-size"]
+    if not args.recompute_scan_inputs:
+        advice.append("add --recompute-scan-inputs")
     if backend in OUR_KERNELS and args.scan_save_every == 1:
         advice.append("add --scan-save-every 2")
     if not args.grad_checkpointing:

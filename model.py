@@ -92,15 +92,17 @@ class BiMamba(nn.Module):
     reverse. The two outputs are added and projected back by one out_proj.
 
     scan_backend, scan_save_every: how the scans run (scan.resolve_backend's names; save_every of
-    scan.bimamba_scan); runtime options, not part of the weights.
+    scan.bimamba_scan); recompute_scan_inputs: recompute u and Delta in the backward pass rather
+    than keep them (recompute.py; less memory, more time). Runtime options, not part of the weights.
     """
 
     def __init__(self, dim, d_state=16, d_conv=4, expand=2, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 dt_init="symmetric", scan_backend="auto", scan_save_every=1):
+                 dt_init="symmetric", scan_backend="auto", scan_save_every=1, recompute_scan_inputs=False):
         super().__init__()
         inner = expand * dim
         self.d_state, self.dt_rank = d_state, math.ceil(dim / 16)
         self.scan_backend, self.scan_save_every = scan_backend, scan_save_every
+        self.recompute_scan_inputs = recompute_scan_inputs
         A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1)  # S4D-real
         self.A_log = nn.Parameter(A_log)
         self.D = nn.Parameter(torch.ones(inner))
@@ -147,8 +149,8 @@ class BiMamba(nn.Module):
     def forward(self, h):
         E, R, N = self.D.shape[0], self.dt_rank, self.d_state
         x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) each
-        # u and Delta are recomputed from x for the backward pass rather than kept (recompute.py)
-        with Recomputed() as saved:
+        # u and Delta are kept for the backward pass, or recomputed from x (recompute.py)
+        with Recomputed(self.recompute_scan_inputs) as saved:
             u, x_dbl, delta = saved.compute(self.scan_inputs, x, drop=(0, 2))
             y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
                                   x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(),
@@ -227,16 +229,17 @@ class DiS(nn.Module):
     C_out = 2C with learn_sigma (noise and the variance interpolation of improved DDPM), else C.
     num_classes <= 0 makes it unconditional (then y must be None). depth is even: depth/2 in
     blocks, a mid block and depth/2 out blocks (Table 1's depth + 1 blocks).
-    scan_backend ("auto", "ref", "mamba", "triton", "cuda") and scan_save_every choose how the
-    selective scans run (see scan.py); they are runtime options, not part of the architecture.
+    scan_backend ("auto", "ref", "mamba", "triton", "cuda"), scan_save_every and
+    recompute_scan_inputs choose how the selective scans run and what their backward pass keeps
+    (see BiMamba); they are runtime options, not part of the architecture.
     """
 
     def __init__(self, img_size=32, patch_size=2, channels=3, embed_dim=368, depth=24, num_classes=-1,
                  learn_sigma=True, drop_path_rate=0.1, class_dropout_prob=0.1, skip="concat", cond="token",
-                 dt_init="symmetric", scan_backend="auto", scan_save_every=1):
+                 dt_init="symmetric", scan_backend="auto", scan_save_every=1, recompute_scan_inputs=False):
         super().__init__()
         _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes, drop_path_rate,
-                      class_dropout_prob, skip, cond, dt_init, scan_backend, scan_save_every)
+                      class_dropout_prob, skip, cond, dt_init, scan_backend, scan_save_every, recompute_scan_inputs)
         self.img_size, self.patch_size, self.in_channels = img_size, patch_size, channels
         self.out_channels = 2 * channels if learn_sigma else channels
         self.num_classes = max(num_classes, 0)
@@ -253,7 +256,8 @@ class DiS(nn.Module):
             self.label_emb = LabelEmbedder(self.num_classes, embed_dim, class_dropout_prob)
         # Stochastic depth rises linearly over the blocks, the first block at 0, as in the original.
         rates = [0.0] + [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        block = dict(adaln=cond == "adaln", dt_init=dt_init, scan_backend=scan_backend, scan_save_every=scan_save_every)
+        block = dict(adaln=cond == "adaln", dt_init=dt_init, scan_backend=scan_backend, scan_save_every=scan_save_every,
+                     recompute_scan_inputs=recompute_scan_inputs)
         half = depth // 2
         self.in_blocks = nn.ModuleList(Block(embed_dim, rates[i], **block) for i in range(half))
         self.mid_block = Block(embed_dim, rates[half], **block)
@@ -340,7 +344,7 @@ class DiS(nn.Module):
 
 
 def _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes, drop_path_rate, class_dropout_prob,
-                  skip, cond, dt_init, scan_backend, scan_save_every):
+                  skip, cond, dt_init, scan_backend, scan_save_every, recompute_scan_inputs):
     """ValueError naming the first constructor argument of DiS that is out of its range."""
     def positive_int(x):
         return isinstance(x, int) and not isinstance(x, bool) and x >= 1
@@ -364,6 +368,8 @@ def _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes,
                                  ("scan_backend", scan_backend, ("auto", *scan.BACKENDS))):
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    if not isinstance(recompute_scan_inputs, bool):
+        raise ValueError(f"recompute_scan_inputs must be True or False, got {recompute_scan_inputs!r}")
 
 
 # Table 1: hidden size D and depth (blocks = depth + 1). S uses D=368 (the table prints 384;

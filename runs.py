@@ -36,8 +36,9 @@ GRID_RESPACING = "ddim25"
 RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everything else is the run's
     "resume", "results_dir", "data_path", "download", "num_workers", "cache_dir", "max_steps", "epochs",
     "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile", "compile_mode",
-    "grad_checkpointing", "scan_backend", "scan_save_every", "device", "max_nonfinite", "fid_ref", "fid_samples",
-    "inception_weights", "grad_accum_steps", "tensorboard", "fid_every", "fid_sampling_steps", "preset", "memory_check"}
+    "grad_checkpointing", "recompute_scan_inputs", "scan_backend", "scan_save_every", "device", "max_nonfinite",
+    "fid_ref", "fid_samples", "inception_weights", "grad_accum_steps", "tensorboard", "fid_every",
+    "fid_sampling_steps", "preset", "memory_check"}
 
 log = logging.getLogger("dis.train")
 

@@ -187,7 +187,7 @@ def original_record(vae_name, vae, settings):
     return dict(model=o["model"], image_size=o["image_size"], vae=vae_name, config=config)
 
 
-RUNTIME_OPTIONS = ("scan_backend", "scan_save_every")  # model.DiS keywords that are not part of the weights
+RUNTIME_OPTIONS = ("scan_backend", "scan_save_every", "recompute_scan_inputs")  # model.DiS keywords that are not part of the weights
 
 
 def load_model(source, device="cpu", use_ema=True, vae=None, original=None, load_decoder=True, scan_backend="auto"):

@@ -30,26 +30,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class KeepAll:
-    """Stands in for recompute.Recomputed: runs the function, recomputes nothing (the reference)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def compute(self, fn, *args, drop):
-        return fn(*args)
-
-
-@pytest.fixture
-def keep_all(monkeypatch):
-    """The model without recomputation: autograd keeps u and Delta as it would by itself."""
-    import model
-    monkeypatch.setattr(model, "Recomputed", KeepAll)
-
-
 # Subprocesses started once the tests are collected, by test node id; their tests wait for them.
 STARTED = {}
 

@@ -1,12 +1,13 @@
-"""recompute.py: the mixer's u and Delta recomputed in the backward pass. The reference is the
-same model with autograd keeping every tensor itself (conftest.KeepAll)."""
+"""recompute.py: the mixer's u and Delta recomputed in the backward pass (DiS's
+recompute_scan_inputs). The reference is the same model with autograd keeping every tensor."""
+import gc
+
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
 
 import model as dis
-from conftest import KeepAll
 from recompute import Recomputed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,21 +25,27 @@ def gradients(model, autocast=False, checkpointed=False):
     return [p.grad.clone() for p in model.parameters()]
 
 
+def recomputing(model, on):
+    for module in model.modules():
+        if isinstance(module, dis.BiMamba):
+            module.recompute_scan_inputs = on
+    return model
+
+
 @pytest.fixture
 def model():
     torch.manual_seed(0)
     return dis.DiS(img_size=8, patch_size=2, channels=3, embed_dim=32, depth=2, num_classes=10, drop_path_rate=0.1,
-                   scan_backend="ref").train()
+                   scan_backend="ref", recompute_scan_inputs=True).train()
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["", "grad-checkpointing"])
-def test_gradients_equal_keeping_everything(model, monkeypatch, autocast, checkpointed):
+def test_gradients_equal_keeping_everything(model, autocast, checkpointed):
     """The same gradients, bit for bit: the recomputed u and Delta are the forward pass's (also
     under autocast, whose state the recomputation restores, and inside gradient checkpointing)."""
     ours = gradients(model, autocast, checkpointed)
-    monkeypatch.setattr(dis, "Recomputed", KeepAll)
-    reference = gradients(model, autocast, checkpointed)
+    reference = gradients(recomputing(model, False), autocast, checkpointed)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
 
 
@@ -70,18 +77,28 @@ def test_dropped_outputs_are_freed_and_recomputed_once():
     assert torch.equal(x.grad, x_ref.grad)
 
 
-def test_no_grad_installs_nothing():
-    """Sampling (no autograd) runs the function once and keeps nothing."""
-    with torch.no_grad(), Recomputed() as saved:
-        u, = saved.compute(lambda x: (x * 2,), torch.ones(3), drop=(0,))
-    assert torch.equal(u, torch.full((3,), 2.0))
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "disabled"])
+def test_off_keeps_what_autograd_keeps(grad):
+    """Without autograd (sampling), or disabled, the function runs once and saved tensors are
+    kept as autograd keeps them."""
+    x = torch.ones(3, requires_grad=True)
+    with torch.set_grad_enabled(grad), Recomputed(enabled=False if grad else True) as saved:
+        u, = saved.compute(lambda v: (v.exp(),), x, drop=(0,))
+    assert torch.equal(u, torch.full((3,), 1.0).exp())
+    if grad:
+        u_storage = StorageWeakRef(u.untyped_storage())
+        out = u.sum()
+        del u
+        assert not u_storage.expired()  # exp's backward keeps its output
+        out.backward()
 
 
 @pytest.mark.gpu
-def test_gradients_equal_on_the_gpu_kernels(monkeypatch):
+def test_gradients_equal_on_the_gpu_kernels():
     """On CUDA with the fast scan and convolution kernels, under bf16 autocast as train.py runs."""
     torch.manual_seed(0)
-    model = dis.DiS(img_size=16, patch_size=2, channels=3, embed_dim=64, depth=2, num_classes=10).cuda().train()
+    model = dis.DiS(img_size=16, patch_size=2, channels=3, embed_dim=64, depth=2, num_classes=10,
+                    recompute_scan_inputs=True).cuda().train()
 
     def grads():
         torch.manual_seed(1)
@@ -92,5 +109,25 @@ def test_gradients_equal_on_the_gpu_kernels(monkeypatch):
         out.float().pow(2).mean().backward()
         return [p.grad.clone() for p in model.parameters()]
     ours = grads()
-    monkeypatch.setattr(dis, "Recomputed", KeepAll)
+    recomputing(model, False)
     assert all(torch.equal(a, b) for a, b in zip(ours, grads()))
+
+
+def test_freed_with_the_graph_without_the_garbage_collector():
+    """Once the backward pass has run, nothing keeps the recipe's inputs: the hooks hold no
+    reference cycle, which the garbage collector would break only at its next run (on a GPU,
+    training steps' worth of activations later)."""
+    gc.disable()
+    try:
+        h = torch.randn(5, requires_grad=True) * 1
+        with Recomputed() as saved:
+            a, = saved.compute(lambda v: (v.exp(),), h, drop=(0,))
+            out = a.sum()
+        h_storage = StorageWeakRef(h.untyped_storage())
+        del h, a, saved  # as a forward pass's locals at its return
+        assert not h_storage.expired()  # the recipe's input, until the backward pass
+        out.backward()
+        del out
+        assert h_storage.expired()
+    finally:
+        gc.enable()

@@ -20,7 +20,7 @@ import diffusion
 import memory
 import model as dis
 import train
-from conftest import REPO, TINY, KeepAll, fashion_arrays, load, one_line_error, write_fashion_subset  # noqa: F401
+from conftest import REPO, TINY, fashion_arrays, load, one_line_error, write_fashion_subset  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -302,6 +302,13 @@ def test_max_minutes_stops_cleanly_with_checkpoint_and_grid(fashion, tmp_path, q
     assert "Time budget of --max-minutes reached at step 1" in open(os.path.join(folder, "log.txt")).read()
 
 
+def test_recompute_scan_inputs_runs_and_is_logged(fashion, tmp_path):
+    folder = train.main(["--data-path", fashion, *TINY, "--max-steps", "1", "--recompute-scan-inputs",
+                         "--results-dir", str(tmp_path)])
+    assert "u and Delta recomputed" in open(os.path.join(folder, "log.txt")).read()
+    assert os.listdir(os.path.join(folder, "checkpoints")) == ["0000001.pt"]
+
+
 def test_repeated_nonfinite_losses_stop_with_a_checkpoint(fashion, tmp_path, monkeypatch):
     for call in range(1, 5):
         poison_step(monkeypatch, call, ranks={"0"})
@@ -341,15 +348,14 @@ def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
     monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", out_of_memory)
     message = one_line_error(["--data-path", fashion, *TINY, "--results-dir", str(tmp_path)], train.main)
     assert "--global-batch-size" in message and "--grad-checkpointing" in message and "bf16" in message
+    assert "--recompute-scan-inputs" in message
 
 
-def test_activation_estimate_counts_what_autograd_keeps(monkeypatch):
+def test_activation_estimate_counts_what_autograd_keeps():
     """The memory check's estimate (meta device, two shallow models, extrapolated) against the
-    tensors a real CPU forward keeps for its backward pass without recomputation, counted by
-    their storage, less each mixer's u and Delta (recomputed: 2 x (batch, L, 2, E) float32)."""
+    tensors a real CPU forward keeps for its backward pass, counted by their storage; with
+    recompute_scan_inputs, less each mixer's u and Delta (2 x (batch, L, 2, E) float32)."""
     config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=6, num_classes=10)
-    estimate = memory.activation_bytes(config, 5)
-    monkeypatch.setattr(dis, "Recomputed", KeepAll)
     torch.manual_seed(0)
     model = dis.DiS(**config)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -362,4 +368,6 @@ def test_activation_estimate_counts_what_autograd_keeps(monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randn(5, 1, 8, 8), torch.tensor([1, 500, 999, 0, 3]), torch.tensor([0, 3, 10, 9, 9]))
     mixers, tokens, E = 6 + 1, 2 + (8 // 2) ** 2, 2 * 16
-    assert estimate == sum(kept.values()) - mixers * 2 * (5 * tokens * 2 * E * 4)
+    assert memory.activation_bytes(config, 5) == sum(kept.values())
+    recomputed = memory.activation_bytes({**config, "recompute_scan_inputs": True}, 5)
+    assert recomputed == sum(kept.values()) - mixers * 2 * (5 * tokens * 2 * E * 4)
