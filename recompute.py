@@ -15,8 +15,8 @@ that needs one calls the function again, under the forward pass's autocast state
 notes of the block are served from that one recomputation. The function must give the same
 values when called again (no randomness, parameters unchanged until the backward pass).
 
-It trades time for memory: DiS-S/2 (32x32, batch 128, bf16) keeps 17.2 GB instead of 21.9 at
-about 5% fewer images per second, so DiS turns it on only when asked (`--recompute-scan-inputs`).
+It trades time for memory (BENCHMARKS.md has both), so DiS does it only when asked:
+`train.py --recompute-scan-inputs`, the mixers' recompute_scan_inputs.
 """
 import contextlib
 
