@@ -362,9 +362,6 @@ def check_args(args, parser):
             parser.error(f"{flag} {folder}: {existing} is a file, not a folder")
         if existing and not os.access(existing, os.W_OK | os.X_OK):
             parser.error(f"{flag} {folder}: {existing} is not writable")
-    if args.scan_backend not in ("auto", *BACKENDS):
-        parser.error(f"--scan-backend (from DIS_SCAN_BACKEND) must be one of auto, {', '.join(BACKENDS)}, "
-                     f"not {args.scan_backend!r}")
     if args.fid_every and not args.fid_ref and args.dataset != "fashion-mnist":
         parser.error("--fid-every needs --fid-ref (on --dataset fashion-mnist it measures the yardstick without one)")
     if args.tensorboard and not tensorboard_installed():
@@ -424,10 +421,8 @@ def parse_args(argv=None):
     speed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="auto: CUDA when available (one GPU per process under torchrun)")
     speed.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    speed.add_argument("--scan-backend", choices=["auto", *BACKENDS],
-                       default=os.environ.get("DIS_SCAN_BACKEND", "auto"),
-                       help="the selective scan's implementation (scan.py); auto: the fastest on the device; "
-                            "default: the environment variable DIS_SCAN_BACKEND, else auto")
+    speed.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto",
+                       help="the selective scan's implementation (scan.py); auto: the fastest on the device")
     speed.add_argument("--scan-save-every", type=int, default=1,
                        help="our scans (Triton, CUDA): keep the states of every Nth chunk for the backward pass "
                             "(1/N of their memory, more recomputation)")
