@@ -3,10 +3,10 @@ BLOCK_E, the registers and spills that ptxas reports, counts of the PTX instruct
 cost a one-warp program most (cross-thread shuffles, barriers, shared-memory traffic), and the
 machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
 
-    python tools/kernel_stats.py                 # T = 4, BLOCK_E 8 and 16
-    T=2 BLOCK_E=8,16,32 python tools/kernel_stats.py
-    SAVE_EVERY=2 python tools/kernel_stats.py    # the states of every other chunk only
-    python tools/kernel_stats.py --cuda          # scan_cuda.cu's kernels instead (NVRTC; a minute)
+    python tools/kernel_stats.py                           # T = 4, BLOCK_E 8 and 16
+    python tools/kernel_stats.py --chunk 2 --block-e 8,16,32
+    python tools/kernel_stats.py --save-every 2            # the states of every other chunk only
+    python tools/kernel_stats.py --cuda                    # scan_cuda.cu's kernels instead (NVRTC; a minute)
 
 With --cuda it compiles scan_cuda.cu as scan_cuda.py does (NVRTC, for the H100/H200's sm_90), every
 program (input dtype, saved states' dtype), and also counts the global loads whose result an
@@ -20,6 +20,7 @@ that runs L/T times; the other counts are over the whole kernel (both directions
 The counts depend on the Triton version, which chooses the layouts: run this with the Triton you
 will time (PYTHONPATH=<another Triton>); tools/triton_versions.py times another version's kernels.
 """
+import argparse
 import collections
 import os
 import re
@@ -150,15 +151,32 @@ def main_cuda():
         print(f"    global loads used within 8 instructions: {loads_used_at_once(sass)}")
 
 
-def main():
-    if "--cuda" in sys.argv[1:]:
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Registers, spills and instruction counts of the scan kernels, "
+                                                 "compiled for the H100 without a GPU.")
+    parser.add_argument("--cuda", action="store_true", help="scan_cuda.cu's kernels instead of scan_triton's")
+    parser.add_argument("--chunk", type=int, default=scan_triton.SCAN_CHUNK["cuda"], metavar="T",
+                        help="Triton: steps per chunk")
+    parser.add_argument("--block-e", default="8,16", help="Triton: comma list of BLOCK_E (channels per program)")
+    parser.add_argument("--save-every", type=int, default=1, help="Triton: keep the state of every Nth chunk")
+    args = parser.parse_args(argv)
+    try:
+        args.block_e = [int(b) for b in args.block_e.split(",")]
+    except ValueError:
+        parser.error(f"--block-e must be a comma list of integers, not {args.block_e!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.cuda:
         return main_cuda()
-    T = int(os.environ.get("T", scan_triton.SCAN_CHUNK["cuda"]))
+    T = args.chunk
     common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
-                  SAVE_EVERY=int(os.environ.get("SAVE_EVERY", 1)))
+                  SAVE_EVERY=args.save_every)
     for name, kernel, extra in (("forward", scan_triton._scan_fwd_kernel, {"SAVE_STATES": True}),
                                 ("backward", scan_triton._scan_bwd_kernel, {})):
-        for block_e in (int(b) for b in os.environ.get("BLOCK_E", "8,16").split(",")):
+        for block_e in args.block_e:
             asm = compile_for_h100(kernel, dict(common, BLOCK_E=block_e, **extra)).asm
             counts = ", ".join(f"{op} {len(re.findall(re.escape(op), asm['ptx']))}" for op in OPS)
             print(f"{name} T={T} BLOCK_E={block_e}: {ptxas_report(asm['ptx'])}; {counts}")
