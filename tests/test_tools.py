@@ -32,3 +32,31 @@ def test_triton_versions_stops_on_a_kernel_scan_triton_lacks():
     tool = load_tool("triton_versions")
     with pytest.raises(SystemExit, match="scan_triton has no kernel _conv_dx_kernel; its kernels: .*_conv_bwd_kernel"):
         tool.kernels_named(["_scan_fwd_kernel", "_conv_dx_kernel"])
+
+
+def test_kernel_stats_counts_the_backward_loop_by_source_line():
+    """--cuda --lines: every instruction of the backward kernel's segment loop (the nested
+    `advance` loop left out) is counted once, under a line of scan_cuda.cu; the exp2 of the
+    recurrence is there as MUFU instructions."""
+    import torch
+
+    import scan_cuda
+    try:
+        scan_cuda.nvrtc_version()
+    except Exception as e:  # the tool needs NVRTC, as scan_cuda does
+        pytest.skip(f"no NVRTC here: {e}")
+    tool = load_tool("kernel_stats")
+    program = scan_cuda.compile_program(torch.bfloat16, torch.bfloat16, "sm_90", options=("-lineinfo",))
+    name = next(n for n in program.names if "scan_bwd_kernel<dis::bf16, dis::bf16, 0" in n)
+    sass = re.search(rf"\.text\.{program.names[name]}:\n(.*?)(?=\n\s*\.section|\Z)",
+                     tool.disassemble(program.image, line_info=True), re.S).group(1)
+    counts = tool.instructions_per_source_line(sass)
+    lines = sass.splitlines()
+    spans = tool.loop_spans(lines)
+    first, last = max(spans, key=lambda span: span[1] - span[0])
+    in_loop = sum(1 for x in lines[first:last + 1] if tool.SASS_LINE.match(x))
+    nested = sum(1 for a, b in spans if first < a and b < last for x in lines[a:b + 1] if tool.SASS_LINE.match(x))
+    assert sum(sum(c.values()) for c in counts.values()) == in_loop - nested > 0
+    source = open(os.path.join(REPO, "scan_cuda.cu")).read().splitlines()
+    ex2 = next(i + 1 for i, text in enumerate(source) if "ex2.approx.ftz.f32" in text)
+    assert counts[ex2]["MUFU"] > 0 and None not in counts

@@ -7,6 +7,7 @@ machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
     python tools/kernel_stats.py --chunk 2 --block-e 8,16,32
     python tools/kernel_stats.py --save-every 2            # the states of every other chunk only
     python tools/kernel_stats.py --cuda                    # scan_cuda.cu's kernels instead (NVRTC; a minute)
+    python tools/kernel_stats.py --cuda --lines "bwd_kernel<dis::bf16, dis::bf16, 0"   # its loop by source line
 
 With --cuda it compiles scan_cuda.cu as scan_cuda.py does (NVRTC, for the H100/H200's sm_90), every
 program (input dtype, saved states' dtype), and also counts the global loads whose result an
@@ -72,12 +73,14 @@ def ptxas_report(ptx):
     return f"{regs.group(1) if regs else '?'} registers, spills {spills.group(1)}/{spills.group(2)} B"
 
 
-def disassemble(cubin):
-    """The SASS of a compiled kernel, as nvdisasm prints it."""
+def disassemble(cubin, line_info=False):
+    """The SASS of a compiled kernel, as nvdisasm prints it; with line_info, each run of
+    instructions preceded by the source line it comes from (a cubin compiled with -lineinfo)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([NVDISASM, "-c", *(["-g"] if line_info else []), f.name], capture_output=True,
+                              text=True).stdout
 
 
 def sass_opcodes(sass, top=10):
@@ -86,34 +89,59 @@ def sass_opcodes(sass, top=10):
     return f"SASS {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(top))
 
 
-def loop_lengths(sass):
-    """Instruction counts of the SASS loops (a backward branch to an earlier label), in order."""
-    lines = sass.splitlines()
+def loop_spans(lines):
+    """(first, last) line indices of the SASS loops (a backward branch to an earlier label), in order."""
     labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"\.L_x_\d+:", line)}
-    lengths = []
+    spans = []
     for i, line in enumerate(lines):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if target and labels.get(target.group(1), i) < i:
-            lengths.append(sum(1 for x in lines[labels[target.group(1)]:i + 1] if SASS_LINE.match(x)))
+            spans.append((labels[target.group(1)], i))
+    return spans
+
+
+def loop_lengths(sass):
+    """Instruction counts of the SASS loops, in order."""
+    lines = sass.splitlines()
+    lengths = [sum(1 for x in lines[a:b + 1] if SASS_LINE.match(x)) for a, b in loop_spans(lines)]
     return [n for n in lengths if n > 1]
 
 
-def cuda_kernels():
+def instructions_per_source_line(sass):
+    """{source line: Counter of opcodes} of the instructions in a kernel's longest loop, those of
+    loops nested in it left out (SASS from disassemble(..., line_info=True))."""
+    lines = sass.splitlines()
+    spans = loop_spans(lines)
+    first, last = max(spans, key=lambda span: span[1] - span[0])
+    nested = [(a, b) for a, b in spans if first < a and b < last]
+    counts, source = collections.defaultdict(collections.Counter), None
+    for i in range(first, last + 1):
+        at = re.search(r"//## File .*, line (\d+)", lines[i])
+        if at:
+            source = int(at.group(1))
+        elif SASS_LINE.match(lines[i]) and not any(a <= i <= b for a, b in nested):
+            counts[source][SASS_LINE.match(lines[i]).group(1).split(".")[0]] += 1
+    return counts
+
+
+def cuda_kernels(line_info=False):
     """scan_cuda.cu's kernels compiled by NVRTC for sm_90, as scan_cuda.py compiles them: {name
-    expression: (ptxas report, SASS)} for every program."""
+    expression: (ptxas report, SASS)} for every program; line_info: SASS with source lines."""
     import torch
     import scan_cuda
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     kernels = {}
     for dtype, states_dtype in ((f32, f32), (bf16, bf16), (bf16, f32), (f16, f32), (f16, f16)):
-        program = scan_cuda.compile_program(dtype, states_dtype, "sm_90", options=("--ptxas-options=-v",))
+        options = ("--ptxas-options=-v", *(("-lineinfo",) if line_info else ()))
+        program = scan_cuda.compile_program(dtype, states_dtype, "sm_90", options=options)
         reports = {}
         for block in program.log.split("Compiling entry function '")[1:]:
             regs = re.search(r"Used (\d+) registers", block)
             spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
             reports[block.split("'")[0]] = (f"{regs.group(1) if regs else '?'} registers, "
                                             f"spills {'/'.join(spills.groups()) if spills else '?'} B")
-        bodies = dict(re.findall(r"\.text\.(\w+):\n(.*?)(?=\n\s*\.section|\Z)", disassemble(program.image), re.S))
+        bodies = dict(re.findall(r"\.text\.(\w+):\n(.*?)(?=\n\s*\.section|\Z)",
+                                 disassemble(program.image, line_info), re.S))
         for name, lowered in program.names.items():
             kernels[name] = (reports.get(lowered, "?"), bodies.get(lowered, ""))
     return kernels
@@ -143,8 +171,22 @@ def loads_used_at_once(sass, within=8):
     return count
 
 
-def main_cuda():
-    for name, (report, sass) in cuda_kernels().items():
+def main_cuda(lines_of=None, top=40):
+    kernels = cuda_kernels(line_info=lines_of is not None)
+    if lines_of is not None:
+        source = open(os.path.join(ROOT, "scan_cuda.cu")).read().splitlines()
+        chosen = [name for name in kernels if lines_of in name]
+        if not chosen:
+            raise SystemExit(f"--lines {lines_of!r} is in no kernel's name; the kernels: {', '.join(kernels)}")
+        for name in chosen:
+            counts = instructions_per_source_line(kernels[name][1])
+            print(f"{name}: its longest loop, {sum(sum(c.values()) for c in counts.values())} instructions "
+                  f"(nested loops left out), by scan_cuda.cu line")
+            for line, ops in sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:top]:
+                text = source[line - 1].strip()[:70] if line else "?"
+                print(f"{sum(ops.values()):5d}  {line}: {text:70s} {dict(ops.most_common(4))}")
+        return
+    for name, (report, sass) in kernels.items():
         print(f"{name}: {report}")
         print(f"    {sass_opcodes(sass)}")
         print(f"    loops: {loop_lengths(sass)} instructions")
@@ -155,6 +197,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Registers, spills and instruction counts of the scan kernels, "
                                                  "compiled for the H100 without a GPU.")
     parser.add_argument("--cuda", action="store_true", help="scan_cuda.cu's kernels instead of scan_triton's")
+    parser.add_argument("--lines", default=None, metavar="NAME",
+                        help="with --cuda: the instructions of the main loop of each kernel whose name contains "
+                             "NAME (e.g. 'bwd_kernel<dis::bf16, dis::bf16, 0'), by source line")
     parser.add_argument("--chunk", type=int, default=scan_triton.SCAN_CHUNK["cuda"], metavar="T",
                         help="Triton: steps per chunk")
     parser.add_argument("--block-e", default="8,16", help="Triton: comma list of BLOCK_E (channels per program)")
@@ -169,8 +214,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.lines is not None and not args.cuda:
+        raise SystemExit("--lines applies to scan_cuda.cu's kernels: add --cuda")
     if args.cuda:
-        return main_cuda()
+        return main_cuda(args.lines)
     T = args.chunk
     common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
                   SAVE_EVERY=args.save_every)
