@@ -44,26 +44,28 @@ class Recomputed:
 
     def __init__(self, enabled=True):
         self._enabled = enabled  # False: compute() only calls the function, autograd keeps everything
+        self._hooks = None    # while active: the saved_tensors_hooks (they refer back to self)
         self._dropped = {}    # storage of a dropped output -> its index among the outputs
-        self._pending = []    # notes taken while the function runs, before its outputs are known
+        self._pending = None  # while the function runs: notes taken before its outputs are known
         self._recipe = None   # (function, args, autocast state) of the call to repeat
         self._values = None   # the recomputed outputs, once the backward pass has asked for them
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def __enter__(self):
-        self._active = self._enabled and torch.is_grad_enabled()  # without autograd nothing is saved
-        if self._active:
+        if self._enabled and torch.is_grad_enabled():  # without autograd nothing is saved
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._active:
+        if self._hooks is not None:
             self._hooks.__exit__(*exc)
-        self._hooks = None  # it refers back to self: without it, self goes with the autograd graph
+            self._hooks = None  # without the cycle through it, self goes with the autograd graph
 
     def compute(self, fn, *args, drop):
         """fn(*args), a tuple of tensors; the outputs at the indices `drop` are not kept for the
         backward pass by anything computed from here to the end of the `with` block."""
+        if self._hooks is None:  # disabled, or no autograd: nothing to drop
+            return fn(*args)
         device = args[0].device.type
         autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
         self._recipe = fn, args, (device, autocast, torch.get_autocast_dtype(device) if autocast else None)
