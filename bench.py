@@ -87,8 +87,8 @@ def bidirectional_ref(kw):
 def scan_backends(device, quick):
     """name -> (directions, prepare: mamba-layout inputs -> call arguments, run: arguments -> output,
     canonical: output -> (batch, E, L)). prepare is differentiable, so gradients reach the inputs.
-    "<backend> bidirectional" is what DiS's mixer runs (scan.bimamba_scan); the reference, a
-    loop over time, only in --quick runs."""
+    "<backend> bidirectional" is what DiS's mixer runs (scan.bimamba_scan, its chunk states
+    recomputed in the backward pass); the reference, a loop over time, only in --quick runs."""
     same = lambda y: y  # noqa: E731
     to_mamba_layout = lambda y: y.transpose(1, 2)  # noqa: E731
     available = scan.available_backends(device)
@@ -106,6 +106,9 @@ def scan_backends(device, quick):
             out[name] = (1, single, lambda a, b=name: scan.selective_scan(**a, backend=b), same)
         out[f"{name} bidirectional"] = (2, token_major, lambda a, b=name: scan.bimamba_scan(**a, backend=b),
                                         to_mamba_layout)
+        if name == "cuda":  # the chunk states kept from the forward pass rather than recomputed
+            out["cuda bidirectional (save_every 1)"] = (
+                2, token_major, lambda a: scan.bimamba_scan(**a, backend="cuda", save_every=1), to_mamba_layout)
         if name != "ref":  # the one direction above without the transposes of selective_scan's layout
             out[f"{name} one direction, token-major"] = (
                 1, token_major_single, lambda a, b=name: scan.bimamba_scan(**a, backend=b), to_mamba_layout)
@@ -282,8 +285,8 @@ MODEL_CASES = [  # (DiS name, DiT name, image size, channels, classes, batch)
 ]
 QUICK_MODEL_CASES = [("DiS-tiny", "DiT-tiny", 8, 3, 10, 4)]
 # train.py's options that trade time for memory, timed on the default scan backend: (label, mixer settings)
-MEMORY_OPTIONS = [("--recompute-scan-inputs", dict(recompute_scan_inputs=True, scan_save_every=1)),
-                  ("--recompute-scan-inputs --scan-save-every 2", dict(recompute_scan_inputs=True, scan_save_every=2))]
+MEMORY_OPTIONS = [("--scan-save-every 1", dict(scan_save_every=1)),
+                  ("--recompute-scan-inputs", dict(recompute_scan_inputs=True))]
 
 
 def build(name, img, ch, classes, device):
@@ -296,7 +299,7 @@ def build(name, img, ch, classes, device):
     return DiS_models[name](img_size=img, channels=ch, num_classes=classes).to(device)
 
 
-def use_scan(model, backend, recompute_scan_inputs=False, scan_save_every=1):
+def use_scan(model, backend, recompute_scan_inputs=False, scan_save_every=0):
     """Run `model`'s selective scans on `backend`, with the memory options (runtime options of each mixer)."""
     for module in model.modules():
         if isinstance(module, BiMamba):

@@ -17,7 +17,7 @@ import model as dis
 from data import TensorImages
 from distributed import available_memory
 
-OUR_KERNELS = ("triton", "cuda")  # the scans that keep chunk states for their backward pass (--scan-save-every)
+OUR_KERNELS = ("triton", "cuda")  # the scans whose chunk states --scan-save-every keeps
 
 log = logging.getLogger("dis.train")
 
@@ -103,14 +103,14 @@ def check_memory(config, args, world, device, data):
 
 def oom_advice(args, backend):
     """What to change after running out of GPU memory, for this run's settings, cheapest first:
-    --recompute-scan-inputs recomputes the mixers' u and Delta, --scan-save-every keeps fewer of our
-    scans' (Triton, CUDA) chunk states, --grad-checkpointing recomputes whole blocks, and
+    --recompute-scan-inputs recomputes the mixers' u and Delta, --scan-save-every 0 keeps none of
+    our scans' (Triton, CUDA) chunk states, --grad-checkpointing recomputes whole blocks, and
     mamba-ssm's kernel saves less but runs slower."""
     advice = ["lower --global-batch-size"]
     if not args.recompute_scan_inputs:
         advice.append("add --recompute-scan-inputs")
-    if backend in OUR_KERNELS and args.scan_save_every == 1:
-        advice.append("add --scan-save-every 2")
+    if backend in OUR_KERNELS and args.scan_save_every:
+        advice.append("use --scan-save-every 0")
     if not args.grad_checkpointing:
         advice.append("add --grad-checkpointing")
     if args.precision == "fp32":

@@ -97,7 +97,7 @@ class BiMamba(nn.Module):
     """
 
     def __init__(self, dim, d_state=16, d_conv=4, expand=2, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
-                 dt_init="symmetric", scan_backend="auto", scan_save_every=1, recompute_scan_inputs=False):
+                 dt_init="symmetric", scan_backend="auto", scan_save_every=0, recompute_scan_inputs=False):
         super().__init__()
         inner = expand * dim
         self.d_state, self.dt_rank = d_state, math.ceil(dim / 16)
@@ -236,7 +236,7 @@ class DiS(nn.Module):
 
     def __init__(self, img_size=32, patch_size=2, channels=3, embed_dim=368, depth=24, num_classes=-1,
                  learn_sigma=True, drop_path_rate=0.1, class_dropout_prob=0.1, skip="concat", cond="token",
-                 dt_init="symmetric", scan_backend="auto", scan_save_every=1, recompute_scan_inputs=False):
+                 dt_init="symmetric", scan_backend="auto", scan_save_every=0, recompute_scan_inputs=False):
         super().__init__()
         _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes, drop_path_rate,
                       class_dropout_prob, skip, cond, dt_init, scan_backend, scan_save_every, recompute_scan_inputs)
@@ -349,9 +349,11 @@ def _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes,
     def positive_int(x):
         return isinstance(x, int) and not isinstance(x, bool) and x >= 1
     for name, value in (("img_size", img_size), ("patch_size", patch_size), ("channels", channels),
-                        ("embed_dim", embed_dim), ("scan_save_every", scan_save_every)):
+                        ("embed_dim", embed_dim)):
         if not positive_int(value):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(scan_save_every, int) or isinstance(scan_save_every, bool) or scan_save_every < 0:
+        raise ValueError(f"scan_save_every must be an integer >= 0, got {scan_save_every!r}")
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not divisible by the patch size {patch_size} (patch_size)")
     if not positive_int(depth) or depth % 2:

@@ -335,7 +335,7 @@ def _part(x, g, per, dim=0):
 
 
 def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, backend="auto",
-                 save_every=1):
+                 save_every=0):
     """The scans of DiS's two directions, summed, in token-major layout (Vim's bidirectional mixer).
 
     u, delta: (batch, L, ND, E); A: (ND, E, N); B, C: (batch, L, ND, N); D, delta_bias: (ND, E) or
@@ -344,13 +344,15 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     (batch, L, E) in u's dtype:
         selective_scan_ref(direction 0) + flip(selective_scan_ref(flip(direction 1))).
     save_every: the Triton and CUDA scans keep the state of every save_every-th chunk for the
-    backward pass (less memory, the chunks between recomputed); the reference keeps one state per
-    save_every * REF_CHUNK steps; mamba-ssm's kernel has no such option (save_every must be 1).
+    backward pass (less memory, the chunks between recomputed), or none with 0 (the backward
+    pass recomputes them all first and holds them only while it runs); the reference keeps one
+    state per max(save_every, 1) * REF_CHUNK steps; mamba-ssm's kernel keeps its own (save_every
+    must be 0 or 1).
     """
     _check_bimamba(u, delta, A, B, C, D, z, delta_bias, save_every)
     choice = resolve_backend(u.device, backend)
-    if choice == "mamba" and save_every != 1:
-        raise ValueError(f"save_every applies to the ref, triton and cuda scans, not mamba-ssm's; got {save_every}")
+    if choice == "mamba" and save_every > 1:
+        raise ValueError(f"save_every > 1 applies to the ref, triton and cuda scans, not mamba-ssm's; got {save_every}")
     if choice == "cuda":
         import scan_cuda
         if scan_cuda.supports(u, delta, A, B, C, z, delta_softplus):
@@ -365,7 +367,8 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
         if choice == "mamba":
             y = y + _mamba_direction(*direction, delta_softplus, reverse=d == 1)
         else:
-            y = y + _ref_direction(*direction, delta_softplus, reverse=d == 1, chunk=REF_CHUNK * save_every)
+            y = y + _ref_direction(*direction, delta_softplus, reverse=d == 1,
+                                   chunk=REF_CHUNK * max(save_every, 1))
     return y
 
 
@@ -457,5 +460,5 @@ def _check_bimamba(u, delta, A, B, C, D, z, delta_bias, save_every):
     _check_shapes((("delta", delta, u.shape), ("B", B, (batch, L, ND, N)), ("C", C, (batch, L, ND, N)),
                    ("D", D, (ND, E)), ("z", z, (batch, L, E)), ("delta_bias", delta_bias, (ND, E))),
                   f"from u {tuple(u.shape)} and A {tuple(A.shape)}")
-    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1:
-        raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
+    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 0:
+        raise ValueError(f"save_every must be an integer >= 0, got {save_every!r}")

@@ -31,11 +31,12 @@
 //
 // Training: the forward pass saves the state at the start of every save_every-th chunk of four
 // steps ((batch, directions, saved, E, 16) in register order, float32 or the inputs' 16-bit
-// type). The backward pass walks the chunks last to first: from the saved state it recomputes
-// the chunk forwards, keeping a_s = exp(delta_s A) and a_s h_{s-1} per step in registers and
-// forming dC_s = sum_e g_s h_s (g = dy silu(z)) on the way, then runs the adjoint
-// dh_s = C_s g_s + a_{s+1} dh_{s+1} backwards, forming dB_s = sum_e dh_s delta_s u_s and the
-// per-channel gradients. Steps past the end of the sequence run with delta = u = g = 0, which
+// type), or, run again without y just before the backward pass, every chunk's (scan_cuda.py's
+// save_every = 0: no state is held between the passes). The backward pass walks the chunks last
+// to first: from the saved state it recomputes the chunk forwards, keeping a_s = exp(delta_s A)
+// and a_s h_{s-1} per step in registers and forming dC_s = sum_e g_s h_s (g = dy silu(z)) on
+// the way, then runs the adjoint dh_s = C_s g_s + a_{s+1} dh_{s+1} backwards, forming
+// dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past the end of the sequence run with delta = u = g = 0, which
 // leaves every state and sum alone.
 namespace dis {
 
@@ -301,12 +302,12 @@ template <typename S> __device__ __forceinline__ float4 get_state(const S* at) {
 
 // ---- forward --------------------------------------------------------------------------------------------
 // Direction d; grid (E / (THREADS / 4), batch). Direction 1 adds its gated output onto direction 0's.
-// T: the type of u, delta, B, C, z and y; S: the type of the saved states.
-template <typename T, typename S, int d, int K, int THREADS, int MIN_BLOCKS>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p) {
+// T: the type of u, delta, B, C, z and y; S: the type of the saved states. Without y (p.y null)
+// the pass only saves the states: the backward pass's recomputation of them (save_every = 0).
+template <typename T, typename S, int d, int K, int THREADS, bool WITH_Y>
+__device__ __forceinline__ void scan_fwd(const Params& p, float* bc_smem) {
   constexpr int OWN = K / QUAD;
-  static_assert(K % QUAD == 0 && K * 32 <= THREADS, "a segment's B and C are one value per thread");
-  __shared__ __align__(16) float bc[2][bc_floats<K>()];
+  float (*bc)[bc_floats<K>()] = reinterpret_cast<float (*)[bc_floats<K>()]>(bc_smem);
   const Lane ln = Lane::of<THREADS>(p.E, blockIdx.x);
   const int b = blockIdx.y, n_seg = (p.L + K - 1) / K;
   float A2[SL];
@@ -326,8 +327,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
   T nu[OWN], nx[OWN], nz[OWN], ny[OWN];
   load_owned(wu, 0, p.L, ln, true, nu);
   load_owned(wd, 0, p.L, ln, true, nx);
-  load_owned(wz, 0, p.L, ln, true, nz);
-  load_owned(wyp, 0, p.L, ln, d > 0, ny);
+  load_owned(wz, 0, p.L, ln, WITH_Y, nz);
+  load_owned(wyp, 0, p.L, ln, WITH_Y && d > 0, ny);
   store_bc<T, K>(bc[0], bcl.fetch(p, 1));
   __syncthreads();
   int phase = 0;  // which chunk of QUAD steps: c % save_every
@@ -341,8 +342,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
       r = bcl.fetch(p, 1);
       load_owned(wu, seg + 1, p.L, ln, true, nu);
       load_owned(wd, seg + 1, p.L, ln, true, nx);
-      load_owned(wz, seg + 1, p.L, ln, true, nz);
-      load_owned(wyp, seg + 1, p.L, ln, d > 0, ny);
+      load_owned(wz, seg + 1, p.L, ln, WITH_Y, nz);
+      load_owned(wyp, seg + 1, p.L, ln, WITH_Y && d > 0, ny);
     }
     float dt_o[OWN], du_o[OWN];  // the owner's steps: delta (through softplus), delta u
 #pragma unroll
@@ -365,22 +366,35 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
       for (int i4 = 0; i4 < QUAD; ++i4) {
         const int i = QUAD * g + i4;
         const float dt = from_owner(dt_o[g], i4), du = from_owner(du_o[g], i4);
-        float Bv[SL], Cv[SL];
+        float Bv[SL];
         unpack(read_bc(cur, i, 0, ln), Bv);
-        unpack(read_bc(cur, i, 1, ln), Cv);
 #pragma unroll
         for (int j = 0; j < SL; ++j) h[j] = fmaf(ex2(dt * A2[j]), h[j], du * Bv[j]);
-        acc[i4] = fmaf(Cv[0], h[0], Cv[1] * h[1]) + fmaf(Cv[2], h[2], Cv[3] * h[3]);
+        if (WITH_Y) {
+          float Cv[SL];
+          unpack(read_bc(cur, i, 1, ln), Cv);
+          acc[i4] = fmaf(Cv[0], h[0], Cv[1] * h[1]) + fmaf(Cv[2], h[2], Cv[3] * h[3]);
+        }
       }
-      const int s = seg * K + QUAD * g + ln.q;
-      const float u = to_f(uu[g]), z = to_f(zz[g]);
-      const float out = (quad_sum(acc, ln.q) + Dv * u) * z * sigmoid(z) + to_f(yp[g]);
-      if (s < p.L && ln.active) *wy.ptr(g) = from_f<T>(out);
+      if (WITH_Y) {
+        const int s = seg * K + QUAD * g + ln.q;
+        const float u = to_f(uu[g]), z = to_f(zz[g]);
+        const float out = (quad_sum(acc, ln.q) + Dv * u) * z * sigmoid(z) + to_f(yp[g]);
+        if (s < p.L && ln.active) *wy.ptr(g) = from_f<T>(out);
+      }
     }
-    wy.move();
+    if (WITH_Y) wy.move();
     if (seg + 1 < n_seg) store_bc<T, K>(bc[(seg + 1) & 1], r);
     __syncthreads();
   }
+}
+
+template <typename T, typename S, int d, int K, int THREADS, int MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p) {
+  static_assert(K % QUAD == 0 && K * 32 <= THREADS, "a segment's B and C are one value per thread");
+  __shared__ __align__(16) float bc[2 * bc_floats<K>()];
+  if (p.y) scan_fwd<T, S, d, K, THREADS, true>(p, bc);
+  else scan_fwd<T, S, d, K, THREADS, false>(p, bc);
 }
 
 // ---- backward ---------------------------------------------------------------------------------------------

@@ -15,12 +15,15 @@ which y and their gradients come back; the state and all sums are float32. Any s
 design of the kernels is at the top of scan_cuda.cu; scan.py's selective_scan_ref is the
 definition the tests compare against.
 
-For training, the forward pass saves the state at the start of every `save_every`-th chunk of
-CHUNK steps, (batch, ND, saved, E, 16), from which the backward pass recomputes the chunks. The
-saved states are float32 or u's 16-bit type (`states_dtype`); 16 bits halve what is the largest
-part of a training step's memory at DiS's sizes. The default is bfloat16 for bfloat16 inputs;
-float16 inputs keep float32 states, as float16's range (up to 65504) may be narrower than the
-states'.
+For training, the backward pass needs the state at the start of every chunk of CHUNK steps,
+(batch, ND, chunks, E, 16), from which it recomputes the chunks. Kept from the forward pass they
+would be the largest part of a training step's memory at DiS's sizes (four times u's bytes), so
+by default (save_every = 0) the forward pass keeps none and the backward pass first runs the
+forward pass again, writing only the states, into memory it frees when done: the cost of a
+forward pass for the memory of all the states. save_every >= 1 keeps every save_every-th
+chunk's state from the forward pass instead. The states are float32 or u's 16-bit type
+(`states_dtype`); the default is bfloat16 for bfloat16 inputs; float16 inputs keep float32
+states, as float16's range (up to 65504) may be narrower than the states'.
 
 The kernels are compiled with NVRTC, which ships with PyTorch's CUDA wheels, for the GPU at hand:
 one program per input dtype and states dtype, the first time it is used, in seconds. The result
@@ -145,7 +148,7 @@ def _params(u, delta, A, B, C, D, z, bias, save_every, n_saved, *, y=None, dy=No
     are contiguous float32. per_channel holds the backward's partial sums of dA, dD and dbias."""
     batch, L, ND, E = u.shape
     N = A.shape[-1]
-    out = y if y is not None else dy
+    out = next(x for x in (y, dy, z) if x is not None)  # whose strides go to sy_* (z: neither is used)
     n_A, n_D = ND * E * N, ND * E
     dA = _ptr(per_channel)
     return Params.from_buffer_copy(_PACK_PARAMS.pack(
@@ -607,11 +610,18 @@ def _stream(index):
 def _fwd_impl(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: Optional[torch.Tensor], z: torch.Tensor, delta_bias: Optional[torch.Tensor], save_states: bool,
               save_every: int, states_dtype: torch.dtype, poison: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, L, _, E = u.shape
+    y = _empty((batch, L, E), u.dtype, u.device, poison)
+    states = _run_forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every, states_dtype, poison, y)
+    return y, states
+
+
+def _run_forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every, states_dtype, poison, y):
+    """Launch the forward kernels, writing y (None: the states only) and returning the states."""
     u, delta, z = _unit_stride(u), _unit_stride(delta), _unit_stride(z)
     A, D, delta_bias = _f32(A), _f32(D), _f32(delta_bias)
     batch, L, ND, E = u.shape
     n_saved = _n_saved(L, save_every) if save_states else 0
-    y = _empty((batch, L, E), u.dtype, u.device, poison)
     states = _empty((batch, ND, n_saved, E, MAX_STATES), states_dtype, u.device, poison)
     index = u.device.index
     k = _kernels(index, u.dtype, states_dtype)
@@ -620,7 +630,7 @@ def _fwd_impl(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     with _Current(k.context):
         for d in range(ND):  # direction 1 adds its output onto direction 0's
             _launch(k.fwd[d], grid, FWD_THREADS, stream, args)
-    return y, states
+    return states
 
 
 _fwd_op = torch.library.custom_op("dis::scan_cuda_fwd", _fwd_impl, mutates_args=())
@@ -631,6 +641,22 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, save_states, save_every, stat
     batch, L, ND, E = u.shape
     n_saved = _n_saved(L, save_every) if save_states else 0
     return u.new_empty(batch, L, E), u.new_empty(batch, ND, n_saved, E, MAX_STATES, dtype=states_dtype)
+
+
+def _states_impl(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 D: Optional[torch.Tensor], z: torch.Tensor, delta_bias: Optional[torch.Tensor],
+                 states_dtype: torch.dtype, poison: bool) -> torch.Tensor:
+    # the forward pass without y: the state at the start of every chunk, for the backward pass
+    return _run_forward(u, delta, A, B, C, D, z, delta_bias, True, 1, states_dtype, poison, None)
+
+
+_states_op = torch.library.custom_op("dis::scan_cuda_states", _states_impl, mutates_args=())
+
+
+@_states_op.register_fake
+def _states_fake(u, delta, A, B, C, D, z, delta_bias, states_dtype, poison):
+    batch, L, ND, E = u.shape
+    return u.new_empty(batch, ND, _n_saved(L, 1), E, MAX_STATES, dtype=states_dtype)
 
 
 def _bwd_impl(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -722,18 +748,31 @@ def backward(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every, poison
             dbias.to(delta_bias.dtype) if delta_bias is not None else None)
 
 
+def recompute_states(u, delta, A, B, C, D, z, delta_bias, states_dtype=None, poison_outputs=False):
+    """The states forward(save_states=True, save_every=1) saves, from a forward pass that writes
+    nothing else: what the backward pass runs first when the forward pass kept none."""
+    states_dtype = states_dtype or default_states_dtype(u.dtype)
+    op = torch.ops.dis.scan_cuda_states if torch.compiler.is_compiling() else _states_impl
+    return op(u, delta, A, B, C, D, z, delta_bias, states_dtype, poison_outputs)
+
+
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, save_states, save_every, states_dtype, poison):
-        y, states = forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every, states_dtype, poison)
-        ctx.save_every, ctx.poison = save_every, poison
+        keep = save_states and save_every > 0
+        y, states = forward(u, delta, A, B, C, D, z, delta_bias, keep, max(save_every, 1), states_dtype, poison)
+        ctx.save_every, ctx.states_dtype, ctx.poison = save_every, states_dtype, poison
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        grads = backward(dy, u, delta, A, B, C, D, z, delta_bias, states, ctx.save_every, ctx.poison)
+        save_every = ctx.save_every
+        if save_every == 0:  # none kept: every chunk's state again, held for this backward pass only
+            states = recompute_states(u, delta, A, B, C, D, z, delta_bias, ctx.states_dtype, ctx.poison)
+            save_every = 1
+        grads = backward(dy, u, delta, A, B, C, D, z, delta_bias, states, save_every, ctx.poison)
         return (*grads, None, None, None, None)
 
 
@@ -754,19 +793,21 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, save_every, states_dtype):
     for name, x in (("delta", delta), ("B", B), ("C", C), ("z", z)):
         if x.dtype != u.dtype:
             raise ValueError(f"{name} must have u's dtype {u.dtype}, got {x.dtype}")
-    if not isinstance(save_every, int) or save_every < 1:
-        raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
+    if not isinstance(save_every, int) or save_every < 0:
+        raise ValueError(f"save_every must be an integer >= 0, got {save_every!r}")
     if states_dtype not in (None, torch.float32, u.dtype):
         raise ValueError(f"states_dtype must be float32 or u's dtype {u.dtype}, got {states_dtype}")
 
 
-def bimamba_scan(u, delta, A, B, C, D, z, delta_bias, save_every=1, states_dtype=None, poison_outputs=False):
+def bimamba_scan(u, delta, A, B, C, D, z, delta_bias, save_every=0, states_dtype=None, poison_outputs=False):
     """The selective scan of ND = 1 or 2 directions, summed and gated (the module docstring has
     the computation and the shapes), differentiable. Returns y (batch, L, E) in u's dtype.
 
-    save_every: save the state for the backward pass at every save_every-th chunk of CHUNK steps
+    save_every: keep the state for the backward pass at every save_every-th chunk of CHUNK steps
         only: 1/save_every of that memory, for recomputing up to save_every - 1 chunks to reach a
-        chunk's start in the backward pass.
+        chunk's start in the backward pass. 0: keep none; the backward pass first recomputes
+        them all (recompute_states: a forward pass writing only the states), into memory it
+        frees when done, so that no state is held from the forward pass to the backward pass.
     states_dtype: the saved states' dtype, float32 or u's 16-bit dtype; None: default_states_dtype.
     poison_outputs: (tests) fill every buffer allocated here with NaN before the kernels run.
     The shapes are those scan.bimamba_scan, the dispatcher, has checked.

@@ -18,7 +18,8 @@ row indices, which the compiler resolves at compile time wherever a thread holds
 
 For training the forward pass also stores the state at the start of every chunk, a
 (batch, directions, chunks, N, E) float32 tensor (1/T of the full state history), or of every
-S-th chunk (the `save_every` argument). The backward pass walks the chunks last to first: it
+S-th chunk (the `save_every` argument), or of none (save_every 0: the backward pass first runs
+the forward pass again, and holds its states only while it runs). The backward pass walks the chunks last to first: it
 recomputes the chunk's states from its checkpoint (first advancing over the chunks in between
 if S > 1), then runs the adjoint recurrence dh_s = C_s g_s + a_{s+1} dh_{s+1} (g = dy silu(z),
 a_s = exp(delta_s A)) backwards through the chunk, and forms the gradients from both.
@@ -549,7 +550,8 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, softplus, states, sa
 class _BiMambaScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_every):
-        y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_every)
+        keep = save_states and save_every > 0
+        y, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, keep, max(save_every, 1))
         ctx.softplus, ctx.save_every = softplus, save_every
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         return y
@@ -557,11 +559,15 @@ class _BiMambaScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, ctx.save_every)
+        save_every = ctx.save_every
+        if save_every == 0:  # none kept: the forward pass again, its states held for this backward pass only
+            _, states = _scan_forward(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, True, 1)
+            save_every = 1
+        grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, save_every)
         return (*grads, None, None, None)
 
 
-def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, save_every=1):
+def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, save_every=0):
     """Selective scan of ND = 1 or 2 directions, summed, token-major layout.
 
     u, delta: (batch, L, ND, E); A: (ND, E, N) float32 (negative); B, C: (batch, L, ND, N);
@@ -569,13 +575,14 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     Direction 0 scans t = 0..L-1, direction 1 scans t = L-1..0 (scan of the flipped sequence,
     flipped back). Any strides; fastest when the last dimension is contiguous.
     save_every: keep the state of every save_every-th chunk for the backward pass (1/save_every
-    of that memory, for recomputing the chunks in between).
+    of that memory, for recomputing the chunks in between); 0: keep none, the backward pass runs
+    the forward pass again first and holds its states only while it runs.
     Returns y: (batch, L, E) in u's dtype, sum over directions of scan_d(...) * silu(z).
     The shapes are those scan.bimamba_scan, the dispatcher, has checked.
     """
     _check_scan_args(u, delta, A, B, C)
-    if not isinstance(save_every, int) or save_every < 1:
-        raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
+    if not isinstance(save_every, int) or save_every < 0:
+        raise ValueError(f"save_every must be an integer >= 0, got {save_every!r}")
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     return _BiMambaScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), save_states, save_every)

@@ -118,7 +118,7 @@ def log_settings(args, config, model, data, run, end, world, device, backend):
              f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
              f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
              f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
-             f"{f', scan states every {args.scan_save_every} chunks' if args.scan_save_every > 1 else ''}"
+             f"{f', scan states kept every {args.scan_save_every} chunks' if args.scan_save_every else ''}"
              f"{', u and Delta recomputed' if args.recompute_scan_inputs else ''}"
              f"{', compiled' if args.compile else ''}")
 
@@ -339,7 +339,7 @@ CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not teste
     "max_steps": at_least(1, "positive"), "lr": (lambda v: 0 < v < math.inf, "positive and finite"),
     "warmup_steps": at_least(0, ">= 0"), "max_grad_norm": (lambda v: v > 0, "positive (inf: no clipping)"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_nonfinite": at_least(0, ">= 0"),
-    "scan_save_every": at_least(1, "positive"), "max_minutes": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "scan_save_every": at_least(0, ">= 0"), "max_minutes": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
     "log_every": at_least(1, "positive"), "ckpt_every": at_least(1, "positive"),
     "sample_every": at_least(0, ">= 0 (0: no sample grids)"),
     "sample_cfg": (lambda v: 0 <= v < math.inf, ">= 0 and finite (1: no guidance)"),
@@ -423,9 +423,10 @@ def parse_args(argv=None):
     speed.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     speed.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto",
                        help="the selective scan's implementation (scan.py); auto: the fastest on the device")
-    speed.add_argument("--scan-save-every", type=int, default=1,
-                       help="our scans (Triton, CUDA): keep the states of every Nth chunk for the backward pass "
-                            "(1/N of their memory, more recomputation)")
+    speed.add_argument("--scan-save-every", type=int, default=0,
+                       help="our scans (Triton, CUDA): keep the states of every Nth chunk of 4 steps from the "
+                            "forward pass for the backward pass; 0: keep none, the backward pass recomputes "
+                            "them (least memory; 1: most memory, least recomputation)")
     speed.add_argument("--recompute-scan-inputs", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute the mixers' u and Delta in the backward pass rather than keep them "
                             "(about a fifth less activation memory, a few percent slower)")

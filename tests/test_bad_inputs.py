@@ -55,7 +55,7 @@ PARSE_ROWS = [
     (["--epochs", "0"], ["--epochs must be positive, not 0"]),
     (["--max-minutes", "-1"], ["--max-minutes must be >= 0 and finite, not -1"]),
     (["--num-classes", "-1"], ["--num-classes must be >= 0 (0: unconditional), not -1"]),
-    (["--scan-save-every", "0"], ["--scan-save-every must be positive, not 0"]),
+    (["--scan-save-every", "-1"], ["--scan-save-every must be >= 0, not -1"]),
     (["--grad-accum-steps", "0"], ["--grad-accum-steps must be positive, not 0"]),
     (["--fid-every", "-1"], ["--fid-every must be >= 0 (0: only after training), not -1"]),
     (["--fid-sampling-steps", "1"], ["--fid-sampling-steps must be in 2..1000, not 1"]),

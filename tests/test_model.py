@@ -230,7 +230,7 @@ BAD_CONFIGS = [  # (keyword arguments of tiny(), message)
     (dict(cond="cross"), "cond must be one of token, adaln; got 'cross'"),
     (dict(dt_init="random"), "dt_init must be one of symmetric, original; got 'random'"),
     (dict(scan_backend="fast"), "scan_backend must be one of auto, ref, mamba, triton, cuda; got 'fast'"),
-    (dict(scan_save_every=0), "scan_save_every must be an integer >= 1, got 0"),
+    (dict(scan_save_every=-1), "scan_save_every must be an integer >= 0, got -1"),
     (dict(recompute_scan_inputs=1), "recompute_scan_inputs must be True or False, got 1"),
 ]
 

@@ -206,11 +206,12 @@ def test_ref_backend_matches_loop_across_chunks(case):
         assert rel_err(a, b) < 1e-10
 
 
-@pytest.mark.parametrize("save_every", [1, 2])
+@pytest.mark.parametrize("save_every", [0, 1, 2])
 @pytest.mark.parametrize("options", [dict(), dict(D=None, z=None, delta_bias=None, delta_softplus=False)])
 def test_ref_backend_both_directions(save_every, options):
     """bimamba_scan on the ref backend against the oracle, values and every gradient; L = 37 spans
-    three chunks (one and a half with save_every=2, which keeps one state per 32 steps)."""
+    three chunks (one and a half with save_every=2, which keeps one state per 32 steps; 0 keeps
+    them as 1 does)."""
     inputs = token_major_inputs()
     if not options.get("delta_softplus", True):  # without softplus a negative step makes the state explode
         inputs["delta"] = inputs["delta"].abs() * 0.3
@@ -297,7 +298,7 @@ BAD_INPUTS = [  # (function, keyword arguments, message)
     (bimamba_scan, _bimamba_args(D=torch.zeros(4)), r"D must have shape \(2, 4\)"),
     (bimamba_scan, _bimamba_args(z=torch.zeros(1, 5, 2, 4)), r"z must have shape \(1, 5, 4\)"),
     (bimamba_scan, _bimamba_args(delta_bias=torch.zeros(2, 5)), r"delta_bias must have shape \(2, 4\)"),
-    (bimamba_scan, _bimamba_args(save_every=0), "save_every must be an integer >= 1, got 0"),
+    (bimamba_scan, _bimamba_args(save_every=-1), "save_every must be an integer >= 0, got -1"),
     (bimamba_scan, _bimamba_args(backend="mamba"), "scan backend 'mamba' cannot run on cpu"),
     (biconv_silu, dict(x=torch.zeros(1, 5), weight=torch.zeros(2, 5, 4), bias=torch.zeros(2, 5)),
      r"biconv_silu needs x \(batch, L, E\), weight \(2, E, W\), bias \(2, E\)"),

@@ -90,10 +90,29 @@ def test_gpu_matches_reference(dtype, states_dtype, batch, L, ND, E, N):
 
 
 @needs_scan
-@pytest.mark.parametrize("save_every", [2, 3])
+@pytest.mark.parametrize("save_every", [0, 2, 3])
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_gpu_sparse_checkpoints(dtype, save_every):
     check(2, 259, 2, 200, 16, dtype, save_every=save_every)
+
+
+@needs_scan
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_gpu_recomputed_states_are_the_saved_ones(dtype):
+    """save_every=0 keeps no state from the forward pass (the autograd graph holds None in
+    their place); the backward pass recomputes exactly the states save_every=1 keeps, so every
+    gradient is bitwise that of save_every=1."""
+    inputs = make_inputs(2, 131, 2, 200, 16, dtype)
+    dy = torch.randn(2, 131, 200, device="cuda", dtype=dtype)
+    _, kept = scan_cuda.forward(*inputs.values(), True, 1)
+    assert torch.equal(scan_cuda.recompute_states(*inputs.values(), poison_outputs=True), kept)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+    y = scan_cuda.bimamba_scan(**leaves, save_every=0)
+    assert y.grad_fn.saved_tensors[-1] is None
+    y1, g1 = run(inputs, dy, save_every=1)
+    y0, g0 = run(inputs, dy, save_every=0)
+    assert torch.equal(y0, y1)
+    assert all(torch.equal(g0[k], g1[k]) for k in g1)
 
 
 @needs_scan
@@ -231,4 +250,6 @@ def test_gpu_operators_match_their_fake_implementations():
         torch.library.opcheck(torch.ops.dis.scan_cuda_fwd, (*args, True, 1, states_dtype, False),
                               test_utils=("test_schema", "test_faketensor"))
         torch.library.opcheck(torch.ops.dis.scan_cuda_bwd, (torch.randn_like(y), *args, states, 1, False),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.dis.scan_cuda_states, (*args, states_dtype, False),
                               test_utils=("test_schema", "test_faketensor"))

@@ -300,8 +300,8 @@ def test_bad_arguments_name_the_argument(change, message):
 def test_bad_options_name_the_option(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
     args = _args(dtype=bf16)
-    with pytest.raises(ValueError, match="save_every must be a positive integer"):
-        scan_cuda.bimamba_scan(**args, save_every=0)
+    with pytest.raises(ValueError, match="save_every must be an integer >= 0, got -1"):
+        scan_cuda.bimamba_scan(**args, save_every=-1)
     with pytest.raises(ValueError, match="states_dtype must be float32 or u's dtype"):
         scan_cuda.bimamba_scan(**args, states_dtype=f16)
     with pytest.raises(ValueError, match="C must have u's dtype"):
@@ -316,18 +316,21 @@ def cpu_stand_in(monkeypatch):
     for op, fake in ((scan_cuda._fwd_op, scan_cuda._fwd_fake), (scan_cuda._bwd_op, scan_cuda._bwd_fake)):
         if "cpu" not in op._backend_fns:
             op.register_kernel("cpu")(lambda *a, fake=fake: type(fake(*a))(t.zero_() for t in fake(*a)))
+    if "cpu" not in scan_cuda._states_op._backend_fns:
+        scan_cuda._states_op.register_kernel("cpu")(lambda *a: scan_cuda._states_fake(*a).zero_())
     monkeypatch.setattr(scan_cuda, "_check_args", lambda *a: None)
 
 
 @pytest.mark.parametrize("dtype", [f32, bf16])
-def test_compile_keeps_the_scan_in_one_graph(cpu_stand_in, dtype):
+@pytest.mark.parametrize("save_every", [0, 1])
+def test_compile_keeps_the_scan_in_one_graph(cpu_stand_in, dtype, save_every):
     """torch.compile traces the forward and backward without a graph break (they are registered
-    operators), so the glue around the scan fuses."""
+    operators, the states' recomputation too), so the glue around the scan fuses."""
     torch._dynamo.reset()
     leaves = {k: v.requires_grad_(k != "A") if v is not None else None for k, v in _args(2, 9, 2, 8, 16, dtype).items()}
 
     def loss(**kw):
-        return (scan_cuda.bimamba_scan(**kw) * kw["u"].sum()).sum()
+        return (scan_cuda.bimamba_scan(**kw, save_every=save_every) * kw["u"].sum()).sum()
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     compiled(**leaves).backward()
     assert all(leaves[k].grad is not None for k in ("u", "delta", "B", "C", "z"))

@@ -182,10 +182,11 @@ def test_interp_bimamba_float32(poisoned_empty):
 
 
 @interp_only
-@pytest.mark.parametrize("save_every", [2, 3])
+@pytest.mark.parametrize("save_every", [0, 2, 3])
 def test_interp_bimamba_sparse_checkpoints(poisoned_empty, save_every):
-    """States saved every 2nd / 3rd chunk only; the backward pass recomputes the chunks between.
-    L = 17 is three CPU chunks of 8: the last starts from a recomputed state."""
+    """States saved every 2nd / 3rd chunk only, or none (0: the backward pass runs the forward
+    pass again first); the backward pass recomputes the chunks between. L = 17 is three CPU
+    chunks of 8: the last starts from a recomputed state."""
     check_bimamba(1, 17, 2, 5, 16, torch.float64, "cpu", 1e-10, save_every=save_every)
     check_bimamba(1, 13, 1, 9, 3, torch.float64, "cpu", 1e-10, z=False, softplus=False, save_every=save_every)
 
@@ -286,8 +287,8 @@ def test_too_many_states_is_a_clear_error():
 
 def test_bad_save_every_is_a_clear_error():
     u = torch.zeros(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="save_every must be an integer >= 1, got 0"):
-        bimamba_scan(u, u, torch.zeros(2, 8, 16), torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16), save_every=0)
+    with pytest.raises(ValueError, match="save_every must be an integer >= 0, got -1"):
+        bimamba_scan(u, u, torch.zeros(2, 8, 16), torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16), save_every=-1)
 
 
 # ------------------------------------------------------------------------------------------------
