@@ -103,7 +103,7 @@ def check_memory(config, args, world, device, data):
 
 def oom_advice(args, backend):
     """What to change after running out of GPU memory, for this run's settings, cheapest first:
-    --recompute-scan-inputs recomputes the mixers' u and Delta, --scan-save-every 0 keeps none of
+    --recompute-scan-inputs recomputes the mixers' u, --scan-save-every 0 keeps none of
     our scans' (Triton, CUDA) chunk states, --grad-checkpointing recomputes whole blocks, and
     mamba-ssm's kernel saves less but runs slower."""
     advice = ["lower --global-batch-size"]

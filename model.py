@@ -92,8 +92,9 @@ class BiMamba(nn.Module):
     reverse. The two outputs are added and projected back by one out_proj.
 
     scan_backend, scan_save_every: how the scans run (scan.resolve_backend's names; save_every of
-    scan.bimamba_scan); recompute_scan_inputs: recompute u and Delta in the backward pass rather
-    than keep them (recompute.py; less memory, more time). Runtime options, not part of the weights.
+    scan.bimamba_scan); recompute_scan_inputs: recompute u in the backward pass rather than keep
+    it, as Delta always is (recompute.py; less memory, more time). Runtime options, not part of
+    the weights.
     """
 
     def __init__(self, dim, d_state=16, d_conv=4, expand=2, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
@@ -133,25 +134,31 @@ class BiMamba(nn.Module):
     def backend(self, device):
         return scan.resolve_backend(device, self.scan_backend)
 
-    def scan_inputs(self, x):
-        """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2, R + 2N), Delta (B, L, 2, E) of both directions."""
-        E, R, N = self.D.shape[0], self.dt_rank, self.d_state
+    def conv_and_x_proj(self, x):
+        """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2, R + 2N): both directions' conv + SiLU, x_proj."""
+        R, N = self.dt_rank, self.d_state
         u = scan.biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
                              torch.stack([self.conv1d.bias, self.conv1d_b.bias]), backend=self.backend(x.device))
         # x_proj and dt_proj of both directions as one GEMM each, with block-diagonal weights: the
         # zero blocks double these small GEMMs' FLOPs, but a GEMM batched over the two directions
         # gets slow cuBLAS kernels for its weight gradients (a reduction over all B*L tokens).
         x_dbl = F.linear(u.flatten(2), torch.block_diag(self.x_proj.weight, self.x_proj_b.weight))
-        x_dbl = x_dbl.unflatten(-1, (2, R + 2 * N))  # Delta's R, B's N, C's N
-        delta = F.linear(x_dbl[..., :R].flatten(2), torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight))
-        return u, x_dbl, delta.unflatten(-1, (2, E))  # dt_proj's bias is added in the scan
+        return u, x_dbl.unflatten(-1, (2, R + 2 * N))  # Delta's R, B's N, C's N
+
+    def dt_proj_of(self, x_dbl):
+        """x_dbl (B, L, 2, R + 2N) -> (Delta (B, L, 2, E),) before dt_proj's bias (added in the scan)."""
+        delta = F.linear(x_dbl[..., :self.dt_rank].flatten(2),
+                         torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight))
+        return delta.unflatten(-1, (2, self.D.shape[0])),
 
     def forward(self, h):
         E, R, N = self.D.shape[0], self.dt_rank, self.d_state
         x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) each
-        # u and Delta are kept for the backward pass, or recomputed from x (recompute.py)
-        with Recomputed(self.recompute_scan_inputs) as saved:
-            u, x_dbl, delta = saved.compute(self.scan_inputs, x, drop=(0, 2))
+        # Delta is recomputed from x_dbl in the backward pass rather than kept, and u from x when
+        # asked (recompute.py): less memory
+        with Recomputed() as saved:
+            u, x_dbl = saved.compute(self.conv_and_x_proj, x, drop=(0,) if self.recompute_scan_inputs else ())
+            delta, = saved.compute(self.dt_proj_of, x_dbl, drop=(0,))
             y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
                                   x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(),
                                   z, torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),

@@ -1,22 +1,25 @@
 """Activations recomputed in the backward pass instead of kept from the forward pass.
 
 Autograd keeps every tensor a backward formula needs until the backward pass. In DiS's mixer
-the largest of them, after the scan's chunk states, are the scan's inputs u and Delta
-((B, L, 2, E) each, kept by the scan and by x_proj), and both are cheap to recompute from
-in_proj's x, which is kept anyway (the convolution's backward needs it):
+the largest of them, once the scan keeps no chunk states, are the scan's inputs u and Delta
+((B, L, 2, E) each, kept by the scan and by x_proj). Delta is dt_proj's output, a GEMM of rank
+R from x_proj's output (kept anyway: B and C are views of it), so recomputing it costs little;
+u is the convolution's output, recomputed from in_proj's x (kept anyway for the convolution's
+backward pass) at the cost of the convolution and x_proj again:
 
-    with Recomputed(enabled) as saved:
-        u, x_dbl, delta = saved.compute(scan_inputs, x, drop=(0, 2))
+    with Recomputed() as saved:
+        u, x_dbl = saved.compute(conv_and_x_proj, x, drop=(0,))    # only when asked
+        delta, = saved.compute(dt_proj, x_dbl, drop=(0,))
         y = scan(u, delta, ...)
 
-Inside the block, a tensor autograd saves that shares memory with a dropped output of
-`compute` (u, delta, or a view of them) is kept as a note instead; the first backward formula
-that needs one calls the function again, under the forward pass's autocast state, and all
-notes of the block are served from that one recomputation. The function must give the same
-values when called again (no randomness, parameters unchanged until the backward pass).
+Inside the block, a tensor autograd saves that shares memory with a dropped output of a
+`compute` call (or a view of one) is kept as a note instead; the first backward formula that
+needs one calls that function again, under the forward pass's autocast state, and all notes of
+the call are served from that one recomputation. The function must give the same values when
+called again (no randomness, parameters unchanged until the backward pass).
 
-It trades time for memory (BENCHMARKS.md has both), so DiS does it only when asked:
-`train.py --recompute-scan-inputs`, the mixers' recompute_scan_inputs.
+DiS always recomputes Delta; u only with `train.py --recompute-scan-inputs` (the mixers'
+recompute_scan_inputs), which trades time for memory (BENCHMARKS.md has both).
 """
 import contextlib
 
@@ -30,25 +33,25 @@ def _storage(tensor):
 
 
 class _Note:
-    """A saved tensor: the tensor itself, or (once dropped) which output it views and how."""
-    __slots__ = ("tensor", "index", "shape", "stride", "offset")
+    """A saved tensor: the tensor itself, or (once dropped) which output of which call it views and how."""
+    __slots__ = ("tensor", "output", "shape", "stride", "offset")
 
     def __init__(self, tensor):
-        self.tensor, self.index = tensor, None
+        self.tensor, self.output = tensor, None
         self.shape, self.stride, self.offset = tensor.shape, tensor.stride(), tensor.storage_offset()
 
 
 class Recomputed:
-    """saved_tensors_hooks that drop some outputs of one function call from what autograd keeps
+    """saved_tensors_hooks that drop some outputs of function calls from what autograd keeps
     and recompute them in the backward pass (see the module docstring)."""
 
     def __init__(self, enabled=True):
         self._enabled = enabled  # False: compute() only calls the function, autograd keeps everything
         self._hooks = None    # while active: the saved_tensors_hooks (they refer back to self)
-        self._dropped = {}    # storage of a dropped output -> its index among the outputs
-        self._pending = None  # while the function runs: notes taken before its outputs are known
-        self._recipe = None   # (function, args, autocast state) of the call to repeat
-        self._values = None   # the recomputed outputs, once the backward pass has asked for them
+        self._dropped = {}    # storage of a dropped output -> (call, its index among the outputs)
+        self._pending = None  # while a function runs: notes taken before its outputs are known
+        self._recipes = []    # per compute() call that drops something: (function, args, autocast state)
+        self._values = {}     # call -> its recomputed outputs, once the backward pass has asked for them
 
     def __enter__(self):
         if self._enabled and torch.is_grad_enabled():  # without autograd nothing is saved
@@ -64,14 +67,15 @@ class Recomputed:
     def compute(self, fn, *args, drop):
         """fn(*args), a tuple of tensors; the outputs at the indices `drop` are not kept for the
         backward pass by anything computed from here to the end of the `with` block."""
-        if self._hooks is None:  # disabled, or no autograd: nothing to drop
+        if self._hooks is None or not drop:  # disabled, no autograd, or nothing to drop
             return fn(*args)
         device = args[0].device.type
         autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        self._recipe = fn, args, (device, autocast, torch.get_autocast_dtype(device) if autocast else None)
+        call = len(self._recipes)
+        self._recipes.append((fn, args, (device, autocast, torch.get_autocast_dtype(device) if autocast else None)))
         self._pending = []
         outputs = fn(*args)
-        self._dropped = {_storage(outputs[i]): i for i in drop}
+        self._dropped.update({_storage(outputs[i]): (call, i) for i in drop})
         pending, self._pending = self._pending, None
         for note in pending:
             self._settle(note)
@@ -86,15 +90,16 @@ class Recomputed:
         return note
 
     def _settle(self, note):
-        index = self._dropped.get(_storage(note.tensor))
-        if index is not None:
-            note.tensor, note.index = None, index
+        output = self._dropped.get(_storage(note.tensor))
+        if output is not None:
+            note.tensor, note.output = None, output
 
     def _unpack(self, note):
         if note.tensor is not None:
             return note.tensor
-        if self._values is None:
-            fn, args, (device, autocast, dtype) = self._recipe
+        call, index = note.output
+        if call not in self._values:
+            fn, args, (device, autocast, dtype) = self._recipes[call]
             with torch.no_grad(), torch.autocast(device, dtype=dtype) if autocast else contextlib.nullcontext():
-                self._values = fn(*args)
-        return self._values[note.index].as_strided(note.shape, note.stride, note.offset)
+                self._values[call] = fn(*args)
+        return self._values[call][index].as_strided(note.shape, note.stride, note.offset)

@@ -119,7 +119,7 @@ def log_settings(args, config, model, data, run, end, world, device, backend):
              f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
              f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
              f"{f', scan states kept every {args.scan_save_every} chunks' if args.scan_save_every else ''}"
-             f"{', u and Delta recomputed' if args.recompute_scan_inputs else ''}"
+             f"{', u recomputed' if args.recompute_scan_inputs else ''}"
              f"{', compiled' if args.compile else ''}")
 
 
@@ -428,8 +428,8 @@ def parse_args(argv=None):
                             "forward pass for the backward pass; 0: keep none, the backward pass recomputes "
                             "them (least memory; 1: most memory, least recomputation)")
     speed.add_argument("--recompute-scan-inputs", action=argparse.BooleanOptionalAction, default=False,
-                       help="recompute the mixers' u and Delta in the backward pass rather than keep them "
-                            "(about a fifth less activation memory, a few percent slower)")
+                       help="recompute the mixers' u (the convolution's output) in the backward pass rather "
+                            "than keep it, as Delta always is (less memory, slower)")
     speed.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model")

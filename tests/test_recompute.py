@@ -1,5 +1,5 @@
-"""recompute.py: the mixer's u and Delta recomputed in the backward pass (DiS's
-recompute_scan_inputs). The reference is the same model with autograd keeping every tensor."""
+"""recompute.py: the mixer's Delta (always) and u (DiS's recompute_scan_inputs) recomputed in
+the backward pass. The reference is the same model with autograd keeping every tensor."""
 import gc
 
 import pytest
@@ -32,6 +32,11 @@ def recomputing(model, on):
     return model
 
 
+def keeping_everything(monkeypatch):
+    """The mixers' Recomputed blocks disabled: autograd keeps u and Delta."""
+    monkeypatch.setattr(dis, "Recomputed", lambda: Recomputed(enabled=False))
+
+
 @pytest.fixture
 def model():
     torch.manual_seed(0)
@@ -41,11 +46,13 @@ def model():
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["", "grad-checkpointing"])
-def test_gradients_equal_keeping_everything(model, autocast, checkpointed):
+@pytest.mark.parametrize("u_too", [True, False], ids=["u-and-delta", "delta"])
+def test_gradients_equal_keeping_everything(model, autocast, checkpointed, u_too, monkeypatch):
     """The same gradients, bit for bit: the recomputed u and Delta are the forward pass's (also
     under autocast, whose state the recomputation restores, and inside gradient checkpointing)."""
-    ours = gradients(model, autocast, checkpointed)
-    reference = gradients(recomputing(model, False), autocast, checkpointed)
+    ours = gradients(recomputing(model, u_too), autocast, checkpointed)
+    keeping_everything(monkeypatch)
+    reference = gradients(model, autocast, checkpointed)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
 
 
@@ -94,7 +101,7 @@ def test_off_keeps_what_autograd_keeps(grad):
 
 
 @pytest.mark.gpu
-def test_gradients_equal_on_the_gpu_kernels():
+def test_gradients_equal_on_the_gpu_kernels(monkeypatch):
     """On CUDA with the fast scan and convolution kernels, under bf16 autocast as train.py runs."""
     torch.manual_seed(0)
     model = dis.DiS(img_size=16, patch_size=2, channels=3, embed_dim=64, depth=2, num_classes=10,
@@ -109,7 +116,7 @@ def test_gradients_equal_on_the_gpu_kernels():
         out.float().pow(2).mean().backward()
         return [p.grad.clone() for p in model.parameters()]
     ours = grads()
-    recomputing(model, False)
+    keeping_everything(monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(ours, grads()))
 
 
