@@ -101,16 +101,42 @@ def check_memory(config, args, world, device, data):
         log.warning("this run may not fit in memory; if it is stopped for it, lower --global-batch-size")
 
 
+def scan_states_bytes(model, micro_batch, bytes_per_value):
+    """Bytes of the chunk states our scans keep with save_every=1 for one micro-batch: per mixer
+    (micro_batch, 2 directions, ceil(L / 4) chunks, E, 16 states), `bytes_per_value` each."""
+    chunks = -(-model.pos_embed.shape[1] // 4)
+    return sum(micro_batch * 2 * chunks * m.D.shape[0] * 16 * bytes_per_value
+               for m in model.modules() if isinstance(m, dis.BiMamba))
+
+
+def keep_scan_states(model, micro_batch, bytes_per_value, device, share=0.8):
+    """--scan-save-every auto, after the first training step, which ran keeping no chunk state
+    (save_every=0): if that step's peak plus every chunk state fits in `share` of the GPU memory
+    this process can have, set save_every=1 on every mixer (a faster step; bitwise the same
+    gradients). Returns the log line that says which, with the figures."""
+    states = scan_states_bytes(model, micro_batch, bytes_per_value)
+    peak = torch.cuda.max_memory_allocated(device)
+    room = share * (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
+    keep = peak + states <= room
+    if keep:
+        for m in model.modules():
+            if isinstance(m, dis.BiMamba):
+                m.scan_save_every = 1
+    return (f"Memory: the first step's peak was {peak / 2**30:.1f} GiB; the scans' chunk states "
+            f"({states / 2**30:.1f} GiB) {'fit' if keep else 'do not fit'} in {share:.0%} of the GPU's "
+            f"{room / share / 2**30:.1f} GiB, so {'they are kept from now on (faster)' if keep else 'the backward pass keeps recomputing them'}")
+
+
 def oom_advice(args, backend):
     """What to change after running out of GPU memory, for this run's settings, cheapest first:
-    --recompute-scan-inputs recomputes the mixers' u, --scan-save-every 0 keeps none of
-    our scans' (Triton, CUDA) chunk states, --grad-checkpointing recomputes whole blocks, and
-    mamba-ssm's kernel saves less but runs slower."""
+    --scan-save-every 0 keeps none of our scans' (Triton, CUDA) chunk states,
+    --recompute-scan-inputs recomputes the mixers' u, --grad-checkpointing recomputes whole
+    blocks, and mamba-ssm's kernel saves less but runs slower."""
     advice = ["lower --global-batch-size"]
+    if backend in OUR_KERNELS and args.scan_save_every != 0:
+        advice.append("use --scan-save-every 0")
     if not args.recompute_scan_inputs:
         advice.append("add --recompute-scan-inputs")
-    if backend in OUR_KERNELS and args.scan_save_every:
-        advice.append("use --scan-save-every 0")
     if not args.grad_checkpointing:
         advice.append("add --grad-checkpointing")
     if args.precision == "fp32":

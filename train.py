@@ -56,7 +56,7 @@ from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors
 from data import DATASETS, batch_plan, data_stream, encode, prepare_data
 from diffusion import create_diffusion
 from distributed import StopSignals, agree, derived_seed, process_group
-from memory import OUR_KERNELS, check_memory, out_of_memory
+from memory import OUR_KERNELS, check_memory, keep_scan_states, out_of_memory
 from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
 from runs import Run, SampleGrid, open_run_dir, record_launch, restore_rng, resume_or_new, writing
 from scan import BACKENDS, resolve_backend
@@ -94,7 +94,7 @@ def scan_backend(args, device):
         backend = resolve_backend(device, args.scan_backend)
     except ValueError as e:
         raise SystemExit(f"--scan-backend {args.scan_backend}: {e}")
-    if args.scan_save_every > 1 and backend not in OUR_KERNELS:
+    if args.scan_save_every not in ("auto", 0, 1) and backend not in OUR_KERNELS:
         raise SystemExit(f"--scan-save-every applies to our Triton and CUDA scans; this run uses the {backend} scan")
     return backend
 
@@ -118,7 +118,7 @@ def log_settings(args, config, model, data, run, end, world, device, backend):
              f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
              f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
              f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
-             f"{f', scan states kept every {args.scan_save_every} chunks' if args.scan_save_every else ''}"
+             f"{f', scan states kept every {args.scan_save_every} chunks' if args.scan_save_every not in ('auto', 0) else ''}"
              f"{', u recomputed' if args.recompute_scan_inputs else ''}"
              f"{', compiled' if args.compile else ''}")
 
@@ -129,7 +129,8 @@ def build_model(config, ckpt, args, backend, device, world):
     """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
     from the global seed, so identically for any number of processes; or loaded from ckpt."""
     torch.manual_seed(args.global_seed)
-    model = dis.DiS(**config, scan_backend=backend, scan_save_every=args.scan_save_every,
+    save_every = 0 if args.scan_save_every == "auto" else args.scan_save_every  # auto: see keep_scan_states
+    model = dis.DiS(**config, scan_backend=backend, scan_save_every=save_every,
                     recompute_scan_inputs=args.recompute_scan_inputs)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -276,6 +277,7 @@ def train(args, parser, rank, world, device):
                                                   args.global_seed, run.step), device, args.num_workers)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     meter, started, in_a_row, stop_reason = Meter(run.step), time.time(), 0, None
+    settle_states = args.scan_save_every == "auto" and device.type == "cuda" and backend in OUR_KERNELS
     bar = tqdm(total=end, initial=run.step, disable=rank != 0, unit="step", dynamic_ncols=True)
     with StopSignals(f"stopping after this step, saving a checkpoint in {run_dir}/checkpoints") as stop, bar:
         try:
@@ -302,6 +304,11 @@ def train(args, parser, rank, world, device):
                                 f"{run.nonfinite} in all): update skipped on every rank")
                 run.step += 1
                 bar.update(1)
+                if settle_states:  # --scan-save-every auto: keep the chunk states if they fit
+                    settle_states = False
+                    micro = args.global_batch_size // (world * args.grad_accum_steps)
+                    log.info(keep_scan_states(model, micro, 2 if backend == "cuda" and args.precision == "bf16" else 4,
+                                              device))
                 stop_if_diverged(run, in_a_row, args, rank, world, device)
                 stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
                 after_step(run, args, end, stop_reason, meter, bar, grid, probe, board, rank, world, device)
@@ -329,6 +336,16 @@ def train(args, parser, rank, world, device):
 
 # ----------------------------------------------------------------------------- command line
 
+def auto_or_int(text):
+    """--scan-save-every's value: "auto" or an integer."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer >= 0, not {text!r}") from None
+
+
 CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not tested
     "image_size": at_least(1, "positive"), "num_classes": at_least(0, ">= 0 (0: unconditional)"),
     "num_workers": at_least(0, ">= 0"), "embed_dim": at_least(1, "positive"),
@@ -339,7 +356,7 @@ CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not teste
     "max_steps": at_least(1, "positive"), "lr": (lambda v: 0 < v < math.inf, "positive and finite"),
     "warmup_steps": at_least(0, ">= 0"), "max_grad_norm": (lambda v: v > 0, "positive (inf: no clipping)"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_nonfinite": at_least(0, ">= 0"),
-    "scan_save_every": at_least(0, ">= 0"), "max_minutes": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "scan_save_every": (lambda v: v == "auto" or v >= 0, "auto or >= 0"), "max_minutes": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
     "log_every": at_least(1, "positive"), "ckpt_every": at_least(1, "positive"),
     "sample_every": at_least(0, ">= 0 (0: no sample grids)"),
     "sample_cfg": (lambda v: 0 <= v < math.inf, ">= 0 and finite (1: no guidance)"),
@@ -423,10 +440,11 @@ def parse_args(argv=None):
     speed.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     speed.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto",
                        help="the selective scan's implementation (scan.py); auto: the fastest on the device")
-    speed.add_argument("--scan-save-every", type=int, default=0,
+    speed.add_argument("--scan-save-every", type=auto_or_int, default="auto", metavar="{auto,N}",
                        help="our scans (Triton, CUDA): keep the states of every Nth chunk of 4 steps from the "
-                            "forward pass for the backward pass; 0: keep none, the backward pass recomputes "
-                            "them (least memory; 1: most memory, least recomputation)")
+                            "forward pass for the backward pass (1: the fastest step); 0: keep none, the backward "
+                            "pass recomputes them (the least memory); auto: 0 for the first step, then 1 if "
+                            "the GPU has room for them")
     speed.add_argument("--recompute-scan-inputs", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute the mixers' u (the convolution's output) in the backward pass rather "
                             "than keep it, as Delta always is (less memory, slower)")

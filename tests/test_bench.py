@@ -25,9 +25,11 @@ def test_quick_run_writes_tables(tmp_path):
     assert all(r["train_img_s"] > 0 and r["train_back_to_back_img_s"] > 0 for r in raw["model"])
     shares = [r["share"] for r in raw["model_profile"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
-    (pair,) = raw["model_summary"]
+    pair, *options = raw["model_summary"]  # the model's defaults, then train.py's options
     assert pair["models"] == "DiS-tiny (ref scan) / DiT-tiny" and pair["train_img_s_ratio"] > 0
     assert pair["sampling_fwd_img_s_ratio"] > 0
+    assert [p["models"] for p in options] == [f"DiS-tiny (ref scan, {label}) / DiT-tiny" for label, _ in
+                                              bench.MEMORY_OPTIONS]
     assert [r["backend"] for r in raw["scan_summary"]] == ["ref bidirectional"]
     text = (tmp_path / "bench.md").read_text()
     assert "| model |" in text and "Where a DiS training step goes" in text and "## Summary" in text

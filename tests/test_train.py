@@ -383,3 +383,29 @@ def test_activation_estimate_counts_what_autograd_keeps(monkeypatch):
     assert memory.activation_bytes(config, 5) == sum(kept.values())
     recomputed = memory.activation_bytes({**config, "recompute_scan_inputs": True}, 5)
     assert recomputed == sum(kept.values()) - mixers * (5 * tokens * 2 * E * 4)
+
+
+def test_scan_states_bytes_are_what_the_cuda_scan_allocates():
+    """--scan-save-every auto's figure for the chunk states against the CUDA scan's own allocation
+    rule (the shape its fake implementation gives torch.compile), summed over the mixers."""
+    import scan_cuda
+    model = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=4, num_classes=10)
+    L, E = 2 + (8 // 2) ** 2, 2 * 16
+    u = torch.empty(3, L, 2, E, dtype=torch.bfloat16, device="meta")
+    _, states = scan_cuda._fwd_fake(u, u, None, None, None, None, None, None, True, 1, torch.bfloat16, False)
+    assert memory.scan_states_bytes(model, 3, 2) == 5 * states.numel() * 2
+
+
+@pytest.mark.gpu
+def test_auto_keeps_the_scan_states_when_they_fit():
+    """After a step without kept states, keep_scan_states sets save_every=1 on every mixer when
+    the peak plus the states fit in the share of the GPU given, and leaves 0 when they do not."""
+    model = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=10).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.randn(4, 1, 8, 8, device="cuda"), torch.tensor([1, 2, 3, 4]).cuda(),
+              torch.tensor([0, 1, 2, 3]).cuda()).float().sum().backward()
+    mixers = [m for m in model.modules() if isinstance(m, dis.BiMamba)]
+    assert "do not fit" in memory.keep_scan_states(model, 4, 2, torch.device("cuda"), share=1e-9)
+    assert all(m.scan_save_every == 0 for m in mixers)
+    assert "kept from now on" in memory.keep_scan_states(model, 4, 2, torch.device("cuda"))
+    assert all(m.scan_save_every == 1 for m in mixers)
