@@ -131,7 +131,7 @@ def oom_advice(args, backend):
     """What to change after running out of GPU memory, for this run's settings, cheapest first:
     --scan-save-every 0 keeps none of our scans' (Triton, CUDA) chunk states,
     --recompute-scan-inputs recomputes the mixers' u, --grad-checkpointing recomputes whole
-    blocks, and mamba-ssm's kernel saves less but runs slower."""
+    blocks."""
     advice = ["lower --global-batch-size"]
     if backend in OUR_KERNELS and args.scan_save_every != 0:
         advice.append("use --scan-save-every 0")
@@ -141,8 +141,6 @@ def oom_advice(args, backend):
         advice.append("add --grad-checkpointing")
     if args.precision == "fp32":
         advice.append("use --precision bf16")
-    if backend in OUR_KERNELS:
-        advice.append("use --scan-backend mamba (slower, less memory)")
     return ", ".join(advice[:-1]) + " or " + advice[-1] if len(advice) > 1 else advice[0]
 
 
