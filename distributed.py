@@ -3,6 +3,8 @@ the ranks' agreement on each training step, seeds derived from several parts (th
 process and run), the generator states of every rank, the memory a process may use, and stopping
 cleanly on SIGINT/SIGTERM."""
 import contextlib
+import datetime
+import functools
 import hashlib
 import os
 import signal
@@ -44,9 +46,23 @@ def process_group(kind="auto"):
             dist.destroy_process_group()
 
 
+# How long the other ranks wait at a barrier while one rank works alone: the first FID reference
+# statistics of a large image folder, a dataset prepared once. Within NCCL's own timeout (10
+# minutes by default) such waits would end the run.
+BARRIER_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@functools.cache
+def _host_group(world_group):
+    """All ranks of the process group `world_group` in a gloo group with BARRIER_TIMEOUT: a
+    barrier there waits on the CPU, with no NCCL operation pending."""
+    return dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
+
+
 def barrier():
+    """Every rank waits here for the others, for up to BARRIER_TIMEOUT (whatever the backend)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_host_group(dist.group.WORLD))
 
 
 class Agreement(NamedTuple):

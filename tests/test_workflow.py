@@ -355,3 +355,29 @@ def test_two_nodes_match_one_process(fashion, tmp_path, monkeypatch):
     assert_matches_one_batch(two, one)
     (launch,) = json.load(open(os.path.join(tmp_path, "two", name, "run.json")))
     assert launch["world_size"] == 2 and launch["rank_seeds"] == [0, 1]
+
+
+BARRIER_SCRIPT = """
+import datetime, sys, time
+import torch.distributed as dist
+import distributed
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=3))
+distributed.barrier()
+if rank == 0:
+    time.sleep(6)  # working alone, as rank 0 does on the first FID evaluation
+distributed.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_barrier_outlasts_the_process_groups_timeout(tmp_path):
+    """A rank waiting at distributed.barrier() while rank 0 works alone for longer than the process
+    group's timeout (3 s here; NCCL's default is 10 minutes) goes on waiting instead of ending
+    the run: the barrier has a gloo group of its own with a timeout of hours."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", BARRIER_SCRIPT, str(rank), str(tmp_path / "store")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), results
