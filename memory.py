@@ -116,15 +116,16 @@ def keep_scan_states(model, micro_batch, bytes_per_value, device, share=0.8):
     gradients). Returns the log line that says which, with the figures."""
     states = scan_states_bytes(model, micro_batch, bytes_per_value)
     peak = torch.cuda.max_memory_allocated(device)
-    room = share * (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
-    keep = peak + states <= room
+    usable = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)  # free + held by this process
+    keep = peak + states <= share * usable
     if keep:
         for m in model.modules():
             if isinstance(m, dis.BiMamba):
                 m.scan_save_every = 1
+    outcome = "fit" if keep else "do not fit"
+    then = "they are kept from now on (faster)" if keep else "the backward pass keeps recomputing them"
     return (f"Memory: the first step's peak was {peak / 2**30:.1f} GiB; the scans' chunk states "
-            f"({states / 2**30:.1f} GiB) {'fit' if keep else 'do not fit'} in {share:.0%} of the GPU's "
-            f"{room / share / 2**30:.1f} GiB, so {'they are kept from now on (faster)' if keep else 'the backward pass keeps recomputing them'}")
+            f"({states / 2**30:.1f} GiB) {outcome} in {share:.0%} of the GPU's {usable / 2**30:.1f} GiB, so {then}")
 
 
 def oom_advice(args, backend):

@@ -36,8 +36,8 @@
 // to first: from the saved state it recomputes the chunk forwards, keeping a_s = exp(delta_s A)
 // and a_s h_{s-1} per step in registers and forming dC_s = sum_e g_s h_s (g = dy silu(z)) on
 // the way, then runs the adjoint dh_s = C_s g_s + a_{s+1} dh_{s+1} backwards, forming
-// dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past the end of the sequence run with delta = u = g = 0, which
-// leaves every state and sum alone.
+// dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past the end of the
+// sequence run with delta = u = g = 0, which leaves every state and sum alone.
 namespace dis {
 
 typedef long long i64;

@@ -109,6 +109,11 @@ def total_steps(args, dataset_size):
     return min(ends) if ends else DEFAULT_STEPS
 
 
+def kept_every(args):
+    """N of --scan-save-every N when the forward pass keeps chunk states from the start, else 0."""
+    return 0 if args.scan_save_every == "auto" else args.scan_save_every
+
+
 def log_settings(args, config, model, data, run, end, world, device, backend):
     """Two log lines: the model, then the data, the steps, the processes and the speed settings."""
     log.info(f"{args.model} (D={config['embed_dim']}, depth {config['depth']}), "
@@ -118,7 +123,7 @@ def log_settings(args, config, model, data, run, end, world, device, backend):
              f"{end:,} steps of {args.global_batch_size} on {world} process(es)"
              f"{f' in {args.grad_accum_steps} micro-batches' if args.grad_accum_steps > 1 else ''}, {device}; "
              f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
-             f"{f', scan states kept every {args.scan_save_every} chunks' if args.scan_save_every not in ('auto', 0) else ''}"
+             f"{f', scan states kept every {args.scan_save_every} chunks' if kept_every(args) else ''}"
              f"{', u recomputed' if args.recompute_scan_inputs else ''}"
              f"{', compiled' if args.compile else ''}")
 
@@ -129,8 +134,7 @@ def build_model(config, ckpt, args, backend, device, world):
     """(the DiS, its EMA copy, the module to call: DDP-wrapped with several processes). Initialised
     from the global seed, so identically for any number of processes; or loaded from ckpt."""
     torch.manual_seed(args.global_seed)
-    save_every = 0 if args.scan_save_every == "auto" else args.scan_save_every  # auto: see keep_scan_states
-    model = dis.DiS(**config, scan_backend=backend, scan_save_every=save_every,
+    model = dis.DiS(**config, scan_backend=backend, scan_save_every=kept_every(args),  # auto: keep_scan_states
                     recompute_scan_inputs=args.recompute_scan_inputs)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -307,8 +311,8 @@ def train(args, parser, rank, world, device):
                 if settle_states:  # --scan-save-every auto: keep the chunk states if they fit
                     settle_states = False
                     micro = args.global_batch_size // (world * args.grad_accum_steps)
-                    log.info(keep_scan_states(model, micro, 2 if backend == "cuda" and args.precision == "bf16" else 4,
-                                              device))
+                    state_bytes = 2 if backend == "cuda" and args.precision == "bf16" else 4
+                    log.info(keep_scan_states(model, micro, state_bytes, device))
                 stop_if_diverged(run, in_a_row, args, rank, world, device)
                 stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
                 after_step(run, args, end, stop_reason, meter, bar, grid, probe, board, rank, world, device)
@@ -356,7 +360,8 @@ CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not teste
     "max_steps": at_least(1, "positive"), "lr": (lambda v: 0 < v < math.inf, "positive and finite"),
     "warmup_steps": at_least(0, ">= 0"), "max_grad_norm": (lambda v: v > 0, "positive (inf: no clipping)"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_nonfinite": at_least(0, ">= 0"),
-    "scan_save_every": (lambda v: v == "auto" or v >= 0, "auto or >= 0"), "max_minutes": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "scan_save_every": (lambda v: v == "auto" or v >= 0, "auto or >= 0"),
+    "max_minutes": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
     "log_every": at_least(1, "positive"), "ckpt_every": at_least(1, "positive"),
     "sample_every": at_least(0, ">= 0 (0: no sample grids)"),
     "sample_cfg": (lambda v: 0 <= v < math.inf, ">= 0 and finite (1: no guidance)"),
