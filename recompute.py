@@ -19,7 +19,8 @@ the call are served from that one recomputation. The function must give the same
 called again (no randomness, parameters unchanged until the backward pass).
 
 DiS always recomputes Delta; u only with `train.py --recompute-scan-inputs` (the mixers'
-recompute_scan_inputs), which trades time for memory (BENCHMARKS.md has both).
+recompute_scan_inputs), which trades time for memory (BENCHMARKS.md has both). Under
+torch.compile nothing is dropped here: the compiler's partitioner chooses what to recompute.
 """
 import contextlib
 
@@ -54,7 +55,9 @@ class Recomputed:
         self._values = {}     # call -> its recomputed outputs, once the backward pass has asked for them
 
     def __enter__(self):
-        if self._enabled and torch.is_grad_enabled():  # without autograd nothing is saved
+        # Without autograd nothing is saved. Under torch.compile the compiler chooses what to keep
+        # and what to recompute (its partitioner), and hooks would break its graph at every block.
+        if self._enabled and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
         return self

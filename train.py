@@ -392,6 +392,9 @@ def check_args(args, parser):
         parser.error("--device cuda: no CUDA device is visible; use --device cpu or auto")
     if args.compile_mode != "default" and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} takes effect with --compile; add --compile")
+    if args.recompute_scan_inputs and args.compile:
+        parser.error("--recompute-scan-inputs has no effect with --compile (torch.compile chooses what to recompute); "
+                     "drop one of them")
 
 
 def parse_args(argv=None):
@@ -452,7 +455,7 @@ def parse_args(argv=None):
                             "the GPU has room for them")
     speed.add_argument("--recompute-scan-inputs", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute the mixers' u (the convolution's output) in the backward pass rather "
-                            "than keep it, as Delta always is (less memory, slower)")
+                            "than keep it, as Delta always is (less memory, slower; not with --compile)")
     speed.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model")

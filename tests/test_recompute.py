@@ -138,3 +138,17 @@ def test_freed_with_the_graph_without_the_garbage_collector():
         assert h_storage.expired()
     finally:
         gc.enable()
+
+
+def test_no_hooks_under_torch_compile():
+    """Traced by torch.compile, a Recomputed block installs no hooks (the compiler's partitioner
+    chooses what to recompute), so the mixer traces without a graph break; values and gradients
+    are those of the plain computation."""
+    def loss(x):
+        with Recomputed() as saved:
+            a, = saved.compute(lambda v: (v.exp(),), x, drop=(0,))
+            return (a * 2).sum()
+    torch._dynamo.reset()
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.compile(loss, backend="eager", fullgraph=True)(x).backward()
+    assert torch.equal(x.grad, 2 * x.detach().exp())
