@@ -136,7 +136,7 @@ def oom_advice(args, backend):
     advice = ["lower --global-batch-size"]
     if backend in OUR_KERNELS and args.scan_save_every != 0:
         advice.append("use --scan-save-every 0")
-    if not args.recompute_scan_inputs:
+    if not (args.recompute_scan_inputs or args.grad_checkpointing or args.compile):
         advice.append("add --recompute-scan-inputs")
     if not args.grad_checkpointing:
         advice.append("add --grad-checkpointing")

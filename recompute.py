@@ -20,7 +20,8 @@ called again (no randomness, parameters unchanged until the backward pass).
 
 DiS always recomputes Delta; u only with `train.py --recompute-scan-inputs` (the mixers'
 recompute_scan_inputs), which trades time for memory (BENCHMARKS.md has both). Under
-torch.compile nothing is dropped here: the compiler's partitioner chooses what to recompute.
+torch.compile nothing is dropped here: the compiler's partitioner chooses what to recompute;
+nor inside gradient checkpointing, which recomputes the whole block anyway.
 """
 import contextlib
 
@@ -57,7 +58,10 @@ class Recomputed:
     def __enter__(self):
         # Without autograd nothing is saved. Under torch.compile the compiler chooses what to keep
         # and what to recompute (its partitioner), and hooks would break its graph at every block.
-        if self._enabled and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # Inside other saved-tensor hooks (gradient checkpointing's, offloading's) those decide:
+        # hooks do not compose, and ours, the innermost, would keep what checkpointing discards.
+        if (self._enabled and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and torch._C._autograd._top_saved_tensors_default_hooks(False) is None):
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
         return self

@@ -395,6 +395,9 @@ def check_args(args, parser):
     if args.recompute_scan_inputs and args.compile:
         parser.error("--recompute-scan-inputs has no effect with --compile (torch.compile chooses what to recompute); "
                      "drop one of them")
+    if args.recompute_scan_inputs and args.grad_checkpointing:
+        parser.error("--recompute-scan-inputs has no effect with --grad-checkpointing (each block is recomputed "
+                     "whole); drop one of them")
 
 
 def parse_args(argv=None):
@@ -455,7 +458,8 @@ def parse_args(argv=None):
                             "the GPU has room for them")
     speed.add_argument("--recompute-scan-inputs", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute the mixers' u (the convolution's output) in the backward pass rather "
-                            "than keep it, as Delta always is (less memory, slower; not with --compile)")
+                            "than keep it, as Delta always is (less memory, slower; not with --compile or "
+                            "--grad-checkpointing)")
     speed.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the model")

@@ -58,6 +58,7 @@ PARSE_ROWS = [
     (["--scan-save-every", "-1"], ["--scan-save-every must be auto or >= 0, not -1"]),
     (["--scan-save-every", "some"], ["--scan-save-every: must be auto or an integer >= 0, not 'some'"]),
     (["--recompute-scan-inputs", "--compile"], ["--recompute-scan-inputs has no effect with --compile"]),
+    (["--recompute-scan-inputs", "--grad-checkpointing"], ["--recompute-scan-inputs has no effect with --grad-chec"]),
     (["--grad-accum-steps", "0"], ["--grad-accum-steps must be positive, not 0"]),
     (["--fid-every", "-1"], ["--fid-every must be >= 0 (0: only after training), not -1"]),
     (["--fid-sampling-steps", "1"], ["--fid-sampling-steps must be in 2..1000, not 1"]),

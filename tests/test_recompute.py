@@ -7,6 +7,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
 
+import memory
 import model as dis
 from recompute import Recomputed
 
@@ -49,7 +50,8 @@ def model():
 @pytest.mark.parametrize("u_too", [True, False], ids=["u-and-delta", "delta"])
 def test_gradients_equal_keeping_everything(model, autocast, checkpointed, u_too, monkeypatch):
     """The same gradients, bit for bit: the recomputed u and Delta are the forward pass's (also
-    under autocast, whose state the recomputation restores, and inside gradient checkpointing)."""
+    under autocast, whose state the recomputation restores; inside gradient checkpointing the
+    block leaves checkpointing in charge)."""
     ours = gradients(recomputing(model, u_too), autocast, checkpointed)
     keeping_everything(monkeypatch)
     reference = gradients(model, autocast, checkpointed)
@@ -152,3 +154,20 @@ def test_no_hooks_under_torch_compile():
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)
     torch.compile(loss, backend="eager", fullgraph=True)(x).backward()
     assert torch.equal(x.grad, 2 * x.detach().exp())
+
+
+def test_leaves_gradient_checkpointing_in_charge():
+    """Inside gradient checkpointing, whose saved-tensor hooks ours would shadow (hooks do not
+    compose: the innermost take the saves), a Recomputed block installs none: nothing created
+    inside stays referenced after the forward pass, and the gradient is the plain one."""
+    def fn(x):
+        with Recomputed() as saved:
+            a, = saved.compute(lambda v: (v.exp(),), x, drop=(0,))
+            return (a.sin() * a).sum()  # the product saves a.sin(), made inside
+    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    with memory._Created() as created:
+        out = checkpoint(fn, x, use_reentrant=False)
+    assert created.alive(but=[out]) == 0
+    out.backward()
+    a = x.detach().exp()
+    assert torch.allclose(x.grad, (a.cos() * a + a.sin()) * a)

@@ -354,35 +354,32 @@ def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
 
 def test_activation_estimate_counts_what_autograd_keeps(monkeypatch):
     """The memory check's estimate (meta device, two shallow models, extrapolated) against the
-    tensors a real CPU forward keeps for its backward pass, counted by their storage: those its
-    pack hook sees outside the mixers, and inside them those the mixers' Recomputed blocks keep
-    (the innermost hooks take the saves). With recompute_scan_inputs, less each mixer's u
-    ((batch, L, 2, E) float32)."""
+    tensors a real CPU forward keeps for its backward pass, counted by their storage through a
+    pack hook with the mixers' Recomputed blocks disabled (they stand down under outer hooks);
+    with them, less each mixer's Delta, and with recompute_scan_inputs its u too (each
+    (batch, L, 2, E) float32)."""
     config = dict(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=6, num_classes=10)
     torch.manual_seed(0)
     model = dis.DiS(**config)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept, notes = {}, []
-
-    class Counted(recompute.Recomputed):
-        def _pack(self, tensor):
-            notes.append(super()._pack(tensor))
-            return notes[-1]
+    kept = {}
 
     def pack(t):
         if t.untyped_storage().data_ptr() not in params:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
-    monkeypatch.setattr(dis, "Recomputed", Counted)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randn(5, 1, 8, 8), torch.tensor([1, 500, 999, 0, 3]), torch.tensor([0, 3, 10, 9, 9]))
-    for note in notes:
-        if note.tensor is not None:  # not dropped
-            pack(note.tensor)
     mixers, tokens, E = 6 + 1, 2 + (8 // 2) ** 2, 2 * 16
-    assert memory.activation_bytes(config, 5) == sum(kept.values())
+    per_mixer = 5 * tokens * 2 * E * 4  # Delta, or u
+    with monkeypatch.context() as m:
+        m.setattr(dis, "Recomputed", lambda: recompute.Recomputed(enabled=False))
+        memory._probe.cache_clear()
+        assert memory.activation_bytes(config, 5) == sum(kept.values())
+    memory._probe.cache_clear()
+    assert memory.activation_bytes(config, 5) == sum(kept.values()) - mixers * per_mixer
     recomputed = memory.activation_bytes({**config, "recompute_scan_inputs": True}, 5)
-    assert recomputed == sum(kept.values()) - mixers * (5 * tokens * 2 * E * 4)
+    assert recomputed == sum(kept.values()) - 2 * mixers * per_mixer
 
 
 def test_scan_states_bytes_are_what_the_cuda_scan_allocates():
