@@ -109,12 +109,15 @@ def scan_states_bytes(model, micro_batch, bytes_per_value):
                for m in model.modules() if isinstance(m, dis.BiMamba))
 
 
-def keep_scan_states(model, micro_batch, bytes_per_value, device, share=0.8):
+def keep_scan_states(model, micro_batch, bytes_per_value, device, checkpointed=False, share=0.8):
     """--scan-save-every auto, after the first training step, which ran keeping no chunk state
-    (save_every=0): if that step's peak plus every chunk state fits in `share` of the GPU memory
-    this process can have, set save_every=1 on every mixer (a faster step; bitwise the same
-    gradients). Returns the log line that says which, with the figures."""
+    (save_every=0): if that step's peak plus every chunk state (one block's with gradient
+    checkpointing, which recomputes and differentiates one block at a time) fits in `share` of
+    the GPU memory this process can have, set save_every=1 on every mixer (a faster step;
+    bitwise the same gradients). Returns the log line that says which, with the figures."""
     states = scan_states_bytes(model, micro_batch, bytes_per_value)
+    if checkpointed:
+        states //= sum(isinstance(m, dis.BiMamba) for m in model.modules())
     peak = torch.cuda.max_memory_allocated(device)
     usable = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)  # free + held by this process
     keep = peak + states <= share * usable

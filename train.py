@@ -312,7 +312,7 @@ def train(args, parser, rank, world, device):
                     settle_states = False
                     micro = args.global_batch_size // (world * args.grad_accum_steps)
                     state_bytes = 2 if backend == "cuda" and args.precision == "bf16" else 4
-                    log.info(keep_scan_states(model, micro, state_bytes, device))
+                    log.info(keep_scan_states(model, micro, state_bytes, device, args.grad_checkpointing))
                 stop_if_diverged(run, in_a_row, args, rank, world, device)
                 stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
                 after_step(run, args, end, stop_reason, meter, bar, grid, probe, board, rank, world, device)

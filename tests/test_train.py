@@ -393,19 +393,20 @@ def test_scan_states_bytes_are_what_the_cuda_scan_allocates():
     assert memory.scan_states_bytes(model, 3, 2) == 5 * states.numel() * 2
 
 
-@pytest.mark.parametrize("free_gib, kept", [(30, True), (8, False)])
-def test_auto_decides_from_the_peak_and_the_states(monkeypatch, free_gib, kept):
+@pytest.mark.parametrize("free_gib, checkpointed, kept", [(30, False, True), (12, False, False), (12, True, True)])
+def test_auto_decides_from_the_peak_and_the_states(monkeypatch, free_gib, checkpointed, kept):
     """keep_scan_states against the rule stated: keep (save_every=1 on every mixer) when the
-    first step's peak plus the states fit in 80% of free plus reserved memory (the CUDA queries
-    stood in for: a 10 GiB peak, 2 GiB reserved)."""
+    first step's peak plus the states (one of the 3 blocks' with gradient checkpointing) fit in
+    80% of free plus reserved memory (the CUDA queries stood in for: a 10 GiB peak, 2 GiB
+    reserved)."""
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 10 * gib)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * gib)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * gib, 40 * gib))
     model = dis.DiS(img_size=8, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=10)
-    states = memory.scan_states_bytes(model, 2**16, 2)  # batch 65,536: 1.9 GiB
+    states = memory.scan_states_bytes(model, 2**16, 2) // (3 if checkpointed else 1)  # batch 65,536: 1.9 GiB
     assert (10 * gib + states <= 0.8 * (free_gib + 2) * gib) == kept
-    line = memory.keep_scan_states(model, 2**16, 2, torch.device("cpu"))
+    line = memory.keep_scan_states(model, 2**16, 2, torch.device("cpu"), checkpointed)
     assert ("kept from now on" in line) == kept and f"{states / gib:.1f} GiB" in line
     assert all(m.scan_save_every == (1 if kept else 0) for m in model.modules() if isinstance(m, dis.BiMamba))
 
