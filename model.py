@@ -139,9 +139,10 @@ class BiMamba(nn.Module):
         R, N = self.dt_rank, self.d_state
         u = scan.biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
                              torch.stack([self.conv1d.bias, self.conv1d_b.bias]), backend=self.backend(x.device))
-        # x_proj and dt_proj of both directions as one GEMM each, with block-diagonal weights: the
-        # zero blocks double these small GEMMs' FLOPs, but a GEMM batched over the two directions
-        # gets slow cuBLAS kernels for its weight gradients (a reduction over all B*L tokens).
+        # x_proj (and dt_proj, in dt_proj_of) of both directions as one GEMM each, with
+        # block-diagonal weights: the zero blocks double these small GEMMs' FLOPs, but a GEMM batched
+        # over the two directions gets slow cuBLAS kernels for its weight gradients (a reduction
+        # over all B*L tokens).
         x_dbl = F.linear(u.flatten(2), torch.block_diag(self.x_proj.weight, self.x_proj_b.weight))
         return u, x_dbl.unflatten(-1, (2, R + 2 * N))  # Delta's R, B's N, C's N
 
