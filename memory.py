@@ -115,16 +115,14 @@ def keep_scan_states(model, micro_batch, bytes_per_value, device, checkpointed=F
     checkpointing, which recomputes and differentiates one block at a time) fits in `share` of
     the GPU memory this process can have, set save_every=1 on every mixer (a faster step;
     bitwise the same gradients). Returns the log line that says which, with the figures."""
-    states = scan_states_bytes(model, micro_batch, bytes_per_value)
-    if checkpointed:
-        states //= sum(isinstance(m, dis.BiMamba) for m in model.modules())
+    mixers = [m for m in model.modules() if isinstance(m, dis.BiMamba)]
+    states = scan_states_bytes(model, micro_batch, bytes_per_value) // (len(mixers) if checkpointed else 1)
     peak = torch.cuda.max_memory_allocated(device)
     usable = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)  # free + held by this process
     keep = peak + states <= share * usable
     if keep:
-        for m in model.modules():
-            if isinstance(m, dis.BiMamba):
-                m.scan_save_every = 1
+        for m in mixers:
+            m.scan_save_every = 1
     outcome = "fit" if keep else "do not fit"
     then = "they are kept from now on (faster)" if keep else "the backward pass keeps recomputing them"
     return (f"Memory: the first step's peak was {peak / 2**30:.1f} GiB; the scans' chunk states "

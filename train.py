@@ -60,6 +60,7 @@ from memory import OUR_KERNELS, check_memory, keep_scan_states, out_of_memory
 from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
 from runs import Run, SampleGrid, open_run_dir, record_launch, restore_rng, resume_or_new, writing
 from scan import BACKENDS, resolve_backend
+from scan_cuda import default_states_dtype
 from storage import model_config
 
 DEFAULT_STEPS = 500_000  # the paper's CIFAR-10 / CelebA schedule
@@ -311,7 +312,8 @@ def train(args, parser, rank, world, device):
                 if settle_states:  # --scan-save-every auto: keep the chunk states if they fit
                     settle_states = False
                     micro = args.global_batch_size // (world * args.grad_accum_steps)
-                    state_bytes = 2 if backend == "cuda" and args.precision == "bf16" else 4
+                    inputs = torch.bfloat16 if args.precision == "bf16" else torch.float32
+                    state_bytes = default_states_dtype(inputs).itemsize if backend == "cuda" else 4  # Triton: float32
                     log.info(keep_scan_states(model, micro, state_bytes, device, args.grad_checkpointing))
                 stop_if_diverged(run, in_a_row, args, rank, world, device)
                 stop_reason = "signal" if agreed.signalled else "time" if agreed.timed_out else None
