@@ -348,6 +348,28 @@ def test_sampler_table(tiny_yardstick, tmp_path, monkeypatch):
     assert "| dpm++25-bf16 | dpm++ | 25 | 1 | all | bf16 |" in text
 
 
+def test_sampler_table_setting_names():
+    parse = sampler_table_module().parse_setting
+    assert parse("ddpm250") == dict(sampler="ddpm", steps=250, cfg=1.0, interval=None, precision="fp32")
+    assert parse("dpm++sde25-cfg1.5-bf16") == dict(sampler="dpm++sde", steps=25, cfg=1.5, interval=None,
+                                                   precision="bf16")
+    assert parse("dpm++10-cfg3-in0-0.5") == dict(sampler="dpm++", steps=10, cfg=3.0, interval=(0.0, 0.5),
+                                                 precision="fp32")
+
+
+@pytest.mark.parametrize("name,message", [("ddpm", "expected SAMPLER STEPS"), ("euler25", "expected SAMPLER STEPS"),
+                                          ("ddim25-cfg", "expected SAMPLER STEPS"), ("ddpm1001", "at most 1000"),
+                                          ("dpm++25-in0.1-0.7", "needs a guidance scale"),
+                                          ("dpm++25-cfg2-in0.7-0.1", "0 <= LOW < HIGH <= 1"),
+                                          ("dpm++25-cfg2-in0.1.1-0.7", "0 <= LOW < HIGH <= 1")])
+def test_sampler_table_refuses_bad_setting_names(capsys, name, message):
+    with pytest.raises(SystemExit) as exit_:
+        sampler_table_module().main(["--ckpt", "unused.pt", "--settings", name])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--settings" in err and message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("classes,side", [(0, 32), (10, 8)])
 def test_sampler_table_refuses_other_models(tmp_path, capsys, classes, side):
     with pytest.raises(SystemExit) as exit_:

@@ -15,6 +15,7 @@ sampling only, with the device synchronised.
 """
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -24,33 +25,47 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import yardstick  # noqa: E402
-from diffusion import create_diffusion, generate, sampler_respacing  # noqa: E402
+from diffusion import SAMPLERS, create_diffusion, generate, sampler_respacing  # noqa: E402
 from scan import BACKENDS, resolve_backend  # noqa: E402
 from storage import CheckpointError, batch_inputs, load_model, to_uint8, write_text  # noqa: E402
 
 
-def setting(sampler, steps, cfg=1.0, interval=None, precision="fp32"):
-    return dict(sampler=sampler, steps=steps, cfg=cfg, interval=interval, precision=precision)
+SETTING_NAME = re.compile(f"(?P<sampler>{'|'.join(map(re.escape, sorted(SAMPLERS, key=len, reverse=True)))})"
+                          r"(?P<steps>[1-9][0-9]*)"
+                          r"(?:-cfg(?P<cfg>[0-9]+(?:\.[0-9]+)?))?(?:-in(?P<low>[0-9.]+)-(?P<high>[0-9.]+))?"
+                          r"(?:-(?P<precision>bf16|fp32))?")
+TRAINING_STEPS = 1000  # the diffusion steps DiS trains with (create_diffusion's default)
+# The default table, the most telling first (the table is written after each row): the paper's
+# DDPM 250, the fast samplers at 10-50 steps, bf16, guidance scales and intervals.
+DEFAULT_SETTINGS = ["ddpm250", "dpm++25", "dpm++10", "dpm++15", "dpm++50", "ddim25", "ddim10", "ddim50",
+                    "dpm++25-bf16", "dpm++25-cfg1.5", "dpm++25-cfg2", "dpm++25-cfg3", "dpm++25-cfg2-in0.1-0.7",
+                    "dpm++25-cfg3-in0.1-0.7"]
 
 
-# name -> setting, the most telling first (the table is written after each): the paper's DDPM 250,
-# the fast samplers at 10-50 steps (DDPM respaced to fewer steps too), bf16, guidance scales and intervals.
-SETTINGS = {
-    "ddpm250": setting("ddpm", 250),
-    **{f"dpm++{n}": setting("dpm++", n) for n in (25, 10, 15, 50)},
-    **{f"ddim{n}": setting("ddim", n) for n in (25, 10, 15, 50)},
-    **{f"dpm++sde{n}": setting("dpm++sde", n) for n in (25, 10, 15, 50)},
-    **{f"ddpm{n}": setting("ddpm", n) for n in (25, 50, 100)},
-    "dpm++25-bf16": setting("dpm++", 25, precision="bf16"),
-    "ddpm250-bf16": setting("ddpm", 250, precision="bf16"),
-    "dpm++sde25-bf16": setting("dpm++sde", 25, precision="bf16"),
-    **{f"dpm++25-cfg{s:g}": setting("dpm++", 25, s) for s in (1.5, 2, 3, 4)},
-    "dpm++sde25-cfg1.5": setting("dpm++sde", 25, 1.5),
-    "dpm++25-cfg2-in0.1-0.7": setting("dpm++", 25, 2, (0.1, 0.7)),
-    "dpm++25-cfg3-in0.1-0.7": setting("dpm++", 25, 3, (0.1, 0.7)),
-    "dpm++25-cfg4-in0.2-0.8": setting("dpm++", 25, 4, (0.2, 0.8)),
-    "dpm++25-cfg3-in0-0.5": setting("dpm++", 25, 3, (0.0, 0.5)),
-}
+def parse_setting(name):
+    """A setting from its name, SAMPLER STEPS [-cfgSCALE] [-inLOW-HIGH] [-bf16|-fp32], e.g.
+    "dpm++25-cfg2-in0.1-0.7": DPM-Solver++ in 25 steps, guidance scale 2 applied where t/T is in
+    [0.1, 0.7], float32 (the default precision). Raises argparse.ArgumentTypeError."""
+    match = SETTING_NAME.fullmatch(name)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{name!r}: expected SAMPLER STEPS [-cfgSCALE] [-inLOW-HIGH] [-bf16|-fp32] with SAMPLER one of "
+            f"{', '.join(SAMPLERS)}, e.g. dpm++25-cfg2-in0.1-0.7")
+    if int(match["steps"]) > TRAINING_STEPS:
+        raise argparse.ArgumentTypeError(f"{name!r}: at most {TRAINING_STEPS} steps (the training process's)")
+    cfg = float(match["cfg"] or 1)
+    interval = None
+    if match["low"] is not None:
+        try:
+            interval = (float(match["low"]), float(match["high"]))
+        except ValueError:
+            interval = (-1.0, -1.0)
+        if not 0 <= interval[0] < interval[1] <= 1:
+            raise argparse.ArgumentTypeError(f"{name!r}: the interval needs 0 <= LOW < HIGH <= 1")
+        if cfg == 1:
+            raise argparse.ArgumentTypeError(f"{name!r}: an interval needs a guidance scale (-cfgSCALE) other than 1")
+    return dict(sampler=match["sampler"], steps=int(match["steps"]), cfg=cfg, interval=interval,
+                precision=match["precision"] or "fp32")
 
 
 def counting_forward(model):
@@ -107,12 +122,18 @@ def table(rows):
     return "\n".join(lines)
 
 
+def parse_setting_arg(name):
+    parse_setting(name)
+    return name
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--ckpt", required=True, help="a class-conditional Fashion-MNIST DiS (anything sample.py reads)")
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), metavar="NAME",
-                        help=f"a subset of: {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", nargs="+", type=parse_setting_arg, default=DEFAULT_SETTINGS, metavar="NAME",
+                        help="SAMPLER STEPS [-cfgSCALE] [-inLOW-HIGH] [-bf16|-fp32], SAMPLER one of "
+                             f"{', '.join(SAMPLERS)} (default: {' '.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (doubled when guided)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -160,7 +181,7 @@ def main(argv=None):
     print(header)
     rows = []
     for name in args.settings:
-        spec = SETTINGS[name]
+        spec = parse_setting(name)
         images, labels, evals, seconds = sample_setting(model, spec, args.num_samples, args.batch_size, args.seed,
                                                         device)
         result = dict(yardstick.evaluate(images, labels, device=device, progress=False), evals=evals, seconds=seconds)
