@@ -360,8 +360,9 @@ def test_sampler_table_setting_names():
 @pytest.mark.parametrize("name,message", [("ddpm", "expected SAMPLER STEPS"), ("euler25", "expected SAMPLER STEPS"),
                                           ("ddim25-cfg", "expected SAMPLER STEPS"), ("ddpm1001", "at most 1000"),
                                           ("dpm++25-in0.1-0.7", "needs a guidance scale"),
-                                          ("dpm++25-cfg2-in0.7-0.1", "0 <= LOW < HIGH <= 1"),
-                                          ("dpm++25-cfg2-in0.1.1-0.7", "0 <= LOW < HIGH <= 1")])
+                                          ("dpm++25-cfg2-in0.7-0.1", "0 <= LOW <= HIGH <= 1"),
+                                          ("dpm++25-cfg2-in0.1-1.5", "0 <= LOW <= HIGH <= 1"),
+                                          ("dpm++25-cfg2-in0.1.1-0.7", "expected SAMPLER STEPS")])
 def test_sampler_table_refuses_bad_setting_names(capsys, name, message):
     with pytest.raises(SystemExit) as exit_:
         sampler_table_module().main(["--ckpt", "unused.pt", "--settings", name])

@@ -25,15 +25,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import yardstick  # noqa: E402
-from diffusion import SAMPLERS, create_diffusion, generate, sampler_respacing  # noqa: E402
+from diffusion import SAMPLERS, check_cfg_interval, create_diffusion, generate, sampler_respacing  # noqa: E402
 from scan import BACKENDS, resolve_backend  # noqa: E402
 from storage import CheckpointError, batch_inputs, load_model, to_uint8, write_text  # noqa: E402
 
 
-SETTING_NAME = re.compile(f"(?P<sampler>{'|'.join(map(re.escape, sorted(SAMPLERS, key=len, reverse=True)))})"
-                          r"(?P<steps>[1-9][0-9]*)"
-                          r"(?:-cfg(?P<cfg>[0-9]+(?:\.[0-9]+)?))?(?:-in(?P<low>[0-9.]+)-(?P<high>[0-9.]+))?"
-                          r"(?:-(?P<precision>bf16|fp32))?")
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+SAMPLER_NAME = "|".join(map(re.escape, sorted(SAMPLERS, key=len, reverse=True)))  # dpm++sde before dpm++
+SETTING_NAME = re.compile(f"(?P<sampler>{SAMPLER_NAME})(?P<steps>[1-9][0-9]*)(?:-cfg(?P<cfg>{NUMBER}))?"
+                          f"(?:-in(?P<low>{NUMBER})-(?P<high>{NUMBER}))?(?:-(?P<precision>bf16|fp32))?")
 TRAINING_STEPS = 1000  # the diffusion steps DiS trains with (create_diffusion's default)
 # The default table, the most telling first (the table is written after each row): the paper's
 # DDPM 250, the fast samplers at 10-50 steps, bf16, guidance scales and intervals.
@@ -54,18 +54,20 @@ def parse_setting(name):
     if int(match["steps"]) > TRAINING_STEPS:
         raise argparse.ArgumentTypeError(f"{name!r}: at most {TRAINING_STEPS} steps (the training process's)")
     cfg = float(match["cfg"] or 1)
-    interval = None
-    if match["low"] is not None:
-        try:
-            interval = (float(match["low"]), float(match["high"]))
-        except ValueError:
-            interval = (-1.0, -1.0)
-        if not 0 <= interval[0] < interval[1] <= 1:
-            raise argparse.ArgumentTypeError(f"{name!r}: the interval needs 0 <= LOW < HIGH <= 1")
-        if cfg == 1:
-            raise argparse.ArgumentTypeError(f"{name!r}: an interval needs a guidance scale (-cfgSCALE) other than 1")
+    interval = None if match["low"] is None else (float(match["low"]), float(match["high"]))
+    try:
+        check_cfg_interval(interval)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name!r}: the interval needs 0 <= LOW <= HIGH <= 1") from None
+    if interval is not None and cfg == 1:
+        raise argparse.ArgumentTypeError(f"{name!r}: an interval needs a guidance scale (-cfgSCALE) other than 1")
     return dict(sampler=match["sampler"], steps=int(match["steps"]), cfg=cfg, interval=interval,
                 precision=match["precision"] or "fp32")
+
+
+def named_setting(name):
+    """argparse type of --settings: (name, setting)."""
+    return name, parse_setting(name)
 
 
 def counting_forward(model):
@@ -122,16 +124,12 @@ def table(rows):
     return "\n".join(lines)
 
 
-def parse_setting_arg(name):
-    parse_setting(name)
-    return name
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--ckpt", required=True, help="a class-conditional Fashion-MNIST DiS (anything sample.py reads)")
     parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--settings", nargs="+", type=parse_setting_arg, default=DEFAULT_SETTINGS, metavar="NAME",
+    parser.add_argument("--settings", nargs="+", type=named_setting, metavar="NAME",
+                        default=[named_setting(name) for name in DEFAULT_SETTINGS],
                         help="SAMPLER STEPS [-cfgSCALE] [-inLOW-HIGH] [-bf16|-fp32], SAMPLER one of "
                              f"{', '.join(SAMPLERS)} (default: {' '.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (doubled when guided)")
@@ -180,8 +178,7 @@ def main(argv=None):
               f"{reference['fd_train_test']:.3f}")
     print(header)
     rows = []
-    for name in args.settings:
-        spec = parse_setting(name)
+    for name, spec in args.settings:
         images, labels, evals, seconds = sample_setting(model, spec, args.num_samples, args.batch_size, args.seed,
                                                         device)
         result = dict(yardstick.evaluate(images, labels, device=device, progress=False), evals=evals, seconds=seconds)
