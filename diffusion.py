@@ -457,9 +457,12 @@ def _model_device(model):
     return torch.device("cpu")
 
 
+DIFFUSION_STEPS = 1000  # T, the steps DiS (like DiT) trains with
+
+
 def create_diffusion(timestep_respacing="", noise_schedule="linear", use_kl=False, sigma_small=False,
-                     predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False, diffusion_steps=1000,
-                     exact_decoder_cdf=False):
+                     predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False,
+                     diffusion_steps=DIFFUSION_STEPS, exact_decoder_cdf=False):
     """The diffusion DiS trains and samples with: DiT's factory, with DiT's defaults.
 
     timestep_respacing: "" or None for all steps, "250" or 250 for 250 evenly spaced steps,

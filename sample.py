@@ -45,13 +45,12 @@ import torch
 
 import model as dis
 from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors, nearest_existing
-from diffusion import SAMPLERS, create_diffusion, generate, sampler_respacing
+from diffusion import DIFFUSION_STEPS, SAMPLERS, create_diffusion, generate, sampler_respacing
 from distributed import process_group
 from scan import BACKENDS, resolve_backend
 from storage import (CheckpointError, export_model, grid_labels, is_hub_id, load_model, save_grid, to_uint8,
                      write_samples_npz, write_text)
 
-DIFFUSION_STEPS = 1000
 DDIM_COUNTS = sorted({len(range(0, DIFFUSION_STEPS, stride)) for stride in range(1, DIFFUSION_STEPS)})
 CHECKS = {  # flag: (test, what it accepts); a flag left out (None) is not tested
     "num_sampling_steps": (lambda v: 2 <= v <= DIFFUSION_STEPS, f"in 2..{DIFFUSION_STEPS}"),

@@ -358,7 +358,7 @@ def test_sampler_table_setting_names():
 
 
 @pytest.mark.parametrize("name,message", [("ddpm", "expected SAMPLER STEPS"), ("euler25", "expected SAMPLER STEPS"),
-                                          ("ddim25-cfg", "expected SAMPLER STEPS"), ("ddpm1001", "at most 1000"),
+                                          ("ddim25-cfg", "expected SAMPLER STEPS"), ("ddpm1001", "cannot keep 1001 steps from a section of 1000"),
                                           ("dpm++25-in0.1-0.7", "needs a guidance scale"),
                                           ("dpm++25-cfg2-in0.7-0.1", "0 <= LOW <= HIGH <= 1"),
                                           ("dpm++25-cfg2-in0.1-1.5", "0 <= LOW <= HIGH <= 1"),

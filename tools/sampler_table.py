@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import yardstick  # noqa: E402
-from diffusion import SAMPLERS, check_cfg_interval, create_diffusion, generate, sampler_respacing  # noqa: E402
+from diffusion import (DIFFUSION_STEPS, SAMPLERS, check_cfg_interval, create_diffusion, generate,  # noqa: E402
+                       sampler_respacing, space_timesteps)
 from scan import BACKENDS, resolve_backend  # noqa: E402
 from storage import CheckpointError, batch_inputs, load_model, to_uint8, write_text  # noqa: E402
 
@@ -34,7 +35,6 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 SAMPLER_NAME = "|".join(map(re.escape, sorted(SAMPLERS, key=len, reverse=True)))  # dpm++sde before dpm++
 SETTING_NAME = re.compile(f"(?P<sampler>{SAMPLER_NAME})(?P<steps>[1-9][0-9]*)(?:-cfg(?P<cfg>{NUMBER}))?"
                           f"(?:-in(?P<low>{NUMBER})-(?P<high>{NUMBER}))?(?:-(?P<precision>bf16|fp32))?")
-TRAINING_STEPS = 1000  # the diffusion steps DiS trains with (create_diffusion's default)
 # The default table, the most telling first (the table is written after each row): the paper's
 # DDPM 250, the fast samplers at 10-50 steps, bf16, guidance scales and intervals.
 DEFAULT_SETTINGS = ["ddpm250", "dpm++25", "dpm++10", "dpm++15", "dpm++50", "ddim25", "ddim10", "ddim50",
@@ -51,8 +51,10 @@ def parse_setting(name):
         raise argparse.ArgumentTypeError(
             f"{name!r}: expected SAMPLER STEPS [-cfgSCALE] [-inLOW-HIGH] [-bf16|-fp32] with SAMPLER one of "
             f"{', '.join(SAMPLERS)}, e.g. dpm++25-cfg2-in0.1-0.7")
-    if int(match["steps"]) > TRAINING_STEPS:
-        raise argparse.ArgumentTypeError(f"{name!r}: at most {TRAINING_STEPS} steps (the training process's)")
+    try:  # the respacing's own rule (e.g. at most T steps)
+        space_timesteps(DIFFUSION_STEPS, sampler_respacing(match["sampler"], int(match["steps"])))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{name!r}: {e}") from None
     cfg = float(match["cfg"] or 1)
     interval = None if match["low"] is None else (float(match["low"]), float(match["high"]))
     try:
