@@ -417,9 +417,10 @@ __device__ void advance(const Params& p, int b, int d, int c, const Lane& ln, fl
   }
 }
 
+// The saved state k at `at`; zero before the first (k < 0) and for idle lanes.
 template <typename S>
-__device__ __forceinline__ float4 load_state(const Params& p, int b, int d, int k, const Lane& ln) {
-  return ln.active && k >= 0 ? get_state(saved_state<S>(p, b, d, k, ln)) : make_float4(0.f, 0.f, 0.f, 0.f);
+__device__ __forceinline__ float4 load_state(const S* at, int k, const Lane& ln) {
+  return ln.active && k >= 0 ? get_state(at) : make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 // Direction d, walking time backwards in segments of one chunk (QUAD steps, one owned by each
@@ -461,15 +462,22 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
   load_owned(wg, last, p.L, ln, true, ng);
   load_owned(wdzp, last, p.L, ln, d > 0, nq);
   int phase = last % p.save_every, saved = last / p.save_every;  // seg % save_every, seg / save_every
-  float4 nh = load_state<S>(p, b, d, saved, ln);
+  const S* at_state = saved_state<S>(p, b, d, saved, ln);  // the saved state `saved`
+  float4 nh = load_state(at_state, saved, ln);
   store_bc<T, K>(bc[last & 1], bcl.fetch(p, -1));
+  // where thread tid < K * 32 writes the block's partial sum of dB or dC (step i, state n) of
+  // segment `seg`: (blocks, batch, L, ND, B/C, N), one segment further per loop (t moves by K)
+  const int s_i = tid >> 5, s_kind = (tid >> 4) & 1, s_n = tid & 15;
+  float* at_dBC = p.dBC + ((((i64)cb * p.batch + b) * p.L + time_of(p, d, last * K + s_i)) * p.ND + d) * 2 * p.N +
+                  s_kind * p.N + s_n;
+  const i64 dBC_step = (i64)(d ? K : -K) * p.ND * 2 * p.N;
   __syncthreads();
-  for (int seg = last; seg >= 0; --seg) {
+  for (int seg = last; seg >= 0; --seg, at_dBC += dBC_step) {
     const T uu = nu[0], xx = nx[0], zz = nz[0], gy = ng[0], dzp = nq[0];
     float h[SL];
     unpack(nh, h);
     const int first = seg - phase;  // the segment whose start state was saved
-    if (phase == 0) { phase = p.save_every; --saved; }
+    if (phase == 0) { phase = p.save_every; --saved; at_state -= saved_step(p); }
     --phase;
     T r = from_f<T>(0.f);
     if (seg > 0) {
@@ -479,7 +487,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
       load_owned(wz, seg - 1, p.L, ln, true, nz);
       load_owned(wg, seg - 1, p.L, ln, true, ng);
       load_owned(wdzp, seg - 1, p.L, ln, d > 0, nq);
-      nh = load_state<S>(p, b, d, saved, ln);
+      nh = load_state(at_state, saved, ln);
     }
     for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, ln, bias, A2, h);
     const float* cur = bc[seg & 1];
@@ -548,15 +556,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
     if (seg > 0) store_bc<T, K>(bc[(seg - 1) & 1], r);
     __syncthreads();
     // The block's sums over its warps, one partial per block: (E blocks, batch, L, ND, B/C, N).
-    if (tid < K * 32) {
-      const int i = tid >> 5, kind = (tid >> 4) & 1, n = tid & 15, st = seg * K + i;
-      if (st < p.L && n < p.N) {
-        float sum = 0.f;
+    if (tid < K * 32 && seg * K + s_i < p.L && s_n < p.N) {
+      float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += rs[((i * 2 + kind) * WARPS + w) * NS + n];
-        const i64 t = time_of(p, d, st);
-        p.dBC[((((i64)cb * p.batch + b) * p.L + t) * p.ND + d) * 2 * p.N + kind * p.N + n] = sum;
-      }
+      for (int w = 0; w < WARPS; ++w) sum += rs[((s_i * 2 + s_kind) * WARPS + w) * NS + s_n];
+      *at_dBC = sum;
     }
   }
   if (ln.active) {
