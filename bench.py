@@ -379,9 +379,11 @@ def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
              "share": self_us(e) / total} for e in events[:top]]
 
 
-def bench_models(device, cases, compile_too=False, profile_too=False, compile_mode="default"):
+def bench_models(device, cases, compile_too=False, profile_too=False, compile_mode="default", rounds=1):
     """Rows of throughput and peak memory, parity checks, profile rows, and per case the DiS row
-    on the default ("auto") scan backend with its DiT row: (rows, checks, profiles, pairs)."""
+    on the default ("auto") scan backend with its DiT row: (rows, checks, profiles, pairs).
+    rounds > 1 times a case's models that many times in turn and gives the mean of each figure:
+    on a GPU, the order of the runs moves single figures by several percent."""
     rows, checks, profiles, pairs = [], [], [], []
     available = scan.available_backends(device)
     backends = [b for b in ("mamba", "triton", "cuda") if b in available] or ["ref"]
@@ -401,34 +403,47 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
             out_err, grad_err = model_parity(dis, img, ch, classes, backend, device, mixer_forward=mixer_forward)
             checks.append({"model": dis_name, "input": label, "backend": check_label,
                            "output_rel_err": out_err, "grads_rel_err": grad_err})
-        for _, row_label, backend, mixer_forward in variants:
-            use_scan(dis, backend)
-            with mixer_replaced(mixer_forward):
-                rows.append(throughput_row(f"{dis_name} ({row_label})", label, dis, img, ch, classes, batch, device))
-            if backend == default and mixer_forward is None:
-                dis_row = rows[-1]
-        option_rows = []
-        for label_options, options in MEMORY_OPTIONS:
-            use_scan(dis, default, **options)
-            rows.append(throughput_row(f"{dis_name} ({default} scan, {label_options})", label, dis, img, ch, classes,
-                                       batch, device))
-            option_rows.append(rows[-1])
+        # what is timed: (row name, model, the DiS mixers' scan options or None for DiT, mixer forward)
+        timed = [(f"{dis_name} ({row_label})", dis, dict(backend=backend), mixer_forward)
+                 for _, row_label, backend, mixer_forward in variants]
+        timed += [(f"{dis_name} ({default} scan, {label_options})", dis, dict(backend=default, **options), None)
+                  for label_options, options in MEMORY_OPTIONS]
+        if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
+            name = "torch.compile" + ("" if compile_mode == "default" else f" {compile_mode}")
+            timed.append((f"{dis_name} ({default} scan, {name})", torch.compile(dis, mode=compile_mode),
+                          dict(backend=default), None))
+        dit = build(dit_name, img, ch, classes, device).cpu()
+        timed.append((dit_name, dit, None, None))
+        runs = {name: [] for name, *_ in timed}
+        for _ in range(rounds):
+            for name, model, options, mixer_forward in timed:
+                # the other model waits in host memory: each peak is of one model alone
+                (dis if options is None else dit).cpu()
+                (dit if options is None else dis).to(device)
+                if options is not None:
+                    use_scan(dis, **options)
+                with mixer_replaced(mixer_forward):
+                    runs[name].append(throughput_row(name, label, model, img, ch, classes, batch, device))
+        case_rows = {name: mean_row(r) for name, r in runs.items()}
+        rows += case_rows.values()
+        del dit
+        dis.to(device)
         use_scan(dis, default)
         if profile_too:
             for r in profile_step(dis, img, ch, classes, batch, device):
                 profiles.append({"model": f"{dis_name} ({default} scan), {label}", **r})
-        if compile_too:  # the glue around the scan (norms, residual adds, projections) by torch.compile
-            name = "torch.compile" + ("" if compile_mode == "default" else f" {compile_mode}")
-            rows.append(throughput_row(f"{dis_name} ({default} scan, {name})", label,
-                                       torch.compile(dis, mode=compile_mode), img, ch, classes, batch, device))
-        del dis
-        dit = build(dit_name, img, ch, classes, device)
-        rows.append(throughput_row(dit_name, label, dit, img, ch, classes, batch, device))
-        pairs += [(r, rows[-1]) for r in (dis_row, *option_rows)]
-        del dit
+        dis_row = case_rows[f"{dis_name} ({default} scan)"]
+        option_rows = [case_rows[f"{dis_name} ({default} scan, {o})"] for o, _ in MEMORY_OPTIONS]
+        pairs += [(r, case_rows[dit_name]) for r in (dis_row, *option_rows)]
+        del dis, timed, runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, checks, profiles, pairs
+
+
+def mean_row(runs):
+    """One row from the rows of repeated runs of a model: each number their mean."""
+    return {k: sum(r[k] for r in runs) / len(runs) if isinstance(v, float) else v for k, v in runs[0].items()}
 
 
 def model_summary(pairs):
@@ -524,6 +539,8 @@ def main(argv=None):
     extra.add_argument("--compile", action="store_true", help="also time each DiS under torch.compile")
     extra.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                        help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs)")
+    extra.add_argument("--rounds", type=int, default=1,
+                       help="time each case's models this many times in turn; the tables give the means")
     extra.add_argument("--profile", action="store_true",
                        help="also list the kernels a DiS training step spends its time in (torch.profiler)")
     where = parser.add_argument_group("device and output")
@@ -536,6 +553,8 @@ def main(argv=None):
     names = {"bf16": torch.bfloat16, "fp32": torch.float32}
     if not set(args.dtypes.split(",")) <= set(names):
         parser.error(f"--dtypes takes a comma list of bf16, fp32; got {args.dtypes!r}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     shapes = index_list(args.shapes, SCAN_SHAPES, "--shapes", parser)
     cases = index_list(args.cases, QUICK_MODEL_CASES if args.quick else MODEL_CASES, "--cases", parser)
     device = torch.device(args.device)
@@ -565,7 +584,8 @@ def main(argv=None):
                    table(raw["conv"])]
         write_report(args.out, report, raw)
     if "model" in parts:
-        rows, checks, profiles, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode)
+        rows, checks, profiles, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode,
+                                                     args.rounds)
         raw.update(model=rows, model_checks=checks, model_profile=profiles)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n",
                    "train_img_s times each step alone, synchronised after it (as train.py runs); "

@@ -75,3 +75,27 @@ def test_a_stopped_run_keeps_its_finished_parts(tmp_path, monkeypatch):
         bench.main(["--device", "cpu", "--quick", "--only", "scan,model", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench.json").read_text())["scan"]
     assert "## Selective scan" in (tmp_path / "bench.md").read_text()
+
+
+def test_rounds_alternate_the_models_and_average(monkeypatch):
+    order = []
+
+    def fake_row(name, label, model, img, ch, classes, batch, device):
+        order.append(name)
+        k = float(order.count(name))  # 1 in the first round, 2 in the second
+        return {"model": name, "input": label, "params_M": 0.1, "train_img_s": 10 * k,
+                "train_back_to_back_img_s": k, "fwd_img_s": 3 * k, "peak_GB": 1.0}
+    monkeypatch.setattr(bench, "throughput_row", fake_row)
+    rows, _, _, pairs = bench.bench_models(torch.device("cpu"), bench.QUICK_MODEL_CASES, rounds=2)
+    names = [r["model"] for r in rows]
+    assert order == names + names  # every model once per round, in the same order
+    assert names[-1] == "DiT-tiny" and len(pairs) == 1 + len(bench.MEMORY_OPTIONS)
+    assert all(r["train_img_s"] == 15 and r["train_back_to_back_img_s"] == 1.5 and r["fwd_img_s"] == 4.5
+               for r in rows)
+
+
+def test_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cpu", "--quick", "--only", "model", "--rounds", "0"])
+    assert e.value.code == 2
+    assert "--rounds must be at least 1, not 0" in capsys.readouterr().err
