@@ -60,3 +60,45 @@ def test_kernel_stats_counts_the_backward_loop_by_source_line():
     source = open(os.path.join(REPO, "scan_cuda.cu")).read().splitlines()
     ex2 = next(i + 1 for i, text in enumerate(source) if "ex2.approx.ftz.f32" in text)
     assert counts[ex2]["MUFU"] > 0 and None not in counts
+
+
+def test_scan_variants_reads_a_variant_as_a_file_and_launch_constants(tmp_path):
+    tool = load_tool("scan_variants")
+    source = os.path.join(REPO, "scan_cuda.cu")
+    assert tool.parse_variant(source) == (source, {})
+    assert tool.parse_variant(f"{source}:BWD_THREADS=128:BWD_MIN_BLOCKS=4") == (
+        source, {"BWD_THREADS": 128, "BWD_MIN_BLOCKS": 4})
+    for bad, message in ((f"{source}:BWD_THREAD=128", "NAME one of FWD_SEGMENT"),
+                         (f"{source}:BWD_THREADS=0", "VALUE a positive integer"),
+                         (f"{source}:BWD_THREADS", "a setting is NAME=VALUE"),
+                         (str(tmp_path / "missing.cu"), "no such file")):
+        with pytest.raises(ValueError, match=message):
+            tool.parse_variant(bad)
+
+
+def test_scan_variants_sets_and_restores_the_launch_constants():
+    """use() gives scan_cuda the variant's source and constants, and every constant the variant
+    does not name its default again (a variant does not inherit the one before's)."""
+    import scan_cuda
+    tool = load_tool("scan_variants")
+    saved = scan_cuda.SOURCE, {name: getattr(scan_cuda, name) for name in tool.CONSTANTS}
+    try:
+        tool.use(os.path.join(REPO, "scan_cuda.cu"), {"BWD_THREADS": 128})
+        assert scan_cuda.BWD_THREADS == 128
+        tool.use(os.path.join(REPO, "scan_cuda.cu"), {"FWD_SEGMENT": 4})
+        assert scan_cuda.BWD_THREADS == saved[1]["BWD_THREADS"] and scan_cuda.FWD_SEGMENT == 4
+    finally:
+        tool.use(*saved)
+    assert scan_cuda.SOURCE == saved[0] and all(getattr(scan_cuda, k) == v for k, v in saved[1].items())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scan_cuda.cu:BWD_THREAD=3"], "variant 'scan_cuda.cu:BWD_THREAD=3': 'BWD_THREAD=3': a setting is NAME=VALUE"),
+    (["--rounds", "0", "scan_cuda.cu"], "--rounds must be at least 1, not 0"),
+])
+def test_scan_variants_refuses_bad_arguments_in_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        load_tool("scan_variants").main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
