@@ -426,7 +426,6 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
                     runs[name].append(throughput_row(name, label, model, img, ch, classes, batch, device))
         case_rows = {name: mean_row(r) for name, r in runs.items()}
         rows += case_rows.values()
-        del dit
         dis.to(device)
         use_scan(dis, default)
         if profile_too:
@@ -435,7 +434,7 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
         dis_row = case_rows[f"{dis_name} ({default} scan)"]
         option_rows = [case_rows[f"{dis_name} ({default} scan, {o})"] for o, _ in MEMORY_OPTIONS]
         pairs += [(r, case_rows[dit_name]) for r in (dis_row, *option_rows)]
-        del dis, timed, runs
+        del dis, dit, timed, runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, checks, profiles, pairs
