@@ -425,12 +425,11 @@ __device__ __forceinline__ float4 load_state(const S* at, int k, const Lane& ln)
 
 // Direction d, walking time backwards in segments of one chunk (QUAD steps, one owned by each
 // lane of a quad); grid (E / (THREADS / 4), batch). Direction 1 adds its dz onto direction 0's.
-template <typename T, typename S, int d, int THREADS, int MIN_BLOCKS>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p) {
+// ADVANCE: with the recomputation of the chunks between two saved states (save_every > 1).
+template <typename T, typename S, int d, int THREADS, bool ADVANCE>
+__device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<QUAD>()],
+                                         float (*red)[QUAD * 2 * (THREADS / 32) * NS]) {
   constexpr int K = QUAD, WARPS = THREADS / 32;
-  static_assert(K * 32 <= THREADS, "a segment's B and C are one value per thread");
-  __shared__ __align__(16) float bc[2][bc_floats<K>()];
-  __shared__ float red[2][K * 2 * WARPS * NS];  // [step][B, C][warp][state]: per-warp channel sums
   // a 1-D grid, possibly split in two launches (scan_cuda.py): block (channels cb, batch b)
   const int n_cb = (p.E + THREADS / QUAD - 1) / (THREADS / QUAD), blk = p.blk0 + (int)blockIdx.x;
   const int cb = blk % n_cb, b = blk / n_cb;
@@ -489,7 +488,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
       load_owned(wdzp, seg - 1, p.L, ln, d > 0, nq);
       nh = load_state(at_state, saved, ln);
     }
-    for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, ln, bias, A2, h);
+    if (ADVANCE)
+      for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, ln, bias, A2, h);
     const float* cur = bc[seg & 1];
     float* rs = red[seg & 1];
     // The owner's step: delta, delta u, g = dy silu(z), d delta / d(delta + bias), sigmoid(z).
@@ -579,6 +579,17 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p)
     p.dD[b * p.per_b + d * p.E + ln.e] = dD;
     p.dbias[b * p.per_b + d * p.E + ln.e] = dbias;
   }
+}
+
+// The code without the recomputation between saved states is a path of its own: the registers
+// that path needs are then not held through the loop when every chunk's state is saved.
+template <typename T, typename S, int d, int THREADS, int MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p) {
+  static_assert(QUAD * 32 <= THREADS, "a segment's B and C are one value per thread");
+  __shared__ __align__(16) float bc[2][bc_floats<QUAD>()];
+  __shared__ float red[2][QUAD * 2 * (THREADS / 32) * NS];  // [step][B, C][warp][state]: per-warp channel sums
+  if (p.save_every > 1) scan_bwd<T, S, d, THREADS, true>(p, bc, red);
+  else scan_bwd<T, S, d, THREADS, false>(p, bc, red);
 }
 
 // ---- the backward pass's sums ------------------------------------------------------------------------
