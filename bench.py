@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import scan
-from model import BiMamba, DiS_models, timestep_embedding
+from model import BiMamba, DiS_models, RMSNorm, add_norm, timestep_embedding
 from storage import write_text
 from timing import leaves_of, measure, scan_inputs, step_functions, throughput, token_major
 
@@ -218,6 +218,44 @@ def bench_conv(device, quick, bandwidth, backend, width=4):
                      "fwd_ms": 1e3 * t_fwd, "fwd_bwd_ms": 1e3 * t_fb, "floor_fwd_ms": 1e3 * 3 * size / bandwidth,
                      "floor_fwd_bwd_ms": 1e3 * floor_fb, "fwd_bwd_over_floor": t_fb / floor_fb})
         print(rows[-1], flush=True)
+    return rows
+
+
+NORM_SHAPES = [("DiS-S/2 32x32, batch 128", 128, 257, 368), ("DiS-H/2 256 latent, batch 32", 32, 258, 1536)]
+
+
+def bench_norm(device, quick, bandwidth, fused):
+    """A block's add-and-norm (model.add_norm: residual + drop_path scale * hidden, then RMSNorm) as
+    in training under bf16 autocast (float32 on CPU): on norm_triton.py's kernels (`fused`) and as
+    PyTorch operations, against its memory floor: the forward reads hidden and the residual and
+    writes residual' and normed, the backward reads both incoming gradients and residual' and
+    writes both outgoing ones. Times are of SCAN_RUN calls launched back to back."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for label, batch, L, D in ([("tiny", 2, 9, 16)] if quick else NORM_SHAPES):
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(batch, L, D, generator=g, device=device).to(dtype).requires_grad_(True)
+        residual = torch.randn(batch, L, D, generator=g, device=device).requires_grad_(True)
+        norm = RMSNorm(D).to(device)
+        keep = torch.full((batch,), 1 / 0.9, device=device)
+        d_normed = torch.randn(batch, L, D, generator=g, device=device).to(dtype)
+        d_residual = torch.randn(batch, L, D, generator=g, device=device)
+        big = dtype.itemsize * batch * L * D  # bytes of a 16-bit (B, L, D) tensor; float32 is twice that
+        floor_fwd, floor_fb = (3 * big + 3 * big) / bandwidth, (6 * big + 8 * big) / bandwidth
+        for name, use_fused in [("PyTorch", False)] + [("Triton", True)] * fused:
+            def run():
+                return add_norm(norm, hidden, residual, keep, use_fused, dtype)
+
+            def back_to_back(fn):
+                return measure(lambda: [fn() for _ in range(SCAN_RUN)], device, warmup=1, repeat=5) / SCAN_RUN
+            with torch.no_grad():
+                t_fwd = back_to_back(run)
+            t_fb = back_to_back(lambda: torch.autograd.grad(run(), (hidden, residual, norm.weight),
+                                                            (d_normed, d_residual)))
+            rows.append({"shape": f"{label} ({batch}, {L}, {D})", "kernels": name, "fwd_ms": 1e3 * t_fwd,
+                         "fwd_bwd_ms": 1e3 * t_fb, "floor_fwd_ms": 1e3 * floor_fwd, "floor_fwd_bwd_ms": 1e3 * floor_fb,
+                         "fwd_bwd_over_floor": t_fb / floor_fb})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -581,6 +619,8 @@ def main(argv=None):
         raw["conv"] = bench_conv(device, args.quick, bandwidth, default)
         report += [f"\n## Both directions' depthwise conv + SiLU ({default} backend), {SCAN_RUN} calls back to back\n",
                    table(raw["conv"])]
+        raw["norm"] = bench_norm(device, args.quick, bandwidth, default in ("triton", "cuda"))
+        report += [f"\n## A block's add and RMSNorm, {SCAN_RUN} calls back to back\n", table(raw["norm"])]
         write_report(args.out, report, raw)
     if "model" in parts:
         rows, checks, profiles, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode,

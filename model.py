@@ -134,6 +134,10 @@ class BiMamba(nn.Module):
     def backend(self, device):
         return scan.resolve_backend(device, self.scan_backend)
 
+    def triton_kernels(self, device):
+        """Whether the backend runs our Triton kernels (the conv here, the block's add-and-norm)."""
+        return self.backend(device) in ("triton", "cuda")
+
     def conv_and_x_proj(self, x):
         """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2, R + 2N): both directions' conv + SiLU, x_proj."""
         R, N = self.dt_rank, self.d_state
@@ -192,11 +196,28 @@ class Block(nn.Module):
             hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))
         elif self.skip == "add":
             hidden = hidden + skip
-        residual = hidden.float() if residual is None else residual + drop_path(hidden, self.drop_path, self.training)
-        normed = self.norm(residual)
+        # normed straight in the autocast dtype, which the mixer's in_proj would cast it to
+        device = hidden.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        out_dtype = torch.get_autocast_dtype(device) if autocast and c is None else torch.float32
+        normed, residual = add_norm(self.norm, hidden, residual, drop_path_scale(hidden, self.drop_path, self.training),
+                                    self.mixer.triton_kernels(hidden.device), out_dtype)
         if c is not None:
             normed = modulate(normed, c, self.adaLN_modulation)
         return self.mixer(normed), residual
+
+
+def add_norm(norm, hidden, residual, keep, fused, out_dtype):
+    """The block's "add, norm": residual' = residual + keep * hidden in float32 (hidden alone in
+    the first block), normed = norm(residual') in out_dtype; both (B, L, D). keep: drop_path's
+    per-sample scale (B,) or None. fused: norm_triton.py's kernel, one each way (the fast
+    backends), instead of these PyTorch operations."""
+    if fused:
+        import norm_triton
+        return norm_triton.add_rms_norm(hidden, residual, norm.weight, norm.eps, keep, out_dtype)
+    branch = hidden.float() if keep is None else hidden * keep[:, None, None]
+    residual = branch if residual is None else residual + branch
+    return norm(residual).to(out_dtype), residual
 
 
 def modulate(x, c, modulation):
@@ -206,12 +227,12 @@ def modulate(x, c, modulation):
     return x * (1 + scale) + shift
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: zero whole samples of the branch x (B, ...) with probability p."""
+def drop_path_scale(x, p, training):
+    """Stochastic depth: a float32 factor per sample (B,) for the branch x (B, ...): 0 with
+    probability p, else 1 / (1 - p); None when off (p = 0, or not training)."""
     if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+        return None
+    return torch.empty(x.shape[0], device=x.device).bernoulli_(1 - p) / (1 - p)
 
 
 class FinalLayer(nn.Module):
@@ -331,7 +352,8 @@ class DiS(nn.Module):
         hidden, residual = self.mid_block(hidden, residual, c=block_c)
         for block in self.out_blocks:
             hidden, residual = block(hidden, residual, skip=skips.pop(), c=block_c)
-        hidden = self.norm_f(residual + drop_path(hidden, self.drop_path_rate, self.training))
+        hidden, _ = add_norm(self.norm_f, hidden, residual, drop_path_scale(hidden, self.drop_path_rate, self.training),
+                             self.mid_block.mixer.triton_kernels(hidden.device), torch.float32)
         out = self.final_layer(hidden, c)[:, self.extras:]
         return self.unpatchify(out)
 

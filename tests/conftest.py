@@ -4,7 +4,9 @@ import contextlib
 import gzip
 import io
 import os
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -34,6 +36,35 @@ def one_thread():
 STARTED = {}
 
 
+def start_interpreter_suite(path):
+    """The test_interp_* tests of the file `path` in a pytest subprocess with TRITON_INTERPRET=1
+    (it must be set before triton is imported), started and not waited for: (process, file of its
+    output). Started when the session's tests are collected, so that it runs on the second core
+    while the other tests run; at a lower priority (nice), so that it yields that core to tests
+    that use two threads."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    output = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "-k", "test_interp_", os.path.abspath(path)], cwd=REPO, env=env, stdout=output,
+                               stderr=subprocess.STDOUT, text=True)
+    return process, output
+
+
+def run_interpreter_suite(request, path):
+    """The body of a module's test_interpreter_suite: wait for its subprocess, which must pass."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("already inside the interpreter subprocess")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the compiled kernels are tested instead of the interpreter")
+    process, output = STARTED.pop(request.node.nodeid, None) or start_interpreter_suite(path)
+    with output:
+        process.wait(timeout=600)
+        output.seek(0)
+        text = output.read()
+    assert process.returncode == 0, text[-6000:]
+    assert " passed" in text and " failed" not in text
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected: only the tests that will run
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -46,7 +77,7 @@ def pytest_collection_modifyitems(config, items):
         # started now, it runs on the second core while the tests before it run on the first.
         if (item.name == "test_interpreter_suite" and os.environ.get("TRITON_INTERPRET") != "1"
                 and not config.option.collectonly):
-            STARTED[item.nodeid] = item.module.start_interpreter_suite()
+            STARTED[item.nodeid] = start_interpreter_suite(item.fspath)
 
 
 def pytest_sessionfinish(session):

@@ -8,9 +8,6 @@ tensors at tiny sizes, in float64 and float32. Without a GPU, Triton still compi
 kernels to a cubin (test_conv_kernels_compile_for_cuda), which checks what the interpreter lets pass.
 """
 import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ import triton.language as tl
 
 import scan_triton
 from scan import selective_scan_ref
-from conftest import STARTED
+from conftest import run_interpreter_suite
 from scan_triton import biconv_silu, bimamba_scan, selective_scan
 from test_scan import bimamba_oracle, loop_biconv, rel_err
 
@@ -136,32 +133,8 @@ def check_biconv(batch, L, E, dtype, device, tol, W=4):
 # ------------------------------------------------------------------------------------------------
 # CPU: the kernels under Triton's interpreter (tiny sizes)
 # ------------------------------------------------------------------------------------------------
-def start_interpreter_suite():
-    """The test_interp_* tests of this file in a pytest subprocess with TRITON_INTERPRET=1, started
-    and not waited for: (process, file of its output). conftest.py starts it when the session's
-    tests are collected, so that it runs on the second core while the other tests run; at a lower
-    priority (nice), so that it yields that core to tests that use two threads."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    output = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                "-k", "test_interp_", os.path.abspath(__file__)], cwd=root, env=env, stdout=output,
-                               stderr=subprocess.STDOUT, text=True)
-    return process, output
-
-
 def test_interpreter_suite(request):
-    if INTERPRETED:
-        pytest.skip("already inside the interpreter subprocess")
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the compiled kernels are tested instead of the interpreter")
-    process, output = STARTED.pop(request.node.nodeid, None) or start_interpreter_suite()
-    with output:
-        process.wait(timeout=600)
-        output.seek(0)
-        text = output.read()
-    assert process.returncode == 0, text[-6000:]
-    assert " passed" in text and " failed" not in text
+    run_interpreter_suite(request, __file__)
 
 
 @interp_only
