@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import scan
 from model import BiMamba, DiS_models, RMSNorm, add_norm, timestep_embedding
 from storage import write_text
-from timing import leaves_of, measure, scan_inputs, step_functions, throughput, token_major
+from timing import kernel_time, leaves_of, measure, scan_inputs, step_functions, throughput, token_major
 
 
 # ----------------------------------------------------------------------------- timing
@@ -224,22 +224,6 @@ def bench_conv(device, quick, bandwidth, backend, width=4):
 NORM_SHAPES = [("DiS-S/2 32x32, batch 128", 128, 257, 368), ("DiS-H/2 256 latent, batch 32", 32, 258, 1536)]
 
 
-def kernel_time(fn, device, calls=10):
-    """Seconds per call of fn that the device spends in kernels (the profiler's self time, on a
-    GPU; wall time on a CPU): small operations launched from Python leave the GPU idle between
-    kernels, which a wall-clock time of back-to-back calls would count."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    if device.type != "cuda":
-        return measure(lambda: [fn() for _ in range(calls)], device, warmup=1, repeat=3) / calls
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize(device)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / calls
-
-
 def bench_norm(device, quick, bandwidth, fused):
     """A block's add-and-norm (model.add_norm: residual + drop_path scale * hidden, then RMSNorm) as
     in training under bf16 autocast (float32 on CPU): on norm_triton.py's kernels (`fused`) and as
@@ -404,10 +388,14 @@ def original_mixer_forward(mixer, h):
 
 
 def throughput_row(name, label, model, img, ch, classes, batch, device):
-    """One table row: parameters (M), train and forward img/s and peak GB of `model`."""
+    """One table row: parameters (M), train and forward img/s, peak GB, and the GPU's time in the
+    kernels of a training step (ms; kernel_time), the figure that moves least between runs."""
     train, train_run, fwd, peak = throughput(model, img, ch, classes, batch, device)
-    return {"model": name, "input": label, "params_M": params(model),
-            "train_img_s": train, "train_back_to_back_img_s": train_run, "fwd_img_s": fwd, "peak_GB": peak}
+    train_step, _ = step_functions(model, img, ch, classes, batch, device)
+    model.train()
+    gpu_ms = 1e3 * kernel_time(train_step, device, calls=3)
+    return {"model": name, "input": label, "params_M": params(model), "train_img_s": train,
+            "train_back_to_back_img_s": train_run, "train_gpu_ms": gpu_ms, "fwd_img_s": fwd, "peak_GB": peak}
 
 
 def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
@@ -497,9 +485,11 @@ def mean_row(runs):
 
 
 def model_summary(pairs):
-    """DiS / DiT ratios of training img/s, sampling-forward img/s and peak memory, per input."""
+    """DiS / DiT ratios of training img/s (also as DiT's GPU time per step over DiS's),
+    sampling-forward img/s and peak memory, per input."""
     return [{"models": f"{dis['model']} / {dit['model']}", "input": dis["input"],
              "train_img_s_ratio": dis["train_img_s"] / dit["train_img_s"],
+             "train_gpu_time_ratio": dit["train_gpu_ms"] / dis["train_gpu_ms"],
              "sampling_fwd_img_s_ratio": dis["fwd_img_s"] / dit["fwd_img_s"],
              "peak_memory_ratio": dis["peak_GB"] / dit["peak_GB"]} for dis, dit in pairs]
 
@@ -647,7 +637,7 @@ def main(argv=None):
             report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles)]
         raw["model_summary"] = model_summary(pairs)
         summary += [f"\nDiS ({default} scan; the model's defaults, and with train.py's options) against DiT: "
-                    "training img/s, sampling forward img/s, peak memory:\n",
+                    "training img/s (and GPU time per step), sampling forward img/s, peak memory:\n",
                     table(raw["model_summary"])]
         write_report(args.out, report, raw)
     if "fid" in parts:

@@ -101,3 +101,19 @@ def throughput(model, img, ch, classes, batch, device, run=5):
     model.eval()
     t_fwd = measure(forward, device, warmup=2, repeat=10)
     return batch / t_train, batch / t_run, batch / t_fwd, peak
+
+
+def kernel_time(fn, device, calls=10):
+    """Seconds per call of fn that the device spends in kernels (the profiler's self time, on a
+    GPU; wall time on a CPU): small operations launched from Python leave the GPU idle between
+    kernels, which a wall-clock time of back-to-back calls would count."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    if device.type != "cuda":
+        return measure(lambda: [fn() for _ in range(calls)], device, warmup=1, repeat=3) / calls
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / calls
