@@ -135,7 +135,8 @@ class BiMamba(nn.Module):
         return scan.resolve_backend(device, self.scan_backend)
 
     def triton_kernels(self, device):
-        """Whether the backend runs our Triton kernels (the conv here, the block's add-and-norm)."""
+        """Whether the scan backend is one of ours (Triton or CUDA); with these the block's add and norm
+        also run on our Triton kernels (norm_triton.py), as the conv does (scan.biconv_silu)."""
         return self.backend(device) in ("triton", "cuda")
 
     def conv_and_x_proj(self, x):

@@ -3,9 +3,9 @@
     residual' = residual + keep_b * hidden      (float32; without a residual: hidden as float32)
     normed    = residual' / rms(residual') * weight        (RMSNorm, in the dtype asked for)
 
-model.py's Block.add_norm is the readable definition (a residual add, drop_path's per-sample
-scale keep_b, model.RMSNorm), which the tests compare against. In PyTorch these are four to
-six kernels per direction, each reading and writing the (B, L, D) activations, and RMSNorm's
+model.add_norm is the readable definition (a residual add, drop path's per-sample scale
+keep_b, model.RMSNorm), which the tests compare against. In PyTorch these are four to six
+kernels each way, each reading and writing the (B, L, D) activations, and RMSNorm's
 weight gradient alone is slow at D of a few hundred; here the forward reads hidden and the
 residual once and writes residual' and normed, and the backward reads the two incoming
 gradients and residual' once and writes the two outgoing ones.

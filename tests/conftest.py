@@ -77,7 +77,7 @@ def pytest_collection_modifyitems(config, items):
         # started now, it runs on the second core while the tests before it run on the first.
         if (item.name == "test_interpreter_suite" and os.environ.get("TRITON_INTERPRET") != "1"
                 and not config.option.collectonly):
-            STARTED[item.nodeid] = start_interpreter_suite(item.fspath)
+            STARTED[item.nodeid] = start_interpreter_suite(item.path)
 
 
 def pytest_sessionfinish(session):
