@@ -390,10 +390,7 @@ def original_mixer_forward(mixer, h):
 def throughput_row(name, label, model, img, ch, classes, batch, device):
     """One table row: parameters (M), train and forward img/s, peak GB, and the GPU's time in the
     kernels of a training step (ms; kernel_time), the figure that moves least between runs."""
-    train, train_run, fwd, peak = throughput(model, img, ch, classes, batch, device)
-    train_step, _ = step_functions(model, img, ch, classes, batch, device)
-    model.train()
-    gpu_ms = 1e3 * kernel_time(train_step, device, calls=3)
+    train, train_run, gpu_ms, fwd, peak = throughput(model, img, ch, classes, batch, device)
     return {"model": name, "input": label, "params_M": params(model), "train_img_s": train,
             "train_back_to_back_img_s": train_run, "train_gpu_ms": gpu_ms, "fwd_img_s": fwd, "peak_GB": peak}
 
@@ -622,7 +619,7 @@ def main(argv=None):
         raw["conv"] = bench_conv(device, args.quick, bandwidth, default)
         report += [f"\n## Both directions' depthwise conv + SiLU ({default} backend), {SCAN_RUN} calls back to back\n",
                    table(raw["conv"])]
-        raw["norm"] = bench_norm(device, args.quick, bandwidth, default in ("triton", "cuda"))
+        raw["norm"] = bench_norm(device, args.quick, bandwidth, default in scan.OUR_KERNELS)
         report += ["\n## A block's add and RMSNorm, the GPU's time in its kernels per call\n", table(raw["norm"])]
         write_report(args.out, report, raw)
     if "model" in parts:

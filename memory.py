@@ -16,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import model as dis
 from data import TensorImages
 from distributed import available_memory
+from scan import OUR_KERNELS
 
-OUR_KERNELS = ("triton", "cuda")  # the scans whose chunk states --scan-save-every keeps
 
 log = logging.getLogger("dis.train")
 

@@ -137,7 +137,7 @@ class BiMamba(nn.Module):
     def triton_kernels(self, device):
         """Whether the scan backend is one of ours (Triton or CUDA); with these the block's add and norm
         also run on our Triton kernels (norm_triton.py), as the conv does (scan.biconv_silu)."""
-        return self.backend(device) in ("triton", "cuda")
+        return self.backend(device) in scan.OUR_KERNELS
 
     def conv_and_x_proj(self, x):
         """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2, R + 2N): both directions' conv + SiLU, x_proj."""

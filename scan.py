@@ -32,6 +32,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BACKENDS = ("ref", "mamba", "triton", "cuda")
+OUR_KERNELS = ("triton", "cuda")  # the backends that run our own kernels (Triton needed by both)
 REF_CHUNK = 16  # steps between the states the reference keeps for its backward pass
 
 
@@ -229,7 +230,7 @@ def _why_not(device, name):
             return "mamba-ssm's kernel needs a CUDA device"
         if not _installed("mamba_ssm"):
             return "mamba-ssm is not installed (pip install -r requirements-gpu.txt)"
-    if name in ("triton", "cuda") and not _installed("triton"):
+    if name in OUR_KERNELS and not _installed("triton"):
         return "the triton package is not installed"
     if name == "triton" and not cuda and not (device.type == "cpu" and _triton_interprets()):
         return "the Triton scan needs a CUDA device (or, on CPU, TRITON_INTERPRET=1 for Triton's interpreter)"
@@ -312,7 +313,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if choice == "mamba":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if choice in ("triton", "cuda"):
+    if choice in OUR_KERNELS:
         import scan_triton
         return scan_triton.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if B.dim() == 4:  # grouped B, C: each group of channels on its own
@@ -357,7 +358,7 @@ def bimamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
         import scan_cuda
         if scan_cuda.supports(u, delta, A, B, C, z, delta_softplus):
             return scan_cuda.bimamba_scan(u, delta, A, B, C, D, z, delta_bias, save_every=save_every)
-    if choice in ("triton", "cuda"):
+    if choice in OUR_KERNELS:
         import scan_triton
         return scan_triton.bimamba_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_every)
     y = 0
@@ -403,7 +404,7 @@ def biconv_silu(x, weight, bias, backend="auto"):
         raise ValueError(f"biconv_silu needs x (batch, L, E), weight (2, E, W), bias (2, E); got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
     choice = resolve_backend(x.device, backend)
-    if choice in ("triton", "cuda"):
+    if choice in OUR_KERNELS:
         import scan_triton
         return scan_triton.biconv_silu(x, weight, bias)
     fused = choice == "mamba" and _installed("causal_conv1d")

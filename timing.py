@@ -88,19 +88,21 @@ def step_functions(model, img, ch, classes, batch, device):
 
 
 def throughput(model, img, ch, classes, batch, device, run=5):
-    """(train img/s, train img/s back to back, forward img/s, peak GB) with bf16 autocast on CUDA,
-    fused AdamW. The first times each step alone (synchronised after it, as train.py's steps are);
-    the second times `run` steps launched back to back, the host running ahead of the GPU."""
+    """(train img/s, train img/s back to back, GPU ms per training step, forward img/s, peak GB)
+    with bf16 autocast on CUDA, fused AdamW. The first times each step alone (synchronised after
+    it, as train.py's steps are); the second times `run` steps launched back to back, the host
+    running ahead of the GPU; the third is the time in the step's kernels (kernel_time)."""
     train_step, forward = step_functions(model, img, ch, classes, batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     t_train = measure(train_step, device, warmup=3, repeat=10)
     t_run = measure(lambda: [train_step() for _ in range(run)], device, warmup=1, repeat=3) / run
+    t_kernels = kernel_time(train_step, device, calls=3)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     model.eval()
     t_fwd = measure(forward, device, warmup=2, repeat=10)
-    return batch / t_train, batch / t_run, batch / t_fwd, peak
+    return batch / t_train, batch / t_run, 1e3 * t_kernels, batch / t_fwd, peak
 
 
 def kernel_time(fn, device, calls=10):

@@ -56,10 +56,10 @@ from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors
 from data import DATASETS, batch_plan, data_stream, encode, prepare_data
 from diffusion import create_diffusion
 from distributed import StopSignals, agree, derived_seed, process_group
-from memory import OUR_KERNELS, check_memory, keep_scan_states, out_of_memory
+from memory import check_memory, keep_scan_states, out_of_memory
 from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
 from runs import Run, SampleGrid, open_run_dir, record_launch, restore_rng, resume_or_new, writing
-from scan import BACKENDS, resolve_backend
+from scan import BACKENDS, OUR_KERNELS, resolve_backend
 from scan_cuda import default_states_dtype
 from storage import model_config
 
