@@ -142,9 +142,9 @@ def mean_flat(x):
 
 
 def extract(arr, t, shape):
-    """arr[t] for a float64 numpy array (T,) and t (B,) long, as float32 on t's device,
-    shaped (B, 1, ..., 1) to broadcast against `shape`."""
-    values = torch.from_numpy(arr).to(device=t.device, dtype=torch.float32)[t]
+    """arr[t] for a float64 numpy array (T,) (or its float32 copy on t's device) and t (B,) long,
+    as float32 on t's device, shaped (B, 1, ..., 1) to broadcast against `shape`."""
+    values = torch.as_tensor(arr, dtype=torch.float32, device=t.device)[t]
     return values.view(-1, *([1] * (len(shape) - 1)))
 
 
@@ -201,6 +201,15 @@ class GaussianDiffusion:
         # Fixed large variance: beta_t, but beta~_1 at t = 0 so the decoder keeps a sensible width ([iDDPM] code).
         self.log_betas_clipped = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
 
+    def keep_schedule_on(self, device):
+        """Hold the schedule's arrays (T,) as tensors on `device`, float32 as extract reads them, so
+        that training_losses copies nothing from the host: a CUDA graph cannot capture such a copy.
+        For a process used in training only: sampling does numpy arithmetic on some arrays."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, np.ndarray):
+                dtype = torch.int64 if value.dtype.kind in "iu" else torch.float32
+                setattr(self, name, torch.as_tensor(value, dtype=dtype, device=device))
+
     # --- forward process
 
     def q_mean_variance(self, x_start, t):
@@ -239,7 +248,7 @@ class GaussianDiffusion:
 
     def run_model(self, model, x, t, model_kwargs=None):
         """model(x, original step of t, **model_kwargs) as float32 (bf16 outputs are upcast)."""
-        original_t = torch.from_numpy(self.timestep_map).to(t.device)[t]
+        original_t = torch.as_tensor(self.timestep_map, device=t.device)[t]
         output = model(x, original_t, **(model_kwargs or {})).float()
         expected = 2 * x.shape[1] if self.learn_sigma else x.shape[1]
         if output.shape[1] != expected:

@@ -38,7 +38,7 @@ RESUME_FROM_COMMAND_LINE = {  # may differ from the checkpoint's values; everyth
     "max_minutes", "log_every", "ckpt_every", "sample_every", "sample_cfg", "precision", "compile", "compile_mode",
     "grad_checkpointing", "recompute_scan_inputs", "scan_backend", "scan_save_every", "device", "max_nonfinite",
     "fid_ref", "fid_samples", "inception_weights", "grad_accum_steps", "tensorboard", "fid_every",
-    "fid_sampling_steps", "preset", "memory_check"}
+    "fid_sampling_steps", "preset", "memory_check", "cuda_graphs"}
 
 log = logging.getLogger("dis.train")
 

@@ -56,6 +56,7 @@ from cli import OneLineParser, at_least, check_exist, check_ranges, input_errors
 from data import DATASETS, batch_plan, data_stream, encode, prepare_data
 from diffusion import create_diffusion
 from distributed import StopSignals, agree, derived_seed, process_group
+from graphs import GraphedPasses
 from memory import check_memory, keep_scan_states, out_of_memory
 from monitor import Dashboard, Meter, QualityProbe, log_progress, log_to_file, setup_logging, tensorboard_installed
 from runs import Run, SampleGrid, open_run_dir, record_launch, restore_rng, resume_or_new, writing
@@ -81,6 +82,9 @@ def check_run(args, world, device):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by --grad-accum-steps "
                          f"{args.grad_accum_steps} x {world} process(es): every micro-batch must split evenly")
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.cuda_graphs and (device.type != "cuda" or world > 1):
+        raise SystemExit("--cuda-graphs needs one process on a CUDA device"
+                         f"{'' if device.type == 'cuda' else f'; this run is on {device.type}'}")
     if args.fid_ref:
         import fid
         try:
@@ -171,23 +175,31 @@ def step_noise(step, seed, global_batch, rank, world, shape, num_timesteps, devi
     return t[part], noise[part]
 
 
-def accumulate_gradients(ddp, diffusion, batch, steps, vae=None, conditional=True, bf16=False):
+def accumulate_gradients(ddp, diffusion, batch, steps, vae=None, conditional=True, bf16=False, cast_cache=True):
     """Forward and backward passes of this rank's share of the global batch, (x, y, t, noise)
     with leading dimension B, in `steps` micro-batches of B / steps; returns the mean loss.
     Each micro-batch's mean loss is scaled by 1 / steps, so the accumulated gradients are those
-    of the mean over the whole share; DDP all-reduces them only in the last backward pass."""
+    of the mean over the whole share; DDP all-reduces them only in the last backward pass.
+    cast_cache: autocast's cache of bf16 weights (off in a CUDA graph, which must own them)."""
     total = 0
     for i, (x, y, t, noise) in enumerate(zip(*(part.chunk(steps) for part in batch))):
         if vae is not None:
             x = encode(vae, x)
         last = i == steps - 1 or not isinstance(ddp, DDP)
         with contextlib.nullcontext() if last else ddp.no_sync():
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cast_cache):
                 terms = diffusion.training_losses(ddp, x, t, dict(y=y) if conditional else None, noise)
                 loss = terms["loss"].mean() / steps
             loss.backward()
         total = total + loss.detach()
     return total
+
+
+def step_passes(ddp, diffusion, args, data, x, y, t, noise, cast_cache=True):
+    """accumulate_gradients with this run's settings: the forward and backward passes of a step."""
+    return accumulate_gradients(ddp, diffusion, (x, y, t, noise), args.grad_accum_steps,
+                                data.vae if data.encode_batches else None, args.num_classes > 0,
+                                args.precision == "bf16", cast_cache)
 
 
 def lr_factor(step, warmup, total):
@@ -244,6 +256,8 @@ def train(args, parser, rank, world, device):
         check_run(args, world, device)
         backend = scan_backend(args, device)
         data = prepare_data(args, rank, world, device)  # the data decides the model's input (channels, side)
+        if args.cuda_graphs and data.encode_batches:
+            raise SystemExit("--cuda-graphs does not capture the VAE's encoding of each batch; add --cache-latents")
         end = total_steps(args, len(data.source))
         config = ckpt["config"] if ckpt else model_config(
             args.model, data.side, data.channels, args.num_classes, args.embed_dim, args.depth,
@@ -270,6 +284,8 @@ def train(args, parser, rank, world, device):
     restore_rng(ckpt, args, rank, world, device, run.step)
     del ckpt  # its tensors are copied into the model and optimizer
     diffusion = create_diffusion("", learn_sigma=config["learn_sigma"])
+    if args.cuda_graphs:
+        diffusion.keep_schedule_on(device)
     grid = SampleGrid(args, data.channels, data.side, config["learn_sigma"], data.vae, device)
     board = Dashboard(os.path.join(run_dir, "tensorboard") if rank == 0 and args.tensorboard else None, run.step)
     log_settings(args, config, model, data, run, end, world, device, backend)
@@ -283,6 +299,8 @@ def train(args, parser, rank, world, device):
     params, ema_params = list(model.parameters()), list(ema.parameters())
     meter, started, in_a_row, stop_reason = Meter(run.step), time.time(), 0, None
     settle_states = args.scan_save_every == "auto" and device.type == "cuda" and backend in OUR_KERNELS
+    passes = functools.partial(step_passes, ddp, diffusion, args, data)
+    graphed = None  # --cuda-graphs: the step's passes as a CUDA graph, once their work is fixed
     bar = tqdm(total=end, initial=run.step, disable=rank != 0, unit="step", dynamic_ncols=True)
     with StopSignals(f"stopping after this step, saving a checkpoint in {run_dir}/checkpoints") as stop, bar:
         try:
@@ -290,10 +308,14 @@ def train(args, parser, rank, world, device):
                 x, y = next(batches)
                 t, noise = step_noise(run.step, args.global_seed, args.global_batch_size, rank, world,
                                       (data.channels, data.side, data.side), diffusion.num_timesteps, device)
-                opt.zero_grad(set_to_none=True)
-                loss = accumulate_gradients(ddp, diffusion, (x, y, t, noise), args.grad_accum_steps,
-                                            data.vae if data.encode_batches else None, args.num_classes > 0,
-                                            args.precision == "bf16")
+                if args.cuda_graphs and graphed is None and not settle_states:
+                    graphed = GraphedPasses(functools.partial(passes, cast_cache=False), params, (x, y, t, noise))
+                    log.info(f"Step {run.step + 1} on: the forward and backward passes replay a CUDA graph")
+                if graphed is not None:
+                    loss = graphed(x, y, t, noise)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss = passes(x, y, t, noise)
                 norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 over_time = args.max_minutes is not None and time.time() - started > 60 * args.max_minutes
                 agreed = agree(loss, norm, stop.received is not None, over_time, world, device)
@@ -397,6 +419,9 @@ def check_args(args, parser):
     if args.recompute_scan_inputs and args.compile:
         parser.error("--recompute-scan-inputs has no effect with --compile (torch.compile chooses what to recompute); "
                      "drop one of them")
+    for flag, other in (("--compile", args.compile), ("--grad-checkpointing", args.grad_checkpointing)):
+        if args.cuda_graphs and other:
+            parser.error(f"--cuda-graphs does not combine with {flag}; drop one of them")
     if args.recompute_scan_inputs and args.grad_checkpointing:
         parser.error("--recompute-scan-inputs has no effect with --grad-checkpointing (each block is recomputed "
                      "whole); drop one of them")
@@ -467,6 +492,9 @@ def parse_args(argv=None):
                        help="torch.compile the model")
     speed.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                        help="torch.compile's mode with --compile; reduce-overhead adds CUDA graphs (see README)")
+    speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                       help="replay each step's forward and backward passes as one CUDA graph, captured at the "
+                            "first step whose work is fixed (one GPU; see graphs.py)")
     speed.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                        help="refuse a run that clearly needs more memory than is available")
     run = parser.add_argument_group("run and logging")

@@ -70,6 +70,8 @@ PARSE_ROWS = [
     (["--model", "DiS-X/2"], ["--model", "invalid choice"]),
     (["--preset", "huge"], ["--preset", "invalid choice"]),
     (["--compile-mode", "reduce-overhead"], ["--compile-mode", "add --compile"]),
+    (["--cuda-graphs", "--compile"], ["--cuda-graphs does not combine with --compile"]),
+    (["--cuda-graphs", "--grad-checkpointing"], ["--cuda-graphs does not combine with --grad-checkpointing"]),
     (["--data-path", "{root}/nowhere"], ["--data-path", "nowhere", "no such file or folder"]),
     (["--resume", "{root}/nowhere.pt"], ["--resume", "no such file or folder"]),
     (["--resume", "{root}/folder"], ["--resume", "is a folder"]),
@@ -93,6 +95,7 @@ SETUP_ROWS = [  # refused after the data or the checkpoint is read, before the f
     (["--grad-accum-steps", "3"], ["--global-batch-size 8 is not divisible by --grad-accum-steps 3"]),
     (["--num-classes", "5"], ["labels go up to 9", "--num-classes 5"]),
     (["--scan-save-every", "2"], ["--scan-save-every", "Triton and CUDA"]),
+    (["--cuda-graphs"], ["--cuda-graphs needs one process on a CUDA device", "on cpu"]),
     (["--model", "DiS-S/8", "--embed-dim", "65536"], ["needs about", "GiB", "--global-batch-size", "--embed-dim",
                                                       "--no-memory-check"]),
 ]

@@ -346,6 +346,30 @@ def test_training_losses_match_reference():
     np.testing.assert_allclose(terms["loss"].numpy(), ref_mse + ref_vb, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("respacing", ["", "25"])
+def test_schedule_kept_as_tensors_gives_the_same_losses(respacing):
+    """keep_schedule_on (for CUDA graphs: no host copies in a training step) changes no loss bit,
+    respaced (timestep_map) or not; a host copy of the tables would now fail on a device mismatch."""
+    B, C = 4, 2
+    x0, noise = grid_images((B, C, 4, 4), seed=3), torch.randn(B, C, 4, 4)
+    output = torch.cat([noise + 0.3 * torch.randn(B, C, 4, 4), torch.rand(B, C, 4, 4) * 2 - 1], dim=1)
+    seen = []
+
+    def model(x, s):
+        seen.append(s)
+        return output
+    t = torch.tensor([0, 1, 7, 24])
+    numpy_tables = create_diffusion(respacing).training_losses(model, x0, t, noise=noise)
+    kept = create_diffusion(respacing)
+    kept.keep_schedule_on(torch.device("cpu"))
+    assert isinstance(kept.sqrt_alphas_cumprod, torch.Tensor) and kept.sqrt_alphas_cumprod.dtype == torch.float32
+    assert kept.timestep_map.dtype == torch.int64
+    tensor_tables = kept.training_losses(model, x0, t, noise=noise)
+    for key in numpy_tables:
+        assert torch.equal(numpy_tables[key], tensor_tables[key]), key
+    assert torch.equal(seen[0], seen[1])  # the original steps the model sees
+
+
 def test_fixed_variance_has_no_vb_and_checks_channels():
     d = create_diffusion("", learn_sigma=False)
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1

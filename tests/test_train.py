@@ -424,3 +424,20 @@ def test_auto_keeps_the_scan_states_when_they_fit():
     assert all(m.scan_save_every == 0 for m in mixers)
     assert "kept from now on" in memory.keep_scan_states(model, 4, 2, torch.device("cuda"))
     assert all(m.scan_save_every == 1 for m in mixers)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_as_eager_steps(fashion, tmp_path):
+    """--cuda-graphs replays each step's forward and backward passes as a CUDA graph (from step 2,
+    once --scan-save-every auto has settled): the same losses, gradient norms and weights as
+    eager steps (new inputs and new dropout draws at every replay), within rounding."""
+    common = ["--data-path", fashion, *TINY, "--device", "cuda", "--max-steps", "6", "--ckpt-every", "6"]
+    eager = train.main(common + ["--results-dir", str(tmp_path / "eager")])
+    graphed = train.main(common + ["--cuda-graphs", "--results-dir", str(tmp_path / "graphed")])
+    assert "Step 2 on: the forward and backward passes replay a CUDA graph" in open(
+        os.path.join(graphed, "log.txt")).read()
+    a, b = (load(os.path.join(r, "checkpoints", "0000006.pt")) for r in (eager, graphed))
+    losses = [[v for _, v in c["loss_curve"]] for c in (a, b)]
+    assert len(set(losses[0])) == 6  # different batches every step
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
+    assert_same_state(b["model"], a["model"], atol=1e-5)

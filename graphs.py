@@ -1,0 +1,49 @@
+"""A training step's forward and backward passes replayed as one CUDA graph.
+
+A DiS-S/2 step is some 2,400 kernels, most of them small. Launched one by one from Python they
+cost the host more time than the GPU needs to run them, and the GPU waits (BENCHMARKS.md, "GPU
+time against wall time"). Captured once into a CUDA graph, the whole forward and backward pass
+is one launch. The optimizer, the EMA and the checks stay outside the graph, as in an eager step.
+
+What the capture requires of the step: every shape fixed (the batch, --scan-save-every settled),
+no copy from the host and no wait for the GPU inside it (diffusion.keep_schedule_on), random
+numbers from the default generator only (dropout and drop path; the graph draws new ones at each
+replay), one process (no DDP all-reduce inside the graph).
+"""
+import torch
+
+
+class GraphedPasses:
+    """passes(*inputs) -> loss, a forward and backward pass that leaves the gradients in the
+    parameters' .grad, captured as a CUDA graph on copies of `inputs`.
+
+    Calling it copies new inputs (same shapes) into the graph's buffers, replays the graph and
+    returns the loss tensor, which the next call overwrites. The gradients are the graph's own
+    buffers, rewritten by every replay: the parameters' .grad must not be set to None or replaced
+    while the graph is in use (no optimizer.zero_grad(set_to_none=True))."""
+
+    def __init__(self, passes, params, inputs):
+        self.inputs = [x.detach().clone() for x in inputs]
+        device = self.inputs[0].device
+        # One pass outside the capture first, on a side stream as the capture will run: whatever is
+        # built on first use (cuBLAS workspaces, compiled kernels) must not be built inside it. Its
+        # random numbers are drawn again by the graph's first replay, so the run's stay as eager.
+        rng = torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            passes(*self.inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.set_rng_state(rng, device)
+        for p in params:  # the backward pass in the capture allocates them in the graph's memory
+            p.grad = None
+        torch.cuda.empty_cache()  # the warm-up's activations: the graph's pool takes their place
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = passes(*self.inputs)
+
+    def __call__(self, *inputs):
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.loss
