@@ -83,8 +83,8 @@ def check_run(args, world, device):
                          f"{args.grad_accum_steps} x {world} process(es): every micro-batch must split evenly")
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.cuda_graphs and (device.type != "cuda" or world > 1):
-        raise SystemExit("--cuda-graphs needs one process on a CUDA device"
-                         f"{'' if device.type == 'cuda' else f'; this run is on {device.type}'}")
+        raise SystemExit(f"--cuda-graphs needs one process on a CUDA device; this run has {world} process(es) "
+                         f"on {device.type}")
     if args.fid_ref:
         import fid
         try:

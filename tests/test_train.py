@@ -429,8 +429,8 @@ def test_auto_keeps_the_scan_states_when_they_fit():
 @pytest.mark.gpu
 def test_cuda_graphs_train_as_eager_steps(fashion, tmp_path):
     """--cuda-graphs replays each step's forward and backward passes as a CUDA graph (from step 2,
-    once --scan-save-every auto has settled): the same losses, gradient norms and weights as
-    eager steps (new inputs and new dropout draws at every replay), within rounding."""
+    once --scan-save-every auto has settled): the same losses and weights as eager steps (new
+    inputs and new dropout draws at every replay), within rounding."""
     common = ["--data-path", fashion, *TINY, "--device", "cuda", "--max-steps", "6", "--ckpt-every", "6"]
     eager = train.main(common + ["--results-dir", str(tmp_path / "eager")])
     graphed = train.main(common + ["--cuda-graphs", "--results-dir", str(tmp_path / "graphed")])
