@@ -389,10 +389,13 @@ def original_mixer_forward(mixer, h):
 
 def throughput_row(name, label, model, img, ch, classes, batch, device):
     """One table row: parameters (M), train and forward img/s, peak GB, and the GPU's time in the
-    kernels of a training step (ms; kernel_time), the figure that moves least between runs."""
-    train, train_run, gpu_ms, fwd, peak = throughput(model, img, ch, classes, batch, device)
+    kernels of a training step (ms; kernel_time), the figure that moves least between runs. A
+    compiled model's steps are not captured in a graph of ours (torch.compile has its own)."""
+    train, train_run, gpu_ms, graphed, fwd, peak = throughput(model, img, ch, classes, batch, device,
+                                                              graph=not hasattr(model, "_orig_mod"))
     return {"model": name, "input": label, "params_M": params(model), "train_img_s": train,
-            "train_back_to_back_img_s": train_run, "train_gpu_ms": gpu_ms, "fwd_img_s": fwd, "peak_GB": peak}
+            "train_back_to_back_img_s": train_run, "train_gpu_ms": gpu_ms, "train_graphed_img_s": graphed,
+            "fwd_img_s": fwd, "peak_GB": peak}
 
 
 def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
@@ -482,10 +485,12 @@ def mean_row(runs):
 
 
 def model_summary(pairs):
-    """DiS / DiT ratios of training img/s (also as DiT's GPU time per step over DiS's),
+    """DiS / DiT ratios of training img/s (eager and CUDA-graphed steps; also as DiT's GPU time per
+    step over DiS's),
     sampling-forward img/s and peak memory, per input."""
     return [{"models": f"{dis['model']} / {dit['model']}", "input": dis["input"],
              "train_img_s_ratio": dis["train_img_s"] / dit["train_img_s"],
+             "train_graphed_img_s_ratio": dis["train_graphed_img_s"] / dit["train_graphed_img_s"],
              "train_gpu_time_ratio": dit["train_gpu_ms"] / dis["train_gpu_ms"],
              "sampling_fwd_img_s_ratio": dis["fwd_img_s"] / dit["fwd_img_s"],
              "peak_memory_ratio": dis["peak_GB"] / dit["peak_GB"]} for dis, dit in pairs]
@@ -628,13 +633,16 @@ def main(argv=None):
         raw.update(model=rows, model_checks=checks, model_profile=profiles)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n",
                    "train_img_s times each step alone, synchronised after it (as train.py runs); "
-                   "train_back_to_back_img_s times steps launched one after another.\n", table(rows),
+                   "train_back_to_back_img_s times steps launched one after another; train_graphed_img_s "
+                   "times each step alone with its forward and backward passes replayed as a CUDA graph "
+                   "(train.py's default on one GPU).\n", table(rows),
                    "\nDiS forward+backward (bf16 autocast, batch 2) against the reference scan path:\n", table(checks)]
         if profiles:
             report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles)]
         raw["model_summary"] = model_summary(pairs)
         summary += [f"\nDiS ({default} scan; the model's defaults, and with train.py's options) against DiT: "
-                    "training img/s (and GPU time per step), sampling forward img/s, peak memory:\n",
+                    "training img/s (eager, with CUDA graphs, and GPU time per step), sampling forward img/s, "
+                    "peak memory:\n",
                     table(raw["model_summary"])]
         write_report(args.out, report, raw)
     if "fid" in parts:

@@ -131,12 +131,15 @@ def keep_scan_states(model, micro_batch, bytes_per_value, device, checkpointed=F
 
 def oom_advice(args, backend):
     """What to change after running out of GPU memory, for this run's settings, cheapest first:
-    --scan-save-every 0 keeps none of our scans' (Triton, CUDA) chunk states,
+    --scan-save-every 0 keeps none of our scans' (Triton, CUDA) chunk states, --no-cuda-graphs
+    gives back the few percent a CUDA graph's own memory pool holds over eager steps,
     --recompute-scan-inputs recomputes the mixers' u, --grad-checkpointing recomputes whole
     blocks."""
     advice = ["lower --global-batch-size"]
     if backend in OUR_KERNELS and args.scan_save_every != 0:
         advice.append("use --scan-save-every 0")
+    if args.cuda_graphs:
+        advice.append("use --no-cuda-graphs")
     if not (args.recompute_scan_inputs or args.grad_checkpointing or args.compile):
         advice.append("add --recompute-scan-inputs")
     if not args.grad_checkpointing:

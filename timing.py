@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from graphs import GraphedPasses
+
 
 def measure(fn, device, warmup=3, repeat=20):
     """Median seconds of fn() after warm-up (CUDA events on GPU, the wall clock on CPU)."""
@@ -87,22 +89,53 @@ def step_functions(model, img, ch, classes, batch, device):
     return train_step, forward
 
 
-def throughput(model, img, ch, classes, batch, device, run=5):
-    """(train img/s, train img/s back to back, GPU ms per training step, forward img/s, peak GB)
-    with bf16 autocast on CUDA, fused AdamW. The first times each step alone (synchronised after
-    it, as train.py's steps are); the second times `run` steps launched back to back, the host
-    running ahead of the GPU; the third is the time in the step's kernels (kernel_time)."""
+def graphed_train_step(model, img, ch, classes, batch, device):
+    """A training step as train.py runs it on one GPU: the forward and backward passes replayed
+    as a CUDA graph (graphs.py), then fused AdamW, on one random batch (bf16 autocast)."""
+    x = torch.randn(batch, ch, img, img, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True)
+
+    def passes(x, t, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = model(x, t, y).float().pow(2).mean()
+        loss.backward()
+        return loss.detach()
+    graphed = GraphedPasses(passes, params, (x, t, y))
+
+    def train_step():
+        graphed(x, t, y)
+        opt.step()
+    return train_step
+
+
+def throughput(model, img, ch, classes, batch, device, run=5, graph=True):
+    """(train img/s, train img/s back to back, GPU ms per training step, train img/s with CUDA
+    graphs, forward img/s, peak GB) with bf16 autocast on CUDA, fused AdamW. The first times each
+    step alone (synchronised after it, as train.py's steps are); the second times `run` steps
+    launched back to back, the host running ahead of the GPU; the third is the time in the
+    step's kernels (kernel_time); the fourth times each step alone with its passes replayed as a
+    CUDA graph (graphed_train_step; nan without CUDA or `graph`). The peak is of the eager steps."""
     train_step, forward = step_functions(model, img, ch, classes, batch, device)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     t_train = measure(train_step, device, warmup=3, repeat=10)
     t_run = measure(lambda: [train_step() for _ in range(run)], device, warmup=1, repeat=3) / run
     t_kernels = kernel_time(train_step, device, calls=3)
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
+    t_graphed = float("nan")
+    if cuda and graph:
+        t_graphed = measure(graphed_train_step(model, img, ch, classes, batch, device), device, warmup=3, repeat=10)
+        for p in model.parameters():  # the graph's gradient buffers, and with them the graph's memory
+            p.grad = None
+        torch.cuda.empty_cache()
     model.eval()
     t_fwd = measure(forward, device, warmup=2, repeat=10)
-    return batch / t_train, batch / t_run, 1e3 * t_kernels, batch / t_fwd, peak
+    return batch / t_train, batch / t_run, 1e3 * t_kernels, batch / t_graphed, batch / t_fwd, peak
 
 
 def kernel_time(fn, device, calls=10):

@@ -8,7 +8,9 @@
 A step: this rank's share of the global batch (data.py) -> timesteps and noise -> in
 --grad-accum-steps micro-batches: the loss of diffusion.training_losses (L_simple + L_vlb) ->
 backward, gradients summed (DDP all-reduces after the last) -> gradient norm clipped -> AdamW
-with warm-up and cosine decay -> EMA. --preset paper (the default with CUDA) is the paper's
+with warm-up and cosine decay -> EMA. On one GPU the forward and backward passes are captured
+once as a CUDA graph and replayed (graphs.py; --no-cuda-graphs: launched op by op), with the
+same results bit for bit. --preset paper (the default with CUDA) is the paper's
 section 3.1: DiS-S/2, AdamW with lr 1e-4 and no weight decay, EMA 0.9999, batch 128, gradient
 norm clipped to 1, T = 1000 linear betas, learned sigma, horizontal flips only. --preset small
 (the default without CUDA) is SMALL_PRESET, to see the whole pipeline on a CPU. Flags given win
@@ -93,6 +95,18 @@ def check_run(args, world, device):
             raise SystemExit(f"--fid-ref needs the Inception weights: {e}")
 
 
+def use_cuda_graphs(args, world, device, encode_batches):
+    """Whether the steps replay a CUDA graph (graphs.py): --cuda-graphs on, off, or by default
+    (None) wherever a graph can hold the step: one process on a CUDA device, without --compile,
+    --grad-checkpointing (both refused with an explicit --cuda-graphs) or the VAE's encoding of
+    each batch."""
+    if args.cuda_graphs is None:
+        return device.type == "cuda" and world == 1 and not (args.compile or args.grad_checkpointing or encode_batches)
+    if args.cuda_graphs and encode_batches:
+        raise SystemExit("--cuda-graphs does not capture the VAE's encoding of each batch; add --cache-latents")
+    return args.cuda_graphs
+
+
 def scan_backend(args, device):
     """The scan backend of this run (scan.resolve_backend: 'auto' is the fastest on the device)."""
     try:
@@ -130,7 +144,7 @@ def log_settings(args, config, model, data, run, end, world, device, backend):
              f"scan backend {backend}; {args.precision}{', gradient checkpointing' if args.grad_checkpointing else ''}"
              f"{f', scan states kept every {args.scan_save_every} chunks' if kept_every(args) else ''}"
              f"{', u recomputed' if args.recompute_scan_inputs else ''}"
-             f"{', compiled' if args.compile else ''}")
+             f"{', compiled' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs else ''}")
 
 
 # ----------------------------------------------------------------------------- model
@@ -256,8 +270,7 @@ def train(args, parser, rank, world, device):
         check_run(args, world, device)
         backend = scan_backend(args, device)
         data = prepare_data(args, rank, world, device)  # the data decides the model's input (channels, side)
-        if args.cuda_graphs and data.encode_batches:
-            raise SystemExit("--cuda-graphs does not capture the VAE's encoding of each batch; add --cache-latents")
+        args.cuda_graphs = use_cuda_graphs(args, world, device, data.encode_batches)
         end = total_steps(args, len(data.source))
         config = ckpt["config"] if ckpt else model_config(
             args.model, data.side, data.channels, args.num_classes, args.embed_dim, args.depth,
@@ -492,9 +505,10 @@ def parse_args(argv=None):
                        help="torch.compile the model")
     speed.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                        help="torch.compile's mode with --compile; reduce-overhead adds CUDA graphs (see README)")
-    speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+    speed.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each step's forward and backward passes as one CUDA graph, captured at the "
-                            "first step whose work is fixed (one GPU; see graphs.py)")
+                            "first step whose work is fixed (see graphs.py); default: on with one process on a "
+                            "GPU, unless --compile, --grad-checkpointing or the VAE encodes each batch")
     speed.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
                        help="refuse a run that clearly needs more memory than is available")
     run = parser.add_argument_group("run and logging")

@@ -20,6 +20,13 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 TINY = ["--device", "cpu", "--preset", "paper", "--embed-dim", "16", "--depth", "2", "--image-size", "8",
         "--global-batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--sample-every", "0",
         "--num-workers", "0", "--no-download"]
+# The end-to-end tests that also run on a GPU, where train.py's steps replay a CUDA graph.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def tiny_on(device):
+    """TINY on `device`."""
+    return [device if a == "cpu" else a for a in TINY]
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """bench.py on CPU: its smoke run writes the tables, the --profile breakdown and the summary's
-ratios, and the original-structure row computes BiMamba's function (checked with a stand-in for
+ratios (on a GPU also of CUDA-graphed steps), and the original-structure row computes BiMamba's function (checked with a stand-in for
 mamba-ssm's mamba_inner_fn)."""
 import json
 import math
@@ -23,6 +23,7 @@ def test_quick_run_writes_tables(tmp_path):
     assert raw["scan"] and raw["model"]
     assert all(math.isfinite(r["fwd_bwd_ms"]) and r["fwd_bwd_back_to_back_ms"] > 0 for r in raw["scan"])
     assert all(r["train_img_s"] > 0 and r["train_back_to_back_img_s"] > 0 for r in raw["model"])
+    assert all(math.isnan(r["train_graphed_img_s"]) for r in raw["model"])  # CUDA graphs need CUDA
     shares = [r["share"] for r in raw["model_profile"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     pair, *options = raw["model_summary"]  # the model's defaults, then train.py's options
@@ -35,6 +36,14 @@ def test_quick_run_writes_tables(tmp_path):
     assert [r["backend"] for r in raw["scan_summary"]] == ["ref bidirectional"]
     text = (tmp_path / "bench.md").read_text()
     assert "| model |" in text and "Where a DiS training step goes" in text and "## Summary" in text
+
+
+@pytest.mark.gpu
+def test_quick_run_times_graphed_steps_on_a_gpu(tmp_path):
+    bench.main(["--device", "cuda", "--quick", "--only", "model", "--out", str(tmp_path)])
+    raw = json.loads((tmp_path / "bench.json").read_text())
+    assert all(r["train_graphed_img_s"] > 0 for r in raw["model"])
+    assert all(p["train_graphed_img_s_ratio"] > 0 for p in raw["model_summary"])
 
 
 def inner_fn_standin(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,

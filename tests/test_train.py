@@ -21,7 +21,8 @@ import memory
 import model as dis
 import recompute
 import train
-from conftest import REPO, TINY, fashion_arrays, load, one_line_error, write_fashion_subset  # noqa: F401
+from conftest import (DEVICES, REPO, TINY, fashion_arrays, load, one_line_error, tiny_on,  # noqa: F401
+                      write_fashion_subset)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,10 +125,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_resume_equals_uninterrupted_run(fashion, tmp_path, quick_grids):
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_equals_uninterrupted_run(fashion, tmp_path, quick_grids, device):
     """6 steps in one go vs 3 steps, checkpoint, resume for 3 more: same losses, weights, EMA,
-    optimizer and RNG states, bitwise (drop path and label dropout on, an epoch boundary at 4)."""
-    args = ["--data-path", fashion, *TINY, "--max-steps", "6", "--ckpt-every", "3", "--sample-every", "6"]
+    optimizer and RNG states, bitwise (drop path and label dropout on, an epoch boundary at 4).
+    On a GPU the steps replay a CUDA graph from the second of each process on."""
+    args = ["--data-path", fashion, *tiny_on(device), "--max-steps", "6", "--ckpt-every", "3", "--sample-every", "6"]
     first = train.main(args + ["--results-dir", str(tmp_path / "a")])
     assert os.path.basename(first) == "000-DiS-S-2"
     whole = load(os.path.join(first, "checkpoints", "0000006.pt"))
@@ -146,7 +149,8 @@ def test_resume_equals_uninterrupted_run(fashion, tmp_path, quick_grids):
     for a, b in zip(resumed["opt"]["state"].values(), whole["opt"]["state"].values()):
         assert_same_state(a, b)
     assert resumed["scheduler"] == whole["scheduler"]
-    assert torch.equal(resumed["rng"][0]["cpu"], whole["rng"][0]["cpu"])
+    for where in ("cpu", device):
+        assert torch.equal(resumed["rng"][0][where], whole["rng"][0][where])
     assert whole["data"] == dict(seed=0, epoch=1, batch_in_epoch=2, dataset_size=32, global_batch_size=8)
     assert not torch.equal(whole["ema"]["pos_embed"], whole["model"]["pos_embed"])
 
@@ -155,6 +159,7 @@ def test_resume_equals_uninterrupted_run(fashion, tmp_path, quick_grids):
     log = open(os.path.join(first, "log.txt")).read()
     for field in ("step=0000006 loss=", "grad_norm=", "lr=", "img/s="):
         assert field in log
+    assert ("Step 2 on: the forward and backward passes replay a CUDA graph" in log) == (device == "cuda")
     grid = Image.open(os.path.join(first, "samples", "0000006.png"))
     assert grid.mode == "L" and grid.size == (2 + 10 * 10, 2 + 10 * 10)  # 10 classes x 10, 8x8 each
     (launch,) = json.load(open(os.path.join(first, "run.json")))
@@ -174,12 +179,14 @@ def random_vae(folder):
     return vae.eval()
 
 
-def test_latent_space_with_random_vae(fashion, tmp_path, quick_grids):
+@pytest.mark.parametrize("device", DEVICES)
+def test_latent_space_with_random_vae(fashion, tmp_path, quick_grids, device):
     """--cache-latents holds the diffusers posterior means of every image and of its mirror image;
-    training runs from the cache, on the fly, and from the cache folder as --dataset latents."""
+    training runs from the cache, on the fly, and from the cache folder as --dataset latents. On a
+    GPU the steps from the cache replay a CUDA graph, those that encode each batch do not."""
     vae_dir = str(tmp_path / "vae")
     vae = random_vae(vae_dir)
-    common = ["--data-path", fashion, *TINY, "--image-size", "32", "--vae", vae_dir, "--max-steps", "2",
+    common = ["--data-path", fashion, *tiny_on(device), "--image-size", "32", "--vae", vae_dir, "--max-steps", "2",
               "--ckpt-every", "2"]
     cache = tmp_path / "cache"
     cached_run = train.main(common + ["--cache-latents", "--cache-dir", str(cache), "--sample-every", "2",
@@ -199,8 +206,10 @@ def test_latent_space_with_random_vae(fashion, tmp_path, quick_grids):
     grid = Image.open(os.path.join(cached_run, "samples", "0000002.png"))
     assert grid.mode == "RGB" and grid.size == (2 + 10 * 34, 2 + 10 * 34)  # decoded to 32x32 RGB
 
-    train.main(common + ["--results-dir", str(tmp_path / "fly")])  # encoding each batch
-    latents_run = train.main(["--dataset", "latents", "--data-path", str(cache), *TINY, "--image-size", "32",
+    on_the_fly = train.main(common + ["--results-dir", str(tmp_path / "fly")])  # encoding each batch
+    for run, graphed in ((cached_run, device == "cuda"), (on_the_fly, False)):
+        assert ("replay a CUDA graph" in open(os.path.join(run, "log.txt")).read()) == graphed
+    latents_run = train.main(["--dataset", "latents", "--data-path", str(cache), *tiny_on(device), "--image-size", "32",
                               "--max-steps", "1", "--results-dir", str(tmp_path / "lat")])  # no VAE needed
     ckpt = load(os.path.join(latents_run, "checkpoints", "0000001.pt"))
     assert ckpt["args"]["num_classes"] == 10 and ckpt["config"]["channels"] == 4
@@ -349,7 +358,12 @@ def test_out_of_memory_gives_a_hint(fashion, tmp_path, monkeypatch):
     monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", out_of_memory)
     message = one_line_error(["--data-path", fashion, *TINY, "--results-dir", str(tmp_path)], train.main)
     assert "--global-batch-size" in message and "--grad-checkpointing" in message and "bf16" in message
-    assert "--recompute-scan-inputs" in message
+    assert "--recompute-scan-inputs" in message and "--no-cuda-graphs" not in message  # a CPU run has no graph
+    graphed = train.argparse.Namespace(scan_save_every="auto", cuda_graphs=True, recompute_scan_inputs=False,
+                                       grad_checkpointing=False, compile=False, precision="bf16")
+    assert memory.oom_advice(graphed, "cuda") == ("lower --global-batch-size, use --scan-save-every 0, use "
+                                                  "--no-cuda-graphs, add --recompute-scan-inputs or add "
+                                                  "--grad-checkpointing")
 
 
 def test_activation_estimate_counts_what_autograd_keeps(monkeypatch):
@@ -426,18 +440,32 @@ def test_auto_keeps_the_scan_states_when_they_fit():
     assert all(m.scan_save_every == 1 for m in mixers)
 
 
+def test_cuda_graphs_by_default_where_a_graph_holds_the_step():
+    """--cuda-graphs unset: on with one process on a GPU, off with several processes, on a CPU, with
+    --compile, --grad-checkpointing or the VAE encoding each batch; set, it is obeyed or refused."""
+    def graphs(flag=None, world=1, device="cuda", encode_batches=False, **flags):
+        args = train.argparse.Namespace(cuda_graphs=flag, **{"compile": False, "grad_checkpointing": False, **flags})
+        return train.use_cuda_graphs(args, world, torch.device(device), encode_batches)
+    assert graphs() and not graphs(world=2) and not graphs(device="cpu") and not graphs(encode_batches=True)
+    assert not graphs(compile=True) and not graphs(grad_checkpointing=True) and not graphs(False)
+    assert graphs(True)
+    with pytest.raises(SystemExit, match="add --cache-latents"):
+        graphs(True, encode_batches=True)
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_train_as_eager_steps(fashion, tmp_path):
-    """--cuda-graphs replays each step's forward and backward passes as a CUDA graph (from step 2,
-    once --scan-save-every auto has settled): the same losses and weights as eager steps (new
-    inputs and new dropout draws at every replay), within rounding."""
-    common = ["--data-path", fashion, *TINY, "--device", "cuda", "--max-steps", "6", "--ckpt-every", "6"]
-    eager = train.main(common + ["--results-dir", str(tmp_path / "eager")])
-    graphed = train.main(common + ["--cuda-graphs", "--results-dir", str(tmp_path / "graphed")])
-    assert "Step 2 on: the forward and backward passes replay a CUDA graph" in open(
-        os.path.join(graphed, "log.txt")).read()
+    """On one GPU the steps replay their forward and backward passes as a CUDA graph (from step 2,
+    once --scan-save-every auto has settled): the same losses, weights and EMA as eager steps
+    (--no-cuda-graphs), bit for bit (new inputs and new dropout draws at every replay)."""
+    common = ["--data-path", fashion, *tiny_on("cuda"), "--max-steps", "6", "--ckpt-every", "6"]
+    eager = train.main(common + ["--no-cuda-graphs", "--results-dir", str(tmp_path / "eager")])
+    graphed = train.main(common + ["--results-dir", str(tmp_path / "graphed")])
+    for run, replayed in ((eager, False), (graphed, True)):
+        log = open(os.path.join(run, "log.txt")).read()
+        assert ("Step 2 on: the forward and backward passes replay a CUDA graph" in log) == replayed
     a, b = (load(os.path.join(r, "checkpoints", "0000006.pt")) for r in (eager, graphed))
-    losses = [[v for _, v in c["loss_curve"]] for c in (a, b)]
-    assert len(set(losses[0])) == 6  # different batches every step
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
-    assert_same_state(b["model"], a["model"], atol=1e-5)
+    assert len({v for _, v in a["loss_curve"]}) == 6  # different batches every step
+    assert b["loss_curve"] == a["loss_curve"]
+    for key in ("model", "ema"):
+        assert_same_state(b[key], a[key])

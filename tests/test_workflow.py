@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import model as dis
 import monitor
 import train
-from conftest import REPO, TINY, fashion_arrays, load, one_line_error, write_fashion_subset, write_idx
+from conftest import (DEVICES, REPO, TINY, fashion_arrays, load, one_line_error, tiny_on, write_fashion_subset,
+                      write_idx)
 from diffusion import create_diffusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,10 +121,12 @@ def test_two_micro_batches_match_one_batch(fashion, tmp_path, one_batch):
     assert "3 steps of 8 on 1 process(es) in 2 micro-batches" in open(os.path.join(folder, "log.txt")).read()
 
 
-def test_resume_with_micro_batches_is_bitexact(fashion, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_with_micro_batches_is_bitexact(fashion, tmp_path, device):
     """4 steps of 2 micro-batches in one go vs 2, a checkpoint and 2 more (drop path and label
-    dropout on): the same weights, EMA, optimizer state and generator state, bit for bit."""
-    args = ["--data-path", fashion, *TINY, "--max-steps", "4", "--ckpt-every", "2", "--grad-accum-steps", "2",
+    dropout on): the same weights, EMA, optimizer state and generator state, bit for bit (on a
+    GPU, with the micro-batches' passes in one CUDA graph)."""
+    args = ["--data-path", fashion, *tiny_on(device), "--max-steps", "4", "--ckpt-every", "2", "--grad-accum-steps", "2",
             "--no-tensorboard"]
     whole_dir = train.main(args + ["--results-dir", str(tmp_path / "a")])
     whole = load(os.path.join(whole_dir, "checkpoints", "0000004.pt"))
@@ -136,8 +139,10 @@ def test_resume_with_micro_batches_is_bitexact(fashion, tmp_path):
         assert_same_state(resumed[key], whole[key])
     for a, b in zip(resumed["opt"]["state"].values(), whole["opt"]["state"].values()):
         assert_same_state(a, b)
-    assert torch.equal(resumed["rng"][0]["cpu"], whole["rng"][0]["cpu"])
+    for where in ("cpu", device):
+        assert torch.equal(resumed["rng"][0][where], whole["rng"][0][where])
     assert resumed["loss_curve"] == whole["loss_curve"]
+    assert ("replay a CUDA graph" in open(os.path.join(whole_dir, "log.txt")).read()) == (device == "cuda")
 
 
 def test_batch_not_divisible_by_micro_batches_and_processes(fashion, tmp_path, capsys):
@@ -282,9 +287,11 @@ def test_fid_every_n_steps(fashion, tmp_path, monkeypatch):
                                    [metrics[1]["fid"], metrics[2]["fid"]], rtol=1e-6, atol=1e-6)
 
 
-def test_yardstick_every_n_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_yardstick_every_n_steps(tmp_path, monkeypatch, device):
     """On 32x32 Fashion-MNIST, --fid-every without --fid-ref measures the yardstick of the EMA
-    samples (a classifier of 150 steps here, trained once and cached), every step and at the end."""
+    samples (a classifier of 150 steps here, trained once and cached), every step and at the end
+    (on a GPU, between the replays of the steps' CUDA graph)."""
     yardstick = pytest.importorskip("yardstick")
     folder = write_fashion_subset(tmp_path / "fashion")
     images, labels = fashion_arrays(32)  # stand in for the test split, the yardstick's reference
@@ -295,7 +302,7 @@ def test_yardstick_every_n_steps(tmp_path, monkeypatch):
     original = yardstick.evaluate
     monkeypatch.setattr(yardstick, "evaluate", lambda *args, **kwargs: original(
         *args, **kwargs, settings=small, cache_dir=str(tmp_path / "cache")))
-    args = ["--data-path", folder, *TINY, "--image-size", "32", "--model", "DiS-S/8",  # 16 tokens, as at 8x8
+    args = ["--data-path", folder, *tiny_on(device), "--image-size", "32", "--model", "DiS-S/8",  # 16 tokens
             "--global-batch-size", "2", "--max-steps", "2",
             "--fid-samples", "4", "--fid-sampling-steps", "2", "--no-tensorboard", "--results-dir", str(tmp_path / "r")]
     message = one_line_error(args + ["--fid-every", "1", "--image-size", "16"], train.main)
@@ -314,6 +321,7 @@ def test_yardstick_every_n_steps(tmp_path, monkeypatch):
     log = open(os.path.join(run, "log.txt")).read()
     assert f"step=0000002 yardstick_fd={expected['fd']:.4f} yardstick_accuracy={expected['accuracy']:.4f}" in log
     assert "step=0000001 yardstick_fd=" in log and " fid=" not in log
+    assert ("Step 2 on: the forward and backward passes replay a CUDA graph" in log) == (device == "cuda")
 
 
 # ----------------------------------------------------------------------------- several machines
