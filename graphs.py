@@ -8,7 +8,8 @@ is one launch. The optimizer, the EMA and the checks stay outside the graph, as 
 What the capture requires of the step: every shape fixed (the batch, --scan-save-every settled),
 no copy from the host and no wait for the GPU inside it (diffusion.keep_schedule_on), random
 numbers from the default generator only (dropout and drop path; the graph draws new ones at each
-replay), one process (no DDP all-reduce inside the graph).
+replay), one process (no DDP all-reduce inside the graph). train.py uses it by default on one GPU; its
+replayed steps give the eager steps' losses and weights bit for bit (tests/test_train.py).
 """
 import torch
 
