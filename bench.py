@@ -486,8 +486,7 @@ def mean_row(runs):
 
 def model_summary(pairs):
     """DiS / DiT ratios of training img/s (eager and CUDA-graphed steps; also as DiT's GPU time per
-    step over DiS's),
-    sampling-forward img/s and peak memory, per input."""
+    step over DiS's), sampling-forward img/s and peak memory, per input."""
     return [{"models": f"{dis['model']} / {dit['model']}", "input": dis["input"],
              "train_img_s_ratio": dis["train_img_s"] / dit["train_img_s"],
              "train_graphed_img_s_ratio": dis["train_graphed_img_s"] / dit["train_graphed_img_s"],

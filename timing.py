@@ -66,12 +66,18 @@ def leaves_of(args):
             for k, v in args.items()}
 
 
-def step_functions(model, img, ch, classes, batch, device):
-    """(train_step, forward) closures over one random batch: a training step (bf16 autocast on
-    CUDA, fused AdamW) and a no-grad forward. The caller sets train or eval mode."""
+def random_batch(img, ch, classes, batch, device):
+    """(x, t, y): random images (batch, ch, img, img), timesteps and class labels (batch,)."""
     x = torch.randn(batch, ch, img, img, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, classes, (batch,), device=device)
+    return x, t, y
+
+
+def step_functions(model, img, ch, classes, batch, device):
+    """(train_step, forward) closures over one random batch: a training step (bf16 autocast on
+    CUDA, fused AdamW) and a no-grad forward. The caller sets train or eval mode."""
+    x, t, y = random_batch(img, ch, classes, batch, device)
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
@@ -92,9 +98,7 @@ def step_functions(model, img, ch, classes, batch, device):
 def graphed_train_step(model, img, ch, classes, batch, device):
     """A training step as train.py runs it on one GPU: the forward and backward passes replayed
     as a CUDA graph (graphs.py), then fused AdamW, on one random batch (bf16 autocast)."""
-    x = torch.randn(batch, ch, img, img, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    y = torch.randint(0, classes, (batch,), device=device)
+    x, t, y = random_batch(img, ch, classes, batch, device)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=True)
 
