@@ -1,6 +1,6 @@
 """bench.py on CPU: its smoke run writes the tables, the --profile breakdown and the summary's
-ratios (on a GPU also of CUDA-graphed steps), and the original-structure row computes BiMamba's function (checked with a stand-in for
-mamba-ssm's mamba_inner_fn)."""
+ratios (on a GPU also of CUDA-graphed steps), and the original-structure row computes BiMamba's
+function (checked with a stand-in for mamba-ssm's mamba_inner_fn)."""
 import json
 import math
 import sys

@@ -126,8 +126,8 @@ def test_resume_with_micro_batches_is_bitexact(fashion, tmp_path, device):
     """4 steps of 2 micro-batches in one go vs 2, a checkpoint and 2 more (drop path and label
     dropout on): the same weights, EMA, optimizer state and generator state, bit for bit (on a
     GPU, with the micro-batches' passes in one CUDA graph)."""
-    args = ["--data-path", fashion, *tiny_on(device), "--max-steps", "4", "--ckpt-every", "2", "--grad-accum-steps", "2",
-            "--no-tensorboard"]
+    args = ["--data-path", fashion, *tiny_on(device), "--max-steps", "4", "--ckpt-every", "2",
+            "--grad-accum-steps", "2", "--no-tensorboard"]
     whole_dir = train.main(args + ["--results-dir", str(tmp_path / "a")])
     whole = load(os.path.join(whole_dir, "checkpoints", "0000004.pt"))
     half = load(os.path.join(whole_dir, "checkpoints", "0000002.pt"))
