@@ -140,33 +140,45 @@ class BiMamba(nn.Module):
         return self.backend(device) in scan.OUR_KERNELS
 
     def conv_and_x_proj(self, x):
-        """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2, R + 2N): both directions' conv + SiLU, x_proj."""
+        """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2 Rp + 4N): both directions' conv + SiLU, then
+        x_proj. x_dbl holds Delta's R ranks of direction 0, then of direction 1 (each padded with
+        zeros to Rp, a multiple of 8), then B and C (N each) of direction 0, then of direction 1."""
         R, N = self.dt_rank, self.d_state
         u = scan.biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
                              torch.stack([self.conv1d.bias, self.conv1d_b.bias]), backend=self.backend(x.device))
         # x_proj (and dt_proj, in dt_proj_of) of both directions as one GEMM each, with
         # block-diagonal weights: the zero blocks double these small GEMMs' FLOPs, but a GEMM batched
         # over the two directions gets slow cuBLAS kernels for its weight gradients (a reduction
-        # over all B*L tokens).
-        x_dbl = F.linear(u.flatten(2), torch.block_diag(self.x_proj.weight, self.x_proj_b.weight))
-        return u, x_dbl.unflatten(-1, (2, R + 2 * N))  # Delta's R, B's N, C's N
+        # over all B*L tokens). The zero padding gives every operand of these GEMMs and of their
+        # gradients rows of a multiple of 8 values (16 bytes in 16 bits), without which cuBLAS runs
+        # them on kernels for unaligned data, several times slower.
+        pad = lambda w: F.pad(w, (0, 0, 0, self.dt_rank_padded() - R))  # noqa: E731  zero rows after Delta's
+        w, w_b = self.x_proj.weight, self.x_proj_b.weight
+        weight = torch.cat([torch.block_diag(pad(w[:R]), pad(w_b[:R])), torch.block_diag(w[R:], w_b[R:])])
+        return u, F.linear(u.flatten(2), weight)
+
+    def dt_rank_padded(self):
+        """Rp: Delta's rank R rounded up to a multiple of 8 (see conv_and_x_proj)."""
+        return -(-self.dt_rank // 8) * 8
 
     def dt_proj_of(self, x_dbl):
-        """x_dbl (B, L, 2, R + 2N) -> (Delta (B, L, 2, E),) before dt_proj's bias (added in the scan)."""
-        delta = F.linear(x_dbl[..., :self.dt_rank].flatten(2),
-                         torch.block_diag(self.dt_proj.weight, self.dt_proj_b.weight))
+        """x_dbl (B, L, 2 Rp + 4N) -> (Delta (B, L, 2, E),) before dt_proj's bias (added in the scan)."""
+        Rp = self.dt_rank_padded()
+        pad = lambda w: F.pad(w, (0, Rp - self.dt_rank))  # noqa: E731  zero columns for the padding
+        delta = F.linear(x_dbl[..., :2 * Rp], torch.block_diag(pad(self.dt_proj.weight), pad(self.dt_proj_b.weight)))
         return delta.unflatten(-1, (2, self.D.shape[0])),
 
     def forward(self, h):
-        E, R, N = self.D.shape[0], self.dt_rank, self.d_state
+        E, N = self.D.shape[0], self.d_state
         x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) each
         # Delta is recomputed from x_dbl in the backward pass rather than kept, and u from x when
         # asked (recompute.py): less memory
         with Recomputed() as saved:
             u, x_dbl = saved.compute(self.conv_and_x_proj, x, drop=(0,) if self.recompute_scan_inputs else ())
             delta, = saved.compute(self.dt_proj_of, x_dbl, drop=(0,))
+            BC = x_dbl[..., 2 * self.dt_rank_padded():].unflatten(-1, (2, 2 * N))  # (B, L, 2, 2N)
             y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
-                                  x_dbl[..., R:R + N], x_dbl[..., R + N:], torch.stack([self.D, self.D_b]).float(),
+                                  BC[..., :N], BC[..., N:], torch.stack([self.D, self.D_b]).float(),
                                   z, torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
                                   delta_softplus=True, backend=self.backend(x.device),
                                   save_every=self.scan_save_every)  # (B, L, E)
