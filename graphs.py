@@ -1,8 +1,8 @@
 """A training step's forward and backward passes replayed as one CUDA graph.
 
 A DiS-S/2 step is some 2,400 kernels, most of them small. Launched one by one from Python they
-cost the host more time than the GPU needs to run them, and the GPU waits (BENCHMARKS.md, "GPU
-time against wall time"). Captured once into a CUDA graph, the whole forward and backward pass
+cost the host more time than the GPU needs to run them, and the GPU waits (BENCHMARKS.md,
+"Training": synchronised against graphed steps). Captured once into a CUDA graph, the whole forward and backward pass
 is one launch. The optimizer, the EMA and the checks stay outside the graph, as in an eager step.
 
 What the capture requires of the step: every shape fixed (the batch, --scan-save-every settled),
