@@ -288,3 +288,23 @@ def test_fused_dis_matches_reference_under_bf16(backend):
     assert ((o - o_ref).norm() / o_ref.norm()) < 2e-2
     for a, b in zip(g, g_ref):
         assert ((a - b).norm() / b.norm().clamp_min(1e-12)) < 5e-2
+
+
+def test_padded_x_proj_and_dt_proj_are_the_plain_projections():
+    """At D = 368 (Delta's rank 23) the mixer pads x_proj and dt_proj so that every row of their
+    GEMMs' operands is a multiple of 8 values (16 bytes in 16 bits); the padded products must be
+    each direction's plain Linear layers, with zeros in the padding."""
+    torch.manual_seed(0)
+    mixer = model_lib.BiMamba(368).double()
+    x = torch.randn(2, 5, 736, dtype=torch.float64)
+    u, x_dbl = mixer.conv_and_x_proj(x)
+    delta, = mixer.dt_proj_of(x_dbl)
+    R, N, Rp = mixer.dt_rank, mixer.d_state, mixer.dt_rank_padded()
+    assert (R, Rp) == (23, 24) and x_dbl.shape[-1] % 8 == 0
+    directions = [(mixer.x_proj, mixer.dt_proj), (mixer.x_proj_b, mixer.dt_proj_b)]
+    for d, (x_proj, dt_proj) in enumerate(directions):
+        plain = x_proj(u[:, :, d])  # (B, L, R + 2N): Delta's ranks, B, C
+        torch.testing.assert_close(x_dbl[..., d * Rp:d * Rp + R], plain[..., :R])
+        assert (x_dbl[..., d * Rp + R:(d + 1) * Rp] == 0).all()
+        torch.testing.assert_close(x_dbl[..., 2 * Rp + 2 * N * d:2 * Rp + 2 * N * (d + 1)], plain[..., R:])
+        torch.testing.assert_close(delta[:, :, d], plain[..., :R] @ dt_proj.weight.T)
