@@ -1,9 +1,11 @@
-"""A training step's forward and backward passes replayed as one CUDA graph.
+"""A training step's forward and backward passes, and a sampler's model calls, replayed as CUDA graphs.
 
 A DiS-S/2 step is some 2,400 kernels, most of them small. Launched one by one from Python they
 cost the host more time than the GPU needs to run them, and the GPU waits (BENCHMARKS.md,
-"Training": synchronised against graphed steps). Captured once into a CUDA graph, the whole forward and backward pass
-is one launch. The optimizer, the EMA and the checks stay outside the graph, as in an eager step.
+"Training": synchronised against graphed steps). Captured once into a CUDA graph, the whole
+forward and backward pass is one launch. The optimizer, the EMA and the checks stay outside the
+graph, as in an eager step. A sampler calls the model once or twice per step at one batch size:
+GraphedSampling captures each kind of call once (sample.py's default on a GPU).
 
 What the capture requires of the step: every shape fixed (the batch, --scan-save-every settled),
 no copy from the host and no wait for the GPU inside it (diffusion.keep_schedule_on), random
@@ -48,3 +50,59 @@ class GraphedPasses:
             buffer.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.loss
+
+
+class GraphedCalls:
+    """fn(*inputs) -> output, a no-grad function of tensors replayed from CUDA graphs: one graph per
+    shapes and dtypes of the inputs, captured at its first call. For a function called many times
+    on inputs of one shape, as a sampler calls the model at each of its steps.
+
+    Each call copies the inputs into the graph's buffers, replays it and returns a copy of its
+    output. Whatever fn reads besides its inputs (the weights) is read where it lies at each
+    replay; an autocast around the calls must not cache its casts (cache_enabled=False), since the
+    cache is freed when its context ends and a graph would go on reading it."""
+
+    def __init__(self, fn):
+        self.fn, self.graphs = fn, {}
+
+    def __call__(self, *inputs):
+        key = tuple((x.shape, x.dtype, x.device) for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        buffers, graph, output = self.graphs[key]
+        for buffer, x in zip(buffers, inputs):
+            buffer.copy_(x)
+        graph.replay()
+        return output.clone()
+
+    def _capture(self, inputs):
+        buffers = [x.clone() for x in inputs]
+        device = buffers[0].device
+        side = torch.cuda.Stream(device)  # one call first, outside the capture (see GraphedPasses)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self.fn(*buffers)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()  # a memory pool of its own: graphs of one sampler interleave
+        with torch.cuda.graph(graph):
+            output = self.fn(*buffers)
+        return buffers, graph, output
+
+
+class GraphedSampling:
+    """An eval-mode DiS as a sampler calls it (diffusion.generate): model(x, t[, y]) and
+    model.forward_with_cfg(x, t, y, cfg_scale, cfg_channels), each replayed from CUDA graphs
+    (GraphedCalls). The samples are the eager model's, bit for bit (tests/test_sample.py)."""
+
+    def __init__(self, model):
+        self.model, self.num_classes = model, model.num_classes
+        self.forward, self.guided = GraphedCalls(model), {}
+
+    def __call__(self, x, t, y=None):
+        return self.forward(x, t) if y is None else self.forward(x, t, y)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=None):
+        key = (cfg_scale, cfg_channels)
+        if key not in self.guided:
+            self.guided[key] = GraphedCalls(lambda x, t, y: self.model.forward_with_cfg(x, t, y, *key))
+        return self.guided[key](x, t, y)

@@ -20,7 +20,8 @@ Data flows: noise (B, C, h, w) and labels -> a sampler of diffusion.py running t
 dpm++ (DPM-Solver++(2M), deterministic) or dpm++sde (its stochastic form) -> VAE decoder in latent
 space -> uint8 images (B, H, W, C). Classifier-free guidance when --cfg-scale != 1; with
 --cfg-interval LOW HIGH only at the steps t of the 1000-step process with LOW <= t/1000 <= HIGH
-(0: data, 1: pure noise), the conditional model alone elsewhere (at half the cost).
+(0: data, 1: pure noise), the conditional model alone elsewhere (at half the cost). On a GPU
+the model's calls are replayed from CUDA graphs (graphs.py; --no-cuda-graphs: op by op).
 
 With --num-samples the images go to `--sample-dir/NAME.npz` in the ADM evaluator's format:
 arr_0 uint8 (N, H, W, C) (C = 1 for grayscale data), arr_1 int64 labels (N,) when
@@ -108,6 +109,9 @@ def parse_args(argv=None):
     hardware.add_argument("--scan-backend", choices=["auto", *BACKENDS], default="auto")
     hardware.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                           help="auto: CUDA when available (one GPU per process under torchrun)")
+    hardware.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                          help="replay the model's calls from CUDA graphs (graphs.py; the same samples, less time "
+                               "launching kernels); default: on with a CUDA device")
     original = parser.add_argument_group("original-implementation checkpoints (the others record these)")
     original.add_argument("--model", choices=list(dis.DiS_models), default="DiS-H/2")
     original.add_argument("--embed-dim", type=int, default=None, help="override the hidden size of --model")
@@ -226,7 +230,8 @@ def write_grid(args, model, diffusion, vae, info, device):
     torch.manual_seed(args.seed)
     noise = torch.randn(count, model.in_channels, model.img_size, model.img_size, device=device)
     images = generate(model, diffusion, noise, None if labels is None else labels.to(device), args.cfg_scale,
-                      args.sampler, vae, args.cfg_channels, args.precision == "bf16", args.cfg_interval, progress=True)
+                      args.sampler, vae, args.cfg_channels, args.precision == "bf16", args.cfg_interval, progress=True,
+                      cuda_graphs=args.cuda_graphs)
     save_grid(to_uint8(images), args.out, min(10, count), json.dumps(info))
     print(f"Saved {args.out}")
     return args.out
@@ -247,6 +252,9 @@ def main(argv=None):
             torch.set_float32_matmul_precision("high")  # TF32, as DiT's sampler
         if args.precision == "auto":
             args.precision = "bf16" if device.type == "cuda" else "fp32"
+        if args.cuda_graphs and device.type != "cuda":
+            parser.error(f"--cuda-graphs needs a CUDA device; this run is on {device.type}")
+        args.cuda_graphs = device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs
         backend = scan_backend_on(args, parser, device)
         model, vae, info = load(args, parser, device, scan_backend=backend)
         check_against_model(args, parser, model)
@@ -267,7 +275,7 @@ def main(argv=None):
             path = write_samples_npz(model, diffusion, vae, args.num_samples, args.per_proc_batch_size,
                                      args.sample_dir, npz_name(args, info), args.seed, args.cfg_scale, args.sampler,
                                      args.class_labels, args.precision, args.cfg_channels, info, rank, world, device,
-                                     cfg_interval=args.cfg_interval)
+                                     cfg_interval=args.cfg_interval, cuda_graphs=args.cuda_graphs)
         except OSError as e:  # a full disk, a folder removed meanwhile: the samples on disk stay, resumable
             raise SystemExit(f"cannot write {e.filename}: {e.strerror}")
         if args.fid_ref and rank == 0:

@@ -310,7 +310,7 @@ def batch_inputs(i, count, shape, num_classes, class_labels, seed, device):
 
 def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, name, seed=0, cfg_scale=1.0,
                       sampler="ddpm", class_labels=None, precision="fp32", cfg_channels=None, info=None,
-                      rank=0, world=1, device="cpu", progress=True, cfg_interval=None):
+                      rank=0, world=1, device="cpu", progress=True, cfg_interval=None, cuda_graphs=False):
     """Sample num_samples images into out_dir/name.npz in the ADM evaluator's format; returns its path.
 
     arr_0: uint8 (N, H, W, C) (C = 1 for grayscale data); arr_1: int64 labels (N,) when the model
@@ -322,8 +322,8 @@ def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, n
     size), skips the batches on disk and produces the same .npz as an uninterrupted one. Every
     rank must call this (it holds barriers). class_labels: labels cycled over the samples, or
     None for uniform random classes. precision: "fp32" or "bf16" (autocast of the model).
-    sampler, cfg_scale, cfg_channels, cfg_interval: see diffusion.generate. progress: bars over
-    the batches and the steps of each (rank 0).
+    sampler, cfg_scale, cfg_channels, cfg_interval, cuda_graphs: see diffusion.generate. progress:
+    bars over the batches and the steps of each (rank 0).
     """
     check_sampling_arguments(model, num_samples=num_samples, batch_size=batch_size, cfg_scale=cfg_scale,
                              class_labels=class_labels, precision=precision, rank=rank, world=world)
@@ -345,7 +345,7 @@ def write_samples_npz(model, diffusion, vae, num_samples, batch_size, out_dir, n
         noise, labels = batch_inputs(i, batch_size, shape, model.num_classes, class_labels, seed, device)
         noise, labels = noise[:count], None if labels is None else labels[:count]
         images = generate(model, diffusion, noise, labels, cfg_scale, sampler, vae, cfg_channels, precision == "bf16",
-                          cfg_interval, progress and rank == 0)
+                          cfg_interval, progress and rank == 0, cuda_graphs)
         arrays = {"images": to_uint8(images)}
         if labels is not None:
             arrays["labels"] = labels.cpu().numpy()

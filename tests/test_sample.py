@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import REPO, TINY, load, refusal, write_fashion_subset
 
 import model as dis
+from diffusion import create_diffusion, generate, sampler_respacing
 import sample
 import train
 
@@ -195,6 +196,7 @@ BAD_INPUTS = [  # (arguments after --ckpt CKPT, what the error line must say)
     (["--depth", "3"], "--depth must be even"),
     (["--image-size", "0"], "--image-size must be positive"),
     (["--num-classes", "-1"], "--num-classes must be >= 0"),
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device; this run is on cpu"),
 ]
 BAD_CHECKPOINTS = [  # (--ckpt value, what the error line must say)
     ("{tmp}/missing.pt", "--ckpt {tmp}/missing.pt: no such file or folder"),
@@ -202,6 +204,33 @@ BAD_CHECKPOINTS = [  # (--ckpt value, what the error line must say)
     ("{tmp}", "--ckpt: folder {tmp} holds no model.safetensors and config.json"),
     ("{tmp}/not-dis.pt", "--ckpt: {tmp}/not-dis.pt holds no DiS weights"),
 ]
+
+
+def test_cuda_graphs_refused_off_a_cuda_device():
+    model = dis.DiS(img_size=4, patch_size=2, channels=1, embed_dim=16, depth=2, num_classes=0).eval()
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, not cpu"):
+        generate(model, create_diffusion("4"), torch.randn(1, 1, 4, 4), cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler,cfg,interval,bf16", [("ddpm", 1.5, None, True), ("dpm++", 1.5, (0.2, 0.7), True),
+                                                         ("ddim", 1.0, None, False), ("dpm++sde", 1.0, None, True)])
+def test_cuda_graphs_sample_as_eager_calls(sampler, cfg, interval, bf16):
+    """The model's calls replayed from CUDA graphs give the eager samples bit for bit: guided
+    (every step, and in an interval, where plain and guided calls interleave), unguided, bf16 and
+    float32, and a second batch of another size (a graph of its own)."""
+    torch.manual_seed(0)
+    model = dis.DiS(img_size=8, patch_size=2, channels=3, embed_dim=32, depth=2, num_classes=10).cuda().eval()
+    diffusion = create_diffusion(sampler_respacing(sampler, 25))
+    for count in (6, 4):
+        noise = torch.randn(count, 3, 8, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(count))
+        labels = torch.arange(count, device="cuda") % 10
+        runs = []
+        for graphs in (False, True):
+            torch.manual_seed(1)  # the samplers' own noise (ddpm, dpm++sde)
+            runs.append(generate(model, diffusion, noise, labels, cfg, sampler, None, None, bf16, interval,
+                                 cuda_graphs=graphs))
+        assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(argv) for argv, _ in BAD_INPUTS])

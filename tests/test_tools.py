@@ -102,3 +102,14 @@ def test_scan_variants_refuses_bad_arguments_in_one_line(argv, message, capsys, 
         load_tool("scan_variants").main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cases", "DiS-S/2"], "--cases DiS-S/2: a case is MODEL:BATCH"),
+    (["--cases", "DiS-Q/2:8"], "--cases DiS-Q/2:8: a case is MODEL:BATCH"),
+])
+def test_sampling_graphs_refuses_bad_cases_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_tool("sampling_graphs").main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
