@@ -16,6 +16,16 @@ replayed steps give the eager steps' losses and weights bit for bit (tests/test_
 import torch
 
 
+def warm_up(fn, inputs, device):
+    """fn(*inputs) once on a side stream, as a capture runs, ordered after and before the current
+    stream's work: what fn builds on first use is then built outside the capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
 class GraphedPasses:
     """passes(*inputs) -> loss, a forward and backward pass that leaves the gradients in the
     parameters' .grad, captured as a CUDA graph on copies of `inputs`.
@@ -32,11 +42,7 @@ class GraphedPasses:
         # built on first use (cuBLAS workspaces, compiled kernels) must not be built inside it. Its
         # random numbers are drawn again by the graph's first replay, so the run's stay as eager.
         rng = torch.cuda.get_rng_state(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            passes(*self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
+        warm_up(passes, self.inputs, device)
         torch.cuda.set_rng_state(rng, device)
         for p in params:  # the backward pass in the capture allocates them in the graph's memory
             p.grad = None
@@ -77,12 +83,7 @@ class GraphedCalls:
 
     def _capture(self, inputs):
         buffers = [x.clone() for x in inputs]
-        device = buffers[0].device
-        side = torch.cuda.Stream(device)  # one call first, outside the capture (see GraphedPasses)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self.fn(*buffers)
-        torch.cuda.current_stream(device).wait_stream(side)
+        warm_up(self.fn, buffers, buffers[0].device)  # one call first, outside the capture (see GraphedPasses)
         graph = torch.cuda.CUDAGraph()  # a memory pool of its own: graphs of one sampler interleave
         with torch.cuda.graph(graph):
             output = self.fn(*buffers)
