@@ -7,19 +7,23 @@
 // (one program per dtype of the inputs and of the saved states, the kernels instantiated through
 // name expressions), allocates the outputs and launches the kernels.
 //
-// Four lanes (a quad) own one channel e of one batch element, each lane four of its 16 states,
-// in registers: a warp holds 8 channels, so that even one direction at (32, 768, 1026) gives the
-// GPU 3,072 warps, and a lane needs few enough registers for 16 warps per SM. A block of
-// THREADS / 4 channels walks time in segments of K steps (8 forward, 4 backward); the segment's
-// B and C are staged in shared memory as float32 and read by every quad. Each kernel computes
-// one direction, d a template parameter: the host launches direction 0, then direction 1, which
-// adds its output (y forward, dz backward) onto the first's.
+// The forward pass gives each lane one channel e of one batch element, its 16 states in
+// registers: the lane computes its own steps' delta (through softplus), delta u and gate, and
+// the sum over states (y) stays in the lane. A block of THREADS channels walks time in segments
+// of K steps; the segment's B and C are staged in shared memory as float32 and every lane reads
+// the same address. Each kernel computes one direction, d a template parameter: the host
+// launches direction 0, then direction 1, which adds its output (y forward, dz backward) onto
+// the first's.
 //
-// Per step, what is one number per channel (delta through softplus, delta u, the gated dy) is
-// computed once, by the step's owner, lane i % 4 of the quad for step i of a chunk of four steps,
-// and broadcast to the other three with a shuffle. The sums over states (y, and the gradients of
-// u and delta) are partial in each lane; a chunk's four of them are reduce-scattered over the
-// quad so that each owner ends with the sum of its own step, and writes it.
+// The backward pass gives four lanes (a quad) one channel, each lane four of its 16 states, in
+// registers: a warp holds 8 channels, and a lane needs few enough registers for 16 warps per SM
+// although it keeps a chunk's intermediate values. A block of THREADS / 4 channels walks time in
+// segments of 4 steps. Per step, what is one number per channel (delta through softplus,
+// delta u, the gated dy) is computed once, by the step's owner, lane i % 4 of the quad for step
+// i of a chunk of four steps, and broadcast to the other three with a shuffle. The sums over
+// states (the gradients of u and delta, and y for dz) are partial in each lane; a chunk's four of
+// them are reduce-scattered over the quad so that each owner ends with the sum of its own step,
+// and writes it.
 //
 // The gradients of B and C are sums over channels, i.e. over the warp's 8 quads. Lane l keeps
 // state 4q + (j ^ m) in its register j (q = l & 3, m = (l >> 3) & 3), so a reduce-scatter over
@@ -30,8 +34,7 @@
 // with element 4q + j = B[4q + (j ^ m)].
 //
 // Training: the forward pass saves the state at the start of every save_every-th chunk of four
-// steps ((batch, directions, saved, E, 16) in register order, float32 or the inputs' 16-bit
-// type), or, run again without y just before the backward pass, every chunk's (scan_cuda.py's
+// steps (float32 or the inputs' 16-bit type, laid out as saved_state says), or, run again without y just before the backward pass, every chunk's (scan_cuda.py's
 // save_every = 0: no state is held between the passes). The backward pass walks the chunks last
 // to first: from the saved state it recomputes the chunk forwards, keeping a_s = exp(delta_s A)
 // and a_s h_{s-1} per step in registers and forming dC_s = sum_e g_s h_s (g = dy silu(z)) on
@@ -186,8 +189,8 @@ __device__ __forceinline__ float channel_sum(float (&v)[SL]) {
 
 // ---- B and C of a segment, staged in shared memory -------------------------------------------------
 // Layout per buffer: [step K][B, C][copy 4][16 floats]; copy c holds X[4 (n / 4) + (n % 4 ^ c)] at element n.
-// Each of the first K * 32 threads of the block loads one value per segment: step i = idx / 32,
-// B or C, state n, through a pointer that moves one segment along per call.
+// A segment's K * 32 values are loaded by the block's threads, value idx: step i = idx / 32, B or
+// C, state n, through a pointer that moves one segment along per call.
 template <int K> __host__ __device__ constexpr int bc_floats() { return K * 2 * 4 * NS; }
 
 __device__ __forceinline__ int time_of(const Params& p, int d, int s) { return d ? p.L - 1 - s : s; }
@@ -198,8 +201,9 @@ struct BCLoader {
   i64 step;   // one segment along, in the direction of travel
   int seg, i;     // which segment comes next, which of its steps this thread loads
   bool on;        // a thread with a value to load (idx < K * 32, n < N)
-  __device__ BCLoader(const Params& p, int b, int d, int seg0, int dir) : seg(seg0) {
-    const int idx = threadIdx.x, kind = (idx >> 4) & 1, n = idx & 15;
+  BCLoader() = default;
+  __device__ BCLoader(const Params& p, int b, int d, int seg0, int dir, int idx) : seg(seg0) {
+    const int kind = (idx >> 4) & 1, n = idx & 15;
     i = idx >> 5;
     on = idx < K * 32 && n < p.N;
     const i64 sb = kind ? p.sC_b : p.sB_b, sl = kind ? p.sC_l : p.sB_l, sd = kind ? p.sC_d : p.sB_d,
@@ -219,8 +223,8 @@ struct BCLoader {
 };
 
 template <typename T, int K>
-__device__ __forceinline__ void store_bc(float* buf, T r) {
-  const int idx = threadIdx.x, i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15;
+__device__ __forceinline__ void store_bc(float* buf, T r, int idx = threadIdx.x) {
+  const int i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15;
   if (idx < K * 32) {
     const float v = to_f(r);
 #pragma unroll
@@ -276,23 +280,16 @@ __device__ __forceinline__ void direction_A2(const Params& p, int d, const Lane&
   }
 }
 
-// The saved state k of direction d, in S (float32 or u's 16-bit type): this lane's four
-// registers. State k + 1 is saved_step further.
+// The saved state k of direction d, in S (float32 or u's 16-bit type), (batch, ND, saved, E, 16)
+// in the backward pass's register order (see the top of the file): this lane's four registers.
+// State k + 1 is saved_step further.
 template <typename S>
 __device__ __forceinline__ S* saved_state(const Params& p, int b, int d, int k, const Lane& ln) {
   return (S*)p.states + ((((i64)b * p.ND + d) * p.n_saved + k) * p.E + ln.e) * NS + 4 * ln.q;
 }
 __device__ __forceinline__ i64 saved_step(const Params& p) { return (i64)p.E * NS; }
 
-// Four states to and from their storage: one 16-byte access in float32, 8 bytes in 16 bits.
-__device__ __forceinline__ void put_state(float* at, const float (&h)[SL]) {
-  *reinterpret_cast<float4*>(at) = make_float4(h[0], h[1], h[2], h[3]);
-}
-template <typename S> __device__ __forceinline__ void put_state(S* at, const float (&h)[SL]) {
-  const unsigned lo = from_f<S>(h[0]).bits | (unsigned)from_f<S>(h[1]).bits << 16;
-  const unsigned hi = from_f<S>(h[2]).bits | (unsigned)from_f<S>(h[3]).bits << 16;
-  *reinterpret_cast<uint2*>(at) = make_uint2(lo, hi);
-}
+// Four saved states from their storage: one 16-byte load in float32, 8 bytes in 16 bits.
 __device__ __forceinline__ float4 get_state(const float* at) { return *reinterpret_cast<const float4*>(at); }
 template <typename S> __device__ __forceinline__ float4 get_state(const S* at) {
   const uint2 v = *reinterpret_cast<const uint2*>(at);
@@ -300,99 +297,153 @@ template <typename S> __device__ __forceinline__ float4 get_state(const S* at) {
                      to_f(S{(unsigned short)(v.y & 0xffffu)}), to_f(S{(unsigned short)(v.y >> 16)}));
 }
 
-// ---- forward --------------------------------------------------------------------------------------------
-// Direction d; grid (E / (THREADS / 4), batch). Direction 1 adds its gated output onto direction 0's.
+// ---- forward ----------------------------------------------------------------------------------------------
+// One lane per channel, its 16 states in registers: the sum over states (C h) stays in the lane,
+// and each lane computes its own steps' delta, delta u and gate, so the forward pass needs no
+// shuffles. The lane of channel e keeps its states in the order the backward pass's lanes of
+// that channel do (register 4q + j: state 4q + (j ^ m), m = (e >> 1) & 3), so that it saves them
+// as they are. A block of THREADS channels of one batch element walks time in segments of K
+// steps, B and C staged as for the backward pass (four copies, lane e reading copy m).
+
+// One per-channel input as direction d walks it: step s of the direction is at at + s * step;
+// `at` moves one segment (K steps) along per load.
+template <typename T>
+struct Walk {
+  T* at;
+  i64 step;
+  __device__ Walk(const void* base, i64 offset, i64 stride_l, const Params& p, int d)
+      : at((T*)base + offset + (d ? (i64)(p.L - 1) * stride_l : 0)), step(d ? -stride_l : stride_l) {}
+};
+
+// The K values of segment seg; zero past the end and when not `on`; then the walk moves on.
+template <typename T, int K>
+__device__ __forceinline__ void load_steps(Walk<const T>& w, int seg, int L, bool on, T (&x)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) x[k] = on && seg * K + k < L ? ldg(w.at + k * w.step) : from_f<T>(0.f);
+  w.at += K * w.step;
+}
+
+// A lane's 16 states, in register order, to the saved state at `at` (channel e's 16 values): 64
+// bytes in float32, 32 in 16 bits.
+__device__ __forceinline__ void put_states(float* at, const float (&h)[NS]) {
+#pragma unroll
+  for (int j = 0; j < NS; j += 4) *reinterpret_cast<float4*>(at + j) = make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]);
+}
+template <typename S> __device__ __forceinline__ void put_states(S* at, const float (&h)[NS]) {
+  unsigned w[NS / 2];
+#pragma unroll
+  for (int j = 0; j < NS / 2; ++j) w[j] = from_f<S>(h[2 * j]).bits | (unsigned)from_f<S>(h[2 * j + 1]).bits << 16;
+  reinterpret_cast<uint4*>(at)[0] = make_uint4(w[0], w[1], w[2], w[3]);
+  reinterpret_cast<uint4*>(at)[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
+// Step i's B (kind 0) or C (kind 1) of a staged segment, all 16 states in the register order of
+// copy m.
+__device__ __forceinline__ void read_states(const float* buf, int i, int kind, int m, float (&x)[NS]) {
+  const float4* row = reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + m) * NS);
+#pragma unroll
+  for (int j = 0; j < NS / 4; ++j) {
+    const float4 v = row[j];
+    x[4 * j] = v.x; x[4 * j + 1] = v.y; x[4 * j + 2] = v.z; x[4 * j + 3] = v.w;
+  }
+}
+
+// Direction d; grid (E / THREADS, batch). Direction 1 adds its gated output onto direction 0's.
 // T: the type of u, delta, B, C, z and y; S: the type of the saved states. Without y (p.y null)
 // the pass only saves the states: the backward pass's recomputation of them (save_every = 0).
 template <typename T, typename S, int d, int K, int THREADS, bool WITH_Y>
-__device__ __forceinline__ void scan_fwd(const Params& p, float* bc_smem) {
-  constexpr int OWN = K / QUAD;
-  float (*bc)[bc_floats<K>()] = reinterpret_cast<float (*)[bc_floats<K>()]>(bc_smem);
-  const Lane ln = Lane::of<THREADS>(p.E, blockIdx.x);
-  const int b = blockIdx.y, n_seg = (p.L + K - 1) / K;
-  float A2[SL];
-  direction_A2(p, d, ln, A2);
-  const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
-  const float Dv = p.D && ln.active ? p.D[d * p.E + ln.e] : 0.f;
-  // the owner's inputs, loaded one segment ahead; y written at the current one. Direction 0's y
-  // (wyp) may go through the read-only cache: an earlier launch wrote it, and this kernel reads
-  // each value once, before the same thread overwrites it.
-  Stream<const T, K> wu(p.u, b * p.su_b + d * p.su_d + ln.e, p.su_l, p, d, 0, 1, ln);
-  Stream<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d, 0, 1, ln);
-  Stream<const T, K> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d, 0, 1, ln);
-  Stream<const T, K> wyp(p.y, b * p.sy_b + ln.e, p.sy_l, p, d, 0, 1, ln);
-  Stream<T, K> wy(p.y, b * p.sy_b + ln.e, p.sy_l, p, d, 0, 1, ln);
-  BCLoader<T, K> bcl(p, b, d, 0, 1);
-  float h[SL] = {0.f, 0.f, 0.f, 0.f};
-  T nu[OWN], nx[OWN], nz[OWN], ny[OWN];
-  load_owned(wu, 0, p.L, ln, true, nu);
-  load_owned(wd, 0, p.L, ln, true, nx);
-  load_owned(wz, 0, p.L, ln, WITH_Y, nz);
-  load_owned(wyp, 0, p.L, ln, WITH_Y && d > 0, ny);
-  store_bc<T, K>(bc[0], bcl.fetch(p, 1));
+__device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<K>()]) {
+  static_assert(K % QUAD == 0, "a segment is whole chunks (the steps between saved states)");
+  const int e = blockIdx.x * THREADS + threadIdx.x, b = blockIdx.y, n_seg = (p.L + K - 1) / K, m = (e >> 1) & 3;
+  const bool on = e < p.E;
+  float A2[NS];  // A times log2(e): exp(delta A) = exp2(delta A2); zero past N
+#pragma unroll
+  for (int r = 0; r < NS; ++r) {
+    const int n = (r & ~3) + ((r & 3) ^ m);
+    A2[r] = on && n < p.N ? p.A[((i64)d * p.E + e) * p.N + n] * LOG2E : 0.f;
+  }
+  const float bias = p.bias && on ? p.bias[d * p.E + e] : 0.f;
+  const float Dv = p.D && on ? p.D[d * p.E + e] : 0.f;
+  // the inputs, loaded one segment ahead; y written at the current one. Direction 0's y (wyp) may
+  // go through the read-only cache: an earlier launch wrote it, and this kernel reads each value
+  // once, before the same thread overwrites it.
+  Walk<const T> wu(p.u, b * p.su_b + d * p.su_d + e, p.su_l, p, d);
+  Walk<const T> wd(p.dl, b * p.sd_b + d * p.sd_d + e, p.sd_l, p, d);
+  Walk<const T> wz(p.z, b * p.sz_b + e, p.sz_l, p, d);
+  Walk<const T> wyp(p.y, b * p.sy_b + e, p.sy_l, p, d);
+  Walk<T> wy(p.y, b * p.sy_b + e, p.sy_l, p, d);
+  constexpr int PER = K * 32 / THREADS;  // B and C values each thread stages per segment
+  BCLoader<T, K> bcl[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) bcl[j] = BCLoader<T, K>(p, b, d, 0, 1, threadIdx.x + j * THREADS);
+  S* saved = p.save_states ? (S*)p.states + (((i64)b * p.ND + d) * p.n_saved * p.E + e) * NS : nullptr;
+  float h[NS];
+#pragma unroll
+  for (int n = 0; n < NS; ++n) h[n] = 0.f;
+  T nu[K], nx[K], nz[K], ny[K];
+  load_steps(wu, 0, p.L, on, nu);
+  load_steps(wd, 0, p.L, on, nx);
+  load_steps(wz, 0, p.L, on && WITH_Y, nz);
+  load_steps(wyp, 0, p.L, on && WITH_Y && d > 0, ny);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) store_bc<T, K>(bc[0], bcl[j].fetch(p, 1), threadIdx.x + j * THREADS);
   __syncthreads();
   int phase = 0;  // which chunk of QUAD steps: c % save_every
-  S* saved = p.save_states ? saved_state<S>(p, b, d, 0, ln) : nullptr;  // state c / save_every
   for (int seg = 0; seg < n_seg; ++seg) {
-    T uu[OWN], xx[OWN], zz[OWN], yp[OWN];
+    T uu[K], xx[K], zz[K], yp[K];
 #pragma unroll
-    for (int k = 0; k < OWN; ++k) { uu[k] = nu[k]; xx[k] = nx[k]; zz[k] = nz[k]; yp[k] = ny[k]; }
-    T r = from_f<T>(0.f);
+    for (int k = 0; k < K; ++k) { uu[k] = nu[k]; xx[k] = nx[k]; zz[k] = nz[k]; yp[k] = ny[k]; }
+    T r[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) r[j] = from_f<T>(0.f);
     if (seg + 1 < n_seg) {
-      r = bcl.fetch(p, 1);
-      load_owned(wu, seg + 1, p.L, ln, true, nu);
-      load_owned(wd, seg + 1, p.L, ln, true, nx);
-      load_owned(wz, seg + 1, p.L, ln, WITH_Y, nz);
-      load_owned(wyp, seg + 1, p.L, ln, WITH_Y && d > 0, ny);
-    }
-    float dt_o[OWN], du_o[OWN];  // the owner's steps: delta (through softplus), delta u
 #pragma unroll
-    for (int k = 0; k < OWN; ++k) {
-      const bool ok = seg * K + QUAD * k + ln.q < p.L;
-      dt_o[k] = softplus(to_f(xx[k]) + bias) * (ok ? 1.f : 0.f);
-      du_o[k] = dt_o[k] * to_f(uu[k]);
+      for (int j = 0; j < PER; ++j) r[j] = bcl[j].fetch(p, 1);
+      load_steps(wu, seg + 1, p.L, on, nu);
+      load_steps(wd, seg + 1, p.L, on, nx);
+      load_steps(wz, seg + 1, p.L, on && WITH_Y, nz);
+      load_steps(wyp, seg + 1, p.L, on && WITH_Y && d > 0, ny);
     }
     const float* cur = bc[seg & 1];
 #pragma unroll
-    for (int g = 0; g < OWN; ++g) {  // a chunk of QUAD steps: the backward pass's segment
-      if (p.save_states && phase == 0 && ln.active && seg * K + QUAD * g < p.L)
-        put_state(saved, h);
-      if (++phase == p.save_every) {
-        phase = 0;
-        if (p.save_states) saved += saved_step(p);
-      }
-      float acc[QUAD];  // this lane's part of each step's sum over states, C h
-#pragma unroll
-      for (int i4 = 0; i4 < QUAD; ++i4) {
-        const int i = QUAD * g + i4;
-        const float dt = from_owner(dt_o[g], i4), du = from_owner(du_o[g], i4);
-        float Bv[SL];
-        unpack(read_bc(cur, i, 0, ln), Bv);
-#pragma unroll
-        for (int j = 0; j < SL; ++j) h[j] = fmaf(ex2(dt * A2[j]), h[j], du * Bv[j]);
-        if (WITH_Y) {
-          float Cv[SL];
-          unpack(read_bc(cur, i, 1, ln), Cv);
-          acc[i4] = fmaf(Cv[0], h[0], Cv[1] * h[1]) + fmaf(Cv[2], h[2], Cv[3] * h[3]);
+    for (int i = 0; i < K; ++i) {
+      const int s = seg * K + i;
+      if (i % QUAD == 0) {  // the start of a chunk: its state is saved every save_every-th chunk
+        if (p.save_states && phase == 0 && on && s < p.L) put_states(saved, h);
+        if (++phase == p.save_every) {
+          phase = 0;
+          if (p.save_states) saved += (i64)p.E * NS;
         }
       }
+      const float dt = softplus(to_f(xx[i]) + bias) * (s < p.L ? 1.f : 0.f), du = dt * to_f(uu[i]);
+      float Bv[NS];
+      read_states(cur, i, 0, m, Bv);
+#pragma unroll
+      for (int n = 0; n < NS; ++n) h[n] = fmaf(ex2(dt * A2[n]), h[n], du * Bv[n]);
       if (WITH_Y) {
-        const int s = seg * K + QUAD * g + ln.q;
-        const float u = to_f(uu[g]), z = to_f(zz[g]);
-        const float out = (quad_sum(acc, ln.q) + Dv * u) * z * sigmoid(z) + to_f(yp[g]);
-        if (s < p.L && ln.active) *wy.ptr(g) = from_f<T>(out);
+        float Cv[NS], acc[4];
+        read_states(cur, i, 1, m, Cv);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[j] = Cv[j] * h[j];
+#pragma unroll
+        for (int n = 4; n < NS; ++n) acc[n % 4] = fmaf(Cv[n], h[n], acc[n % 4]);
+        const float u = to_f(uu[i]), z = to_f(zz[i]);
+        const float out = ((acc[0] + acc[1]) + (acc[2] + acc[3]) + Dv * u) * z * sigmoid(z) + to_f(yp[i]);
+        if (on && s < p.L) wy.at[i * wy.step] = from_f<T>(out);
       }
     }
-    if (WITH_Y) wy.move();
-    if (seg + 1 < n_seg) store_bc<T, K>(bc[(seg + 1) & 1], r);
+    if (WITH_Y) wy.at += K * wy.step;
+    if (seg + 1 < n_seg)
+#pragma unroll
+      for (int j = 0; j < PER; ++j) store_bc<T, K>(bc[(seg + 1) & 1], r[j], threadIdx.x + j * THREADS);
     __syncthreads();
   }
 }
 
 template <typename T, typename S, int d, int K, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p) {
-  static_assert(K % QUAD == 0 && K * 32 <= THREADS, "a segment's B and C are one value per thread");
-  __shared__ __align__(16) float bc[2 * bc_floats<K>()];
+  static_assert(K * 32 % THREADS == 0, "a segment's B and C are whole values per thread");
+  __shared__ __align__(16) float bc[2][bc_floats<K>()];
   if (p.y) scan_fwd<T, S, d, K, THREADS, true>(p, bc);
   else scan_fwd<T, S, d, K, THREADS, false>(p, bc);
 }
@@ -449,7 +500,7 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
   Stream<T, K> wdz(p.dz, (i64)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
   Stream<T, K> wdu(p.du, ((i64)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
   Stream<T, K> wddl(p.ddl, ((i64)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
-  BCLoader<T, K> bcl(p, b, d, last, -1);
+  BCLoader<T, K> bcl(p, b, d, last, -1, threadIdx.x);
   float dh[SL], dA[SL], a_after[SL];  // a_after: a of the step after the segment
 #pragma unroll
   for (int j = 0; j < SL; ++j) dh[j] = dA[j] = a_after[j] = 0.f;

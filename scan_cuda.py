@@ -58,11 +58,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cuda.cu")
 
 # The launch configuration, passed to the kernels as template arguments: the forward pass in
-# segments of 8 steps, 256 threads (64 channels) per block, at least 4 blocks per SM (so at most
-# 64 registers); the backward pass 256 threads per block, 2 blocks per SM (128 registers), and
+# segments of 4 steps, 128 threads (one channel each) per block, at least 4 blocks per SM (so at
+# most 128 registers); the backward pass 256 threads per block, 2 blocks per SM (128 registers), and
 # its last partial wave of blocks, when they are at most one per SM, compiled for one block per
 # SM (no register cap, no spills).
-FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS = 8, 256, 4
+FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS = 4, 128, 4
 BWD_THREADS, BWD_MIN_BLOCKS = 256, 2
 FINISH_THREADS = 256
 _C_TYPES = {torch.float32: "float", torch.bfloat16: "dis::bf16", torch.float16: "dis::f16"}
@@ -626,7 +626,7 @@ def _run_forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every, s
     index = u.device.index
     k = _kernels(index, u.dtype, states_dtype)
     p = _params(u, delta, A, B, C, D, z, delta_bias, save_every, n_saved, y=y, states=states if save_states else None)
-    grid, stream, args = (_cdiv(E, FWD_THREADS // CHUNK), batch), _stream(index), _arguments(p)
+    grid, stream, args = (_cdiv(E, FWD_THREADS), batch), _stream(index), _arguments(p)
     with _Current(k.context):
         for d in range(ND):  # direction 1 adds its output onto direction 0's
             _launch(k.fwd[d], grid, FWD_THREADS, stream, args)
