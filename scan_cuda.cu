@@ -46,8 +46,7 @@ namespace dis {
 typedef long long i64;
 
 constexpr int NS = 16;       // states per channel, padded with zero states
-constexpr int QUAD = 4;      // lanes per channel
-constexpr int SL = NS / QUAD;  // states per lane
+constexpr int CHUNK = 4;     // steps between the states the forward pass saves
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
@@ -154,60 +153,52 @@ __device__ __forceinline__ float softplus(float x) {
 }
 
 // ---- which lane holds what ------------------------------------------------------------------------
-struct Lane {
-  int lane, warp, q, m, e;
-  bool active;  // e < E
-  template <int THREADS>
-  __device__ static Lane of(int E, int block) {  // block: which block of THREADS / 4 channels
-    const int tid = threadIdx.x, e = block * (THREADS / QUAD) + tid / QUAD;
-    return Lane{tid & 31, tid >> 5, tid & 3, (tid >> 3) & 3, e, e < E};
-  }
-  __device__ int state(int j) const { return 4 * q + (j ^ m); }  // which state register j holds
-  __device__ bool writes_sums() const { return !(lane & 4); }     // one of the two lanes with the sum of a state
-};
+// Lane e % 32 of a warp holds channel e with its 16 states in registers, register r holding
+// state r ^ perm(e): a reduce-scatter over the warp's channels then needs no selects (see
+// channel_sum), and B and C are read in that order from one of 4 copies in shared memory.
+__device__ __forceinline__ int perm_of(int e) { return (e >> 1) & 15; }
 
-// Step i of a chunk of QUAD steps, broadcast from its owner (lane i of the quad, which holds it in own).
-__device__ __forceinline__ float from_owner(float own, int i) { return __shfl_sync(FULL, own, i, QUAD); }
-
-// Sums over the quad of a chunk's four per-step values v[i]; lane q gets step q's.
-__device__ __forceinline__ float quad_sum(const float (&v)[QUAD], int q) {
-  const bool hi = q & 2, odd = q & 1;
-  // across lane bit 1: keep steps 2, 3 (hi) or 0, 1, adding the partner's
-  const float k0 = (hi ? v[2] : v[0]) + __shfl_xor_sync(FULL, hi ? v[0] : v[2], 2);
-  const float k1 = (hi ? v[3] : v[1]) + __shfl_xor_sync(FULL, hi ? v[1] : v[3], 2);
-  // across lane bit 0: keep step q
-  return (odd ? k1 : k0) + __shfl_xor_sync(FULL, odd ? k0 : k1, 1);
+// The sum over the warp's 32 channels of state perm(e) (in both lanes of a pair); v is clobbered.
+// Across lane bit 4 the partner's registers 8..15 hold this lane's states 0..7 (perm differs by
+// 8), across bit 3 registers 4..7 hold 0..3, and so on down to register 0; lane bit 0 does not
+// change perm, so the last step adds the pair's two halves.
+__device__ __forceinline__ float channel_sum(float (&v)[NS]) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) v[r] += __shfl_xor_sync(FULL, v[r + 8], 16);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) v[r] += __shfl_xor_sync(FULL, v[r + 4], 8);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) v[r] += __shfl_xor_sync(FULL, v[r + 2], 4);
+  v[0] += __shfl_xor_sync(FULL, v[1], 2);
+  return v[0] + __shfl_xor_sync(FULL, v[0], 1);
 }
 
-// Sum over the warp's quads (channels) of state 4q + m (see the top of the file); v is clobbered.
-__device__ __forceinline__ float channel_sum(float (&v)[SL]) {
-  v[0] += __shfl_xor_sync(FULL, v[2], 16);
-  v[1] += __shfl_xor_sync(FULL, v[3], 16);
-  v[0] += __shfl_xor_sync(FULL, v[1], 8);
-  return v[0] + __shfl_xor_sync(FULL, v[0], 4);
-}
-
-// ---- B and C of a segment, staged in shared memory -------------------------------------------------
-// Layout per buffer: [step K][B, C][copy 4][16 floats]; copy c holds X[4 (n / 4) + (n % 4 ^ c)] at element n.
-// A segment's K * 32 values are loaded by the block's threads, value idx: step i = idx / 32, B or
-// C, state n, through a pointer that moves one segment along per call.
-template <int K> __host__ __device__ constexpr int bc_floats() { return K * 2 * 4 * NS; }
+// ---- B and C of a chunk, staged in shared memory ------------------------------------------------
+// Layout per buffer: [step K][B, C][copy 4][COPY floats]; copy c holds X[4 (n / 4) + (n % 4 ^ c)]
+// at element n. Register r = 4 g + j of the lane with perm = 4 hi + m holds state
+// 4 (g ^ hi) + (j ^ m), which is element 4 (g ^ hi) + j of copy m: one 16-byte read per four
+// registers. A copy takes 20 floats rather than 16 so that the eight lanes of an access phase,
+// which read four different copies, fall in different banks. A chunk's K * 32 values are loaded
+// by the block's threads, value idx: step i = idx / 32, B or C, state n, through a pointer that
+// moves one chunk along per call.
+constexpr int COPY = 20;
+template <int K> __host__ __device__ constexpr int bc_floats() { return K * 2 * 4 * COPY; }
 
 __device__ __forceinline__ int time_of(const Params& p, int d, int s) { return d ? p.L - 1 - s : s; }
 
 template <typename T, int K>
 struct BCLoader {
-  const T* at;    // this thread's value in the segment `seg`
-  i64 step;   // one segment along, in the direction of travel
-  int seg, i;     // which segment comes next, which of its steps this thread loads
-  bool on;        // a thread with a value to load (idx < K * 32, n < N)
+  const T* at;    // this thread's value in the chunk `seg`
+  i64 step;       // one chunk along, in the direction of travel
+  int seg, i;     // which chunk comes next, which of its steps this thread loads
+  bool on;        // a thread with a value to load (n < N)
   BCLoader() = default;
   __device__ BCLoader(const Params& p, int b, int d, int seg0, int dir, int idx) : seg(seg0) {
     const int kind = (idx >> 4) & 1, n = idx & 15;
     i = idx >> 5;
-    on = idx < K * 32 && n < p.N;
+    on = n < p.N;
     const i64 sb = kind ? p.sC_b : p.sB_b, sl = kind ? p.sC_l : p.sB_l, sd = kind ? p.sC_d : p.sB_d,
-                  sn = kind ? p.sC_n : p.sB_n;
+              sn = kind ? p.sC_n : p.sB_n;
     const int s = seg0 * K + i;
     at = (const T*)(kind ? p.C : p.B) + b * sb + d * sd + n * sn + (i64)time_of(p, d, s) * sl;
     step = (d ? -sl : sl) * K * dir;
@@ -222,109 +213,116 @@ struct BCLoader {
   }
 };
 
-template <typename T, int K>
-__device__ __forceinline__ void store_bc(float* buf, T r, int idx = threadIdx.x) {
-  const int i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15;
-  if (idx < K * 32) {
-    const float v = to_f(r);
+// The values a block's threads fetch per chunk, PER each: thread tid has values tid + j * THREADS.
+template <typename T, int K, int THREADS>
+struct BCStage {
+  static constexpr int PER = K * 32 / THREADS;
+  static_assert(K * 32 % THREADS == 0, "a chunk's B and C are whole values per thread");
+  BCLoader<T, K> ld[PER];
+  T r[PER];
+  __device__ BCStage(const Params& p, int b, int d, int seg0, int dir) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) buf[((i * 2 + kind) * 4 + c) * NS + (n & ~3) + ((n & 3) ^ c)] = v;
+    for (int j = 0; j < PER; ++j) ld[j] = BCLoader<T, K>(p, b, d, seg0, dir, threadIdx.x + j * THREADS);
   }
-}
-
-// Step i's B (kind 0) or C (kind 1) for this lane's states, in register order.
-__device__ __forceinline__ float4 read_bc(const float* buf, int i, int kind, const Lane& ln) {
-  return *reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + ln.m) * NS + 4 * ln.q);
-}
-
-__device__ __forceinline__ void unpack(float4 v, float (&x)[SL]) { x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w; }
-
-// ---- per-channel pieces -----------------------------------------------------------------------------
-// One per-channel (batch, L, ...) tensor as a direction walks it, at this lane's owned steps of
-// one segment: step QUAD k + q of the segment is at at + k * own_step; `move` goes one segment
-// along in the direction of travel (dir 1: forward pass, -1: backward pass).
-template <typename T, int K>
-struct Stream {
-  T* at;
-  i64 own_step, seg_step;
-  __device__ Stream(const void* base, i64 offset, i64 stride_l, const Params& p, int d, int seg0, int dir,
-                    const Lane& ln) {
-    const i64 sl = d ? -stride_l : stride_l;
-    at = (T*)base + offset + (d ? (i64)(p.L - 1) * stride_l : 0) + (i64)(seg0 * K + ln.q) * sl;
-    own_step = QUAD * sl;
-    seg_step = K * sl * dir;
+  __device__ void fetch(const Params& p, int dir) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) r[j] = ld[j].fetch(p, dir);
   }
-  __device__ T* ptr(int k) const { return at + k * own_step; }
-  __device__ void move() { at += seg_step; }
+  __device__ void store(float* buf) const {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int idx = threadIdx.x + j * THREADS, i = idx >> 5, kind = (idx >> 4) & 1, n = idx & 15;
+      const float v = to_f(r[j]);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) buf[((i * 2 + kind) * 4 + c) * COPY + (n & ~3) + ((n & 3) ^ c)] = v;
+    }
+  }
 };
 
-// The owner's values of one per-channel input in segment seg >= 0 (steps 4k + q); zero past the
-// end, for idle lanes and when not `on`; then the stream moves on.
-template <typename T, int K>
-__device__ __forceinline__ void load_owned(Stream<const T, K>& w, int seg, int L, const Lane& ln, bool on,
-                                           T (&x)[K / QUAD]) {
+// Registers 4 j .. 4 j + 3 of step i's B (kind 0) or C (kind 1) of a staged chunk, for perm.
+__device__ __forceinline__ float4 read_group(const float* buf, int i, int kind, int perm, int j) {
+  return *reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + (perm & 3)) * COPY + 4 * (j ^ (perm >> 2)));
+}
+
+// Step i's B (kind 0) or C (kind 1) of a staged chunk in the register order of perm.
+__device__ __forceinline__ void read_states(const float* buf, int i, int kind, int perm, float (&x)[NS]) {
+  const float* copy = buf + ((i * 2 + kind) * 4 + (perm & 3)) * COPY;
 #pragma unroll
-  for (int k = 0; k < K / QUAD; ++k) {
-    const int s = seg * K + QUAD * k + ln.q;
-    x[k] = on && ln.active && s < L ? ldg(w.ptr(k)) : from_f<T>(0.f);
+  for (int j = 0; j < NS / 4; ++j) {
+    const float4 v = *reinterpret_cast<const float4*>(copy + 4 * (j ^ (perm >> 2)));
+    x[4 * j] = v.x; x[4 * j + 1] = v.y; x[4 * j + 2] = v.z; x[4 * j + 3] = v.w;
   }
-  w.move();
+}
+
+// ---- per-channel pieces -----------------------------------------------------------------------------
+// One per-channel (batch, L, ...) tensor as a direction walks it: step s of the direction is at
+// at + s * step, `at` moving one chunk (K steps) along per load or store, forwards (dir 1) or
+// backwards (dir -1) in the direction's own order.
+template <typename T, int K>
+struct Walk {
+  T* at;  // step K * seg0 of the direction
+  i64 step, move;
+  __device__ Walk(const void* base, i64 offset, i64 stride_l, const Params& p, int d, int seg0, int dir)
+      : at((T*)base + offset + (d ? (i64)(p.L - 1) * stride_l : 0)), step(d ? -stride_l : stride_l) {
+    at += (i64)seg0 * K * step;
+    move = dir * K * step;
+  }
+};
+
+// The K values of chunk seg; zero past the end and when not `on`; then the walk moves on.
+template <typename T, int K>
+__device__ __forceinline__ void load_steps(Walk<const T, K>& w, int seg, int L, bool on, T (&x)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) x[k] = on && seg * K + k < L ? ldg(w.at + k * w.step) : from_f<T>(0.f);
+  w.at += w.move;
 }
 
 // Direction d's A times log2(e) in register order (exp(delta A) = exp2(delta A2)); zero past N.
-__device__ __forceinline__ void direction_A2(const Params& p, int d, const Lane& ln, float (&A2)[SL]) {
+__device__ __forceinline__ void direction_A2(const Params& p, int d, int e, bool on, float (&A2)[NS]) {
+  const int perm = perm_of(e);
 #pragma unroll
-  for (int j = 0; j < SL; ++j) {
-    const int n = ln.state(j);
-    A2[j] = ln.active && n < p.N ? p.A[((i64)d * p.E + ln.e) * p.N + n] * LOG2E : 0.f;
+  for (int r = 0; r < NS; ++r) {
+    const int n = r ^ perm;
+    A2[r] = on && n < p.N ? p.A[((i64)d * p.E + e) * p.N + n] * LOG2E : 0.f;
   }
 }
 
-// The saved state k of direction d, in S (float32 or u's 16-bit type), (batch, ND, saved, E, 16)
-// in the backward pass's register order (see the top of the file): this lane's four registers.
-// State k + 1 is saved_step further.
+// ---- saved states ----------------------------------------------------------------------------------
+// (batch, ND, saved, E, 16) in S (float32 or u's 16-bit type), each channel's 16 in register order.
 template <typename S>
-__device__ __forceinline__ S* saved_state(const Params& p, int b, int d, int k, const Lane& ln) {
-  return (S*)p.states + ((((i64)b * p.ND + d) * p.n_saved + k) * p.E + ln.e) * NS + 4 * ln.q;
+__device__ __forceinline__ S* saved_state(const Params& p, int b, int d, int k, int e) {
+  return (S*)p.states + ((((i64)b * p.ND + d) * p.n_saved + k) * p.E + e) * NS;
 }
 __device__ __forceinline__ i64 saved_step(const Params& p) { return (i64)p.E * NS; }
 
-// Four saved states from their storage: one 16-byte load in float32, 8 bytes in 16 bits.
-__device__ __forceinline__ float4 get_state(const float* at) { return *reinterpret_cast<const float4*>(at); }
-template <typename S> __device__ __forceinline__ float4 get_state(const S* at) {
-  const uint2 v = *reinterpret_cast<const uint2*>(at);
-  return make_float4(to_f(S{(unsigned short)(v.x & 0xffffu)}), to_f(S{(unsigned short)(v.x >> 16)}),
-                     to_f(S{(unsigned short)(v.y & 0xffffu)}), to_f(S{(unsigned short)(v.y >> 16)}));
-}
-
-// ---- forward ----------------------------------------------------------------------------------------------
-// One lane per channel, its 16 states in registers: the sum over states (C h) stays in the lane,
-// and each lane computes its own steps' delta, delta u and gate, so the forward pass needs no
-// shuffles. The lane of channel e keeps its states in the order the backward pass's lanes of
-// that channel do (register 4q + j: state 4q + (j ^ m), m = (e >> 1) & 3), so that it saves them
-// as they are. A block of THREADS channels of one batch element walks time in segments of K
-// steps, B and C staged as for the backward pass (four copies, lane e reading copy m).
-
-// One per-channel input as direction d walks it: step s of the direction is at at + s * step;
-// `at` moves one segment (K steps) along per load.
-template <typename T>
-struct Walk {
-  T* at;
-  i64 step;
-  __device__ Walk(const void* base, i64 offset, i64 stride_l, const Params& p, int d)
-      : at((T*)base + offset + (d ? (i64)(p.L - 1) * stride_l : 0)), step(d ? -stride_l : stride_l) {}
+// A channel's 16 states as stored: four 16-byte words in float32, two in 16 bits.
+template <typename S> struct Stored {
+  uint4 w[NS * sizeof(S) / 16];
 };
-
-// The K values of segment seg; zero past the end and when not `on`; then the walk moves on.
-template <typename T, int K>
-__device__ __forceinline__ void load_steps(Walk<const T>& w, int seg, int L, bool on, T (&x)[K]) {
+template <typename S> __device__ __forceinline__ Stored<S> get_states(const S* at, bool on) {
+  Stored<S> s;
 #pragma unroll
-  for (int k = 0; k < K; ++k) x[k] = on && seg * K + k < L ? ldg(w.at + k * w.step) : from_f<T>(0.f);
-  w.at += K * w.step;
+  for (int j = 0; j < NS * (int)sizeof(S) / 16; ++j) s.w[j] = on ? reinterpret_cast<const uint4*>(at)[j] : make_uint4(0, 0, 0, 0);
+  return s;
 }
-
-// A lane's 16 states, in register order, to the saved state at `at` (channel e's 16 values): 64
-// bytes in float32, 32 in 16 bits.
+__device__ __forceinline__ void unpack_states(const Stored<float>& s, float (&h)[NS]) {
+#pragma unroll
+  for (int j = 0; j < NS / 4; ++j) {
+    h[4 * j] = __uint_as_float(s.w[j].x); h[4 * j + 1] = __uint_as_float(s.w[j].y);
+    h[4 * j + 2] = __uint_as_float(s.w[j].z); h[4 * j + 3] = __uint_as_float(s.w[j].w);
+  }
+}
+template <typename S> __device__ __forceinline__ void unpack_states(const Stored<S>& s, float (&h)[NS]) {
+#pragma unroll
+  for (int j = 0; j < NS / 8; ++j) {
+    const unsigned u[4] = {s.w[j].x, s.w[j].y, s.w[j].z, s.w[j].w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      h[8 * j + 2 * k] = to_f(S{(unsigned short)(u[k] & 0xffffu)});
+      h[8 * j + 2 * k + 1] = to_f(S{(unsigned short)(u[k] >> 16)});
+    }
+  }
+}
 __device__ __forceinline__ void put_states(float* at, const float (&h)[NS]) {
 #pragma unroll
   for (int j = 0; j < NS; j += 4) *reinterpret_cast<float4*>(at + j) = make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]);
@@ -337,46 +335,29 @@ template <typename S> __device__ __forceinline__ void put_states(S* at, const fl
   reinterpret_cast<uint4*>(at)[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-// Step i's B (kind 0) or C (kind 1) of a staged segment, all 16 states in the register order of
-// copy m.
-__device__ __forceinline__ void read_states(const float* buf, int i, int kind, int m, float (&x)[NS]) {
-  const float4* row = reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + m) * NS);
-#pragma unroll
-  for (int j = 0; j < NS / 4; ++j) {
-    const float4 v = row[j];
-    x[4 * j] = v.x; x[4 * j + 1] = v.y; x[4 * j + 2] = v.z; x[4 * j + 3] = v.w;
-  }
-}
-
+// ---- forward ----------------------------------------------------------------------------------------------
 // Direction d; grid (E / THREADS, batch). Direction 1 adds its gated output onto direction 0's.
 // T: the type of u, delta, B, C, z and y; S: the type of the saved states. Without y (p.y null)
 // the pass only saves the states: the backward pass's recomputation of them (save_every = 0).
 template <typename T, typename S, int d, int K, int THREADS, bool WITH_Y>
 __device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<K>()]) {
-  static_assert(K % QUAD == 0, "a segment is whole chunks (the steps between saved states)");
-  const int e = blockIdx.x * THREADS + threadIdx.x, b = blockIdx.y, n_seg = (p.L + K - 1) / K, m = (e >> 1) & 3;
+  static_assert(K % CHUNK == 0, "a segment is whole chunks (the steps between saved states)");
+  const int e = blockIdx.x * THREADS + threadIdx.x, b = blockIdx.y, n_seg = (p.L + K - 1) / K, perm = perm_of(e);
   const bool on = e < p.E;
-  float A2[NS];  // A times log2(e): exp(delta A) = exp2(delta A2); zero past N
-#pragma unroll
-  for (int r = 0; r < NS; ++r) {
-    const int n = (r & ~3) + ((r & 3) ^ m);
-    A2[r] = on && n < p.N ? p.A[((i64)d * p.E + e) * p.N + n] * LOG2E : 0.f;
-  }
+  float A2[NS];
+  direction_A2(p, d, e, on, A2);
   const float bias = p.bias && on ? p.bias[d * p.E + e] : 0.f;
   const float Dv = p.D && on ? p.D[d * p.E + e] : 0.f;
   // the inputs, loaded one segment ahead; y written at the current one. Direction 0's y (wyp) may
   // go through the read-only cache: an earlier launch wrote it, and this kernel reads each value
   // once, before the same thread overwrites it.
-  Walk<const T> wu(p.u, b * p.su_b + d * p.su_d + e, p.su_l, p, d);
-  Walk<const T> wd(p.dl, b * p.sd_b + d * p.sd_d + e, p.sd_l, p, d);
-  Walk<const T> wz(p.z, b * p.sz_b + e, p.sz_l, p, d);
-  Walk<const T> wyp(p.y, b * p.sy_b + e, p.sy_l, p, d);
-  Walk<T> wy(p.y, b * p.sy_b + e, p.sy_l, p, d);
-  constexpr int PER = K * 32 / THREADS;  // B and C values each thread stages per segment
-  BCLoader<T, K> bcl[PER];
-#pragma unroll
-  for (int j = 0; j < PER; ++j) bcl[j] = BCLoader<T, K>(p, b, d, 0, 1, threadIdx.x + j * THREADS);
-  S* saved = p.save_states ? (S*)p.states + (((i64)b * p.ND + d) * p.n_saved * p.E + e) * NS : nullptr;
+  Walk<const T, K> wu(p.u, b * p.su_b + d * p.su_d + e, p.su_l, p, d, 0, 1);
+  Walk<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + e, p.sd_l, p, d, 0, 1);
+  Walk<const T, K> wz(p.z, b * p.sz_b + e, p.sz_l, p, d, 0, 1);
+  Walk<const T, K> wyp(p.y, b * p.sy_b + e, p.sy_l, p, d, 0, 1);
+  Walk<T, K> wy(p.y, b * p.sy_b + e, p.sy_l, p, d, 0, 1);
+  BCStage<T, K, THREADS> bcs(p, b, d, 0, 1);
+  S* saved = p.save_states ? saved_state<S>(p, b, d, 0, e) : nullptr;
   float h[NS];
 #pragma unroll
   for (int n = 0; n < NS; ++n) h[n] = 0.f;
@@ -385,20 +366,16 @@ __device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<
   load_steps(wd, 0, p.L, on, nx);
   load_steps(wz, 0, p.L, on && WITH_Y, nz);
   load_steps(wyp, 0, p.L, on && WITH_Y && d > 0, ny);
-#pragma unroll
-  for (int j = 0; j < PER; ++j) store_bc<T, K>(bc[0], bcl[j].fetch(p, 1), threadIdx.x + j * THREADS);
+  bcs.fetch(p, 1);
+  bcs.store(bc[0]);
   __syncthreads();
-  int phase = 0;  // which chunk of QUAD steps: c % save_every
+  int phase = 0;  // which chunk of CHUNK steps: c % save_every
   for (int seg = 0; seg < n_seg; ++seg) {
     T uu[K], xx[K], zz[K], yp[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) { uu[k] = nu[k]; xx[k] = nx[k]; zz[k] = nz[k]; yp[k] = ny[k]; }
-    T r[PER];
-#pragma unroll
-    for (int j = 0; j < PER; ++j) r[j] = from_f<T>(0.f);
     if (seg + 1 < n_seg) {
-#pragma unroll
-      for (int j = 0; j < PER; ++j) r[j] = bcl[j].fetch(p, 1);
+      bcs.fetch(p, 1);
       load_steps(wu, seg + 1, p.L, on, nu);
       load_steps(wd, seg + 1, p.L, on, nx);
       load_steps(wz, seg + 1, p.L, on && WITH_Y, nz);
@@ -408,41 +385,38 @@ __device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       const int s = seg * K + i;
-      if (i % QUAD == 0) {  // the start of a chunk: its state is saved every save_every-th chunk
+      if (i % CHUNK == 0) {  // the start of a chunk: its state is saved every save_every-th chunk
         if (p.save_states && phase == 0 && on && s < p.L) put_states(saved, h);
         if (++phase == p.save_every) {
           phase = 0;
-          if (p.save_states) saved += (i64)p.E * NS;
+          if (p.save_states) saved += saved_step(p);
         }
       }
       const float dt = softplus(to_f(xx[i]) + bias) * (s < p.L ? 1.f : 0.f), du = dt * to_f(uu[i]);
       float Bv[NS];
-      read_states(cur, i, 0, m, Bv);
+      read_states(cur, i, 0, perm, Bv);
 #pragma unroll
-      for (int n = 0; n < NS; ++n) h[n] = fmaf(ex2(dt * A2[n]), h[n], du * Bv[n]);
+      for (int r = 0; r < NS; ++r) h[r] = fmaf(ex2(dt * A2[r]), h[r], du * Bv[r]);
       if (WITH_Y) {
         float Cv[NS], acc[4];
-        read_states(cur, i, 1, m, Cv);
+        read_states(cur, i, 1, perm, Cv);
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[j] = Cv[j] * h[j];
 #pragma unroll
-        for (int n = 4; n < NS; ++n) acc[n % 4] = fmaf(Cv[n], h[n], acc[n % 4]);
+        for (int r = 4; r < NS; ++r) acc[r % 4] = fmaf(Cv[r], h[r], acc[r % 4]);
         const float u = to_f(uu[i]), z = to_f(zz[i]);
         const float out = ((acc[0] + acc[1]) + (acc[2] + acc[3]) + Dv * u) * z * sigmoid(z) + to_f(yp[i]);
         if (on && s < p.L) wy.at[i * wy.step] = from_f<T>(out);
       }
     }
-    if (WITH_Y) wy.at += K * wy.step;
-    if (seg + 1 < n_seg)
-#pragma unroll
-      for (int j = 0; j < PER; ++j) store_bc<T, K>(bc[(seg + 1) & 1], r[j], threadIdx.x + j * THREADS);
+    if (WITH_Y) wy.at += wy.move;
+    if (seg + 1 < n_seg) bcs.store(bc[(seg + 1) & 1]);
     __syncthreads();
   }
 }
 
 template <typename T, typename S, int d, int K, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p) {
-  static_assert(K * 32 % THREADS == 0, "a segment's B and C are whole values per thread");
   __shared__ __align__(16) float bc[2][bc_floats<K>()];
   if (p.y) scan_fwd<T, S, d, K, THREADS, true>(p, bc);
   else scan_fwd<T, S, d, K, THREADS, false>(p, bc);
@@ -450,161 +424,172 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p)
 
 // ---- backward ---------------------------------------------------------------------------------------------
 // The state after chunk c from the state before it (the chunks between a saved state and the
-// one being differentiated, when save_every > 1); every lane computes each step's delta itself
-// and reads its inputs and B straight from global memory.
+// one being differentiated, when save_every > 1), reading the inputs and B straight from global
+// memory.
 template <typename T>
-__device__ void advance(const Params& p, int b, int d, int c, const Lane& ln, float bias, const float (&A2)[SL],
-                        float (&h)[SL]) {
-  for (int i = 0; i < QUAD; ++i) {
-    const i64 t = time_of(p, d, c * QUAD + i);
-    const float dt = ln.active ? softplus(to_f(ldg((const T*)p.dl + b * p.sd_b + t * p.sd_l + d * p.sd_d + ln.e)) + bias) : 0.f;
-    const float du = ln.active ? dt * to_f(ldg((const T*)p.u + b * p.su_b + t * p.su_l + d * p.su_d + ln.e)) : 0.f;
+__device__ void advance(const Params& p, int b, int d, int c, int e, bool on, float bias, const float (&A2)[NS],
+                        float (&h)[NS]) {
+  const int perm = perm_of(e);
+  for (int i = 0; i < CHUNK; ++i) {
+    const i64 t = time_of(p, d, c * CHUNK + i);
+    const float dt = on ? softplus(to_f(ldg((const T*)p.dl + b * p.sd_b + t * p.sd_l + d * p.sd_d + e)) + bias) : 0.f;
+    const float du = on ? dt * to_f(ldg((const T*)p.u + b * p.su_b + t * p.su_l + d * p.su_d + e)) : 0.f;
 #pragma unroll
-    for (int j = 0; j < SL; ++j) {
-      const int n = ln.state(j);
+    for (int r = 0; r < NS; ++r) {
+      const int n = r ^ perm;
       const float Bn = n < p.N ? to_f(ldg((const T*)p.B + b * p.sB_b + t * p.sB_l + d * p.sB_d + n * p.sB_n)) : 0.f;
-      h[j] = fmaf(ex2(dt * A2[j]), h[j], du * Bn);
+      h[r] = fmaf(ex2(dt * A2[r]), h[r], du * Bn);
     }
   }
 }
 
-// The saved state k at `at`; zero before the first (k < 0) and for idle lanes.
-template <typename S>
-__device__ __forceinline__ float4 load_state(const S* at, int k, const Lane& ln) {
-  return ln.active && k >= 0 ? get_state(at) : make_float4(0.f, 0.f, 0.f, 0.f);
-}
-
-// Direction d, walking time backwards in segments of one chunk (QUAD steps, one owned by each
-// lane of a quad); grid (E / (THREADS / 4), batch). Direction 1 adds its dz onto direction 0's.
+// Direction d, walking time backwards one chunk (CHUNK steps) at a time; a 1-D grid of blocks of
+// THREADS channels of one batch element. Direction 1 adds its dz onto direction 0's.
 // ADVANCE: with the recomputation of the chunks between two saved states (save_every > 1).
 template <typename T, typename S, int d, int THREADS, bool ADVANCE>
-__device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<QUAD>()],
-                                         float (*red)[QUAD * 2 * (THREADS / 32) * NS]) {
-  constexpr int K = QUAD, WARPS = THREADS / 32;
+__device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<CHUNK>()], float4* ah_smem,
+                                         float (*red)[CHUNK * 2 * (THREADS / 32) * NS]) {
+  constexpr int K = CHUNK, WARPS = THREADS / 32;
   // a 1-D grid, possibly split in two launches (scan_cuda.py): block (channels cb, batch b)
-  const int n_cb = (p.E + THREADS / QUAD - 1) / (THREADS / QUAD), blk = p.blk0 + (int)blockIdx.x;
+  const int n_cb = (p.E + THREADS - 1) / THREADS, blk = p.blk0 + (int)blockIdx.x;
   const int cb = blk % n_cb, b = blk / n_cb;
-  const Lane ln = Lane::of<THREADS>(p.E, cb);
-  const int tid = threadIdx.x, last = (p.L + K - 1) / K - 1;
-  float A2[SL];
-  direction_A2(p, d, ln, A2);
-  const float bias = p.bias && ln.active ? p.bias[d * p.E + ln.e] : 0.f;
-  const float Dv = p.D && ln.active ? p.D[d * p.E + ln.e] : 0.f;
-  // the owner's inputs, loaded one segment ahead (walking backwards); outputs at the current one
-  Stream<const T, K> wu(p.u, b * p.su_b + d * p.su_d + ln.e, p.su_l, p, d, last, -1, ln);
-  Stream<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + ln.e, p.sd_l, p, d, last, -1, ln);
-  Stream<const T, K> wz(p.z, b * p.sz_b + ln.e, p.sz_l, p, d, last, -1, ln);
-  Stream<const T, K> wg(p.dy, b * p.sy_b + ln.e, p.sy_l, p, d, last, -1, ln);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, e = cb * THREADS + tid, perm = perm_of(e);
+  const bool on = e < p.E;
+  const int last = (p.L + K - 1) / K - 1;
+  float A2[NS];
+  direction_A2(p, d, e, on, A2);
+  const float bias = p.bias && on ? p.bias[d * p.E + e] : 0.f;
+  const float Dv = p.D && on ? p.D[d * p.E + e] : 0.f;
+  // the inputs, loaded one chunk ahead (walking backwards); outputs at the current one
+  Walk<const T, K> wu(p.u, b * p.su_b + d * p.su_d + e, p.su_l, p, d, last, -1);
+  Walk<const T, K> wd(p.dl, b * p.sd_b + d * p.sd_d + e, p.sd_l, p, d, last, -1);
+  Walk<const T, K> wz(p.z, b * p.sz_b + e, p.sz_l, p, d, last, -1);
+  Walk<const T, K> wg(p.dy, b * p.sy_b + e, p.sy_l, p, d, last, -1);
   // dz, du, ddelta: contiguous; direction 0's dz (wdzp) is read as its y is forward
-  Stream<const T, K> wdzp(p.dz, (i64)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
-  Stream<T, K> wdz(p.dz, (i64)b * p.L * p.E + ln.e, p.E, p, d, last, -1, ln);
-  Stream<T, K> wdu(p.du, ((i64)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
-  Stream<T, K> wddl(p.ddl, ((i64)b * p.L * p.ND + d) * p.E + ln.e, p.ND * p.E, p, d, last, -1, ln);
-  BCLoader<T, K> bcl(p, b, d, last, -1, threadIdx.x);
-  float dh[SL], dA[SL], a_after[SL];  // a_after: a of the step after the segment
+  Walk<const T, K> wdzp(p.dz, (i64)b * p.L * p.E + e, p.E, p, d, last, -1);
+  Walk<T, K> wdz(p.dz, (i64)b * p.L * p.E + e, p.E, p, d, last, -1);
+  Walk<T, K> wdu(p.du, ((i64)b * p.L * p.ND + d) * p.E + e, p.ND * p.E, p, d, last, -1);
+  Walk<T, K> wddl(p.ddl, ((i64)b * p.L * p.ND + d) * p.E + e, p.ND * p.E, p, d, last, -1);
+  BCStage<T, K, THREADS> bcs(p, b, d, last, -1);
+  float q[NS], dA[NS];  // q: the gradient reaching the state before the chunk's next step, a_{s+1} dh_{s+1}
 #pragma unroll
-  for (int j = 0; j < SL; ++j) dh[j] = dA[j] = a_after[j] = 0.f;
-  float dD = 0.f, dbias = 0.f;  // over the owner's steps
-  T nu[1], nx[1], nz[1], ng[1], nq[1];
-  load_owned(wu, last, p.L, ln, true, nu);
-  load_owned(wd, last, p.L, ln, true, nx);
-  load_owned(wz, last, p.L, ln, true, nz);
-  load_owned(wg, last, p.L, ln, true, ng);
-  load_owned(wdzp, last, p.L, ln, d > 0, nq);
+  for (int r = 0; r < NS; ++r) q[r] = dA[r] = 0.f;
+  float dD = 0.f, dbias = 0.f;
+  T nu[K], nx[K], nz[K], ng[K], nq[K];
+  load_steps(wu, last, p.L, on, nu);
+  load_steps(wd, last, p.L, on, nx);
+  load_steps(wz, last, p.L, on, nz);
+  load_steps(wg, last, p.L, on, ng);
+  load_steps(wdzp, last, p.L, on && d > 0, nq);
   int phase = last % p.save_every, saved = last / p.save_every;  // seg % save_every, seg / save_every
-  const S* at_state = saved_state<S>(p, b, d, saved, ln);  // the saved state `saved`
-  float4 nh = load_state(at_state, saved, ln);
-  store_bc<T, K>(bc[last & 1], bcl.fetch(p, -1));
+  const S* at_state = saved_state<S>(p, b, d, saved, e);  // the saved state `saved`
+  Stored<S> nh = get_states(at_state, on);
+  bcs.fetch(p, -1);
+  bcs.store(bc[last & 1]);
   // where thread tid < K * 32 writes the block's partial sum of dB or dC (step i, state n) of
-  // segment `seg`: (blocks, batch, L, ND, B/C, N), one segment further per loop (t moves by K)
+  // chunk `seg`: (blocks, batch, L, ND, B/C, N), one chunk further per loop (t moves by K)
   const int s_i = tid >> 5, s_kind = (tid >> 4) & 1, s_n = tid & 15;
   float* at_dBC = p.dBC + ((((i64)cb * p.batch + b) * p.L + time_of(p, d, last * K + s_i)) * p.ND + d) * 2 * p.N +
                   s_kind * p.N + s_n;
   const i64 dBC_step = (i64)(d ? K : -K) * p.ND * 2 * p.N;
   __syncthreads();
   for (int seg = last; seg >= 0; --seg, at_dBC += dBC_step) {
-    const T uu = nu[0], xx = nx[0], zz = nz[0], gy = ng[0], dzp = nq[0];
-    float h[SL];
-    unpack(nh, h);
-    const int first = seg - phase;  // the segment whose start state was saved
+    T uu[K], xx[K], zz[K], gy[K], dzp[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) { uu[k] = nu[k]; xx[k] = nx[k]; zz[k] = nz[k]; gy[k] = ng[k]; dzp[k] = nq[k]; }
+    float h[NS];
+    unpack_states(nh, h);
+    const int first = seg - phase;  // the chunk whose start state was saved
     if (phase == 0) { phase = p.save_every; --saved; at_state -= saved_step(p); }
     --phase;
-    T r = from_f<T>(0.f);
     if (seg > 0) {
-      r = bcl.fetch(p, -1);
-      load_owned(wu, seg - 1, p.L, ln, true, nu);
-      load_owned(wd, seg - 1, p.L, ln, true, nx);
-      load_owned(wz, seg - 1, p.L, ln, true, nz);
-      load_owned(wg, seg - 1, p.L, ln, true, ng);
-      load_owned(wdzp, seg - 1, p.L, ln, d > 0, nq);
-      nh = load_state(at_state, saved, ln);
+      bcs.fetch(p, -1);
+      load_steps(wu, seg - 1, p.L, on, nu);
+      load_steps(wd, seg - 1, p.L, on, nx);
+      load_steps(wz, seg - 1, p.L, on, nz);
+      load_steps(wg, seg - 1, p.L, on, ng);
+      load_steps(wdzp, seg - 1, p.L, on && d > 0, nq);
+      nh = get_states(at_state, on && saved >= 0);
     }
     if (ADVANCE)
-      for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, ln, bias, A2, h);
+      for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, e, on, bias, A2, h);
     const float* cur = bc[seg & 1];
     float* rs = red[seg & 1];
-    // The owner's step: delta, delta u, g = dy silu(z), d delta / d(delta + bias), sigmoid(z).
-    const int s = seg * K + ln.q;
-    const float x = to_f(xx) + bias, z = to_f(zz), u = to_f(uu), dy = to_f(gy);
-    const float dt_o = softplus(x) * (s < p.L ? 1.f : 0.f), du_o = dt_o * u;
-    const float sp = x > 20.f ? 1.f : sigmoid(x), sig = sigmoid(z), g_o = dy * z * sig;
-    // Forward through the segment: keep a_s and a_s h_{s-1}, form dC_s and this lane's part of C_s h_s.
-    float dts[K], dus[K], gs[K], a[K][SL], ah[K][SL], acc[K];
+    // Per step: delta, delta u, g = dy silu(z), u.
+    float dt[K], du[K], g[K], u[K];
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      dts[i] = from_owner(dt_o, i); dus[i] = from_owner(du_o, i); gs[i] = from_owner(g_o, i);
-      float Bv[SL], Cv[SL], v[SL];
-      unpack(read_bc(cur, i, 0, ln), Bv);
-      unpack(read_bc(cur, i, 1, ln), Cv);
-#pragma unroll
-      for (int j = 0; j < SL; ++j) {
-        a[i][j] = ex2(dts[i] * A2[j]);
-        ah[i][j] = a[i][j] * h[j];
-        h[j] = fmaf(dus[i], Bv[j], ah[i][j]);
-        v[j] = h[j] * gs[i];
-      }
-      acc[i] = fmaf(Cv[0], h[0], Cv[1] * h[1]) + fmaf(Cv[2], h[2], Cv[3] * h[3]);
-      const float dC = channel_sum(v);
-      if (ln.writes_sums()) rs[((i * 2 + 1) * WARPS + ln.warp) * NS + 4 * ln.q + ln.m] = dC;
+      const float z = to_f(zz[i]);
+      u[i] = to_f(uu[i]);
+      dt[i] = softplus(to_f(xx[i]) + bias) * (seg * K + i < p.L ? 1.f : 0.f);
+      du[i] = dt[i] * u[i];
+      g[i] = to_f(gy[i]) * z * sigmoid(z);
     }
-    const float yssm = quad_sum(acc, ln.q) + Dv * u;
-    if (s < p.L && ln.active)
-      *wdz.ptr(0) = from_f<T>(dy * yssm * sig * (1.f + z * (1.f - sig)) + to_f(dzp));
-    wdz.move();
-    // Backward through the segment: dh_s = C_s g_s + a_{s+1} dh_{s+1}; dB_s, dA, and this
-    // lane's parts of the sums over states for ddelta_s and du_s.
-    float sw[K], dhB[K];
+    // Forward through the chunk: keep a_s h_{s-1} per step in shared memory (this thread's own
+    // slots), form dC_s = sum_e g_s h_s, and dz_s from C_s h_s.
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      float v[NS], acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NS / 4; ++j) {
+        const float4 B4 = read_group(cur, i, 0, perm, j), C4 = read_group(cur, i, 1, perm, j);
+        const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
+        float ah[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int r = 4 * j + k;
+          ah[k] = ex2(dt[i] * A2[r]) * h[r];
+          h[r] = fmaf(du[i], Bv[k], ah[k]);
+          v[r] = h[r] * g[i];
+          acc[k] = fmaf(Cv[k], h[r], acc[k]);
+        }
+        ah_smem[(i * 4 + j) * THREADS + tid] = make_float4(ah[0], ah[1], ah[2], ah[3]);
+      }
+      const float dC = channel_sum(v);
+      if (lane & 1) rs[((i * 2 + 1) * WARPS + warp) * NS + perm] = dC;
+      const float yssm = (acc[0] + acc[1]) + (acc[2] + acc[3]) + Dv * u[i], z = to_f(zz[i]), sig = sigmoid(z);
+      if (on && seg * K + i < p.L)
+        wdz.at[i * wdz.step] = from_f<T>(to_f(gy[i]) * yssm * sig * (1.f + z * (1.f - sig)) + to_f(dzp[i]));
+    }
+    wdz.at += wdz.move;
+    // Backward through the chunk: dh_s = C_s g_s + q_s, q_{s-1} = a_s dh_s; dB_s, dA, and the sums
+    // over states for ddelta_s and du_s.
 #pragma unroll
     for (int i = K - 1; i >= 0; --i) {
-      float Bv[SL], Cv[SL], v[SL];
-      unpack(read_bc(cur, i, 0, ln), Bv);
-      unpack(read_bc(cur, i, 1, ln), Cv);
-      sw[i] = dhB[i] = 0.f;
+      float v[NS], sw[2] = {0.f, 0.f}, dhB[2] = {0.f, 0.f};
 #pragma unroll
-      for (int j = 0; j < SL; ++j) {
-        dh[j] = fmaf(i == K - 1 ? a_after[j] : a[i + 1][j], dh[j], Cv[j] * gs[i]);
-        const float w = dh[j] * ah[i][j];  // gradient w.r.t. a_s, times a_s
-        dA[j] = fmaf(w, dts[i], dA[j]);
-        sw[i] = fmaf(w, A2[j], sw[i]);
-        dhB[i] = fmaf(dh[j], Bv[j], dhB[i]);
-        v[j] = dh[j] * dus[i];
+      for (int j = 0; j < NS / 4; ++j) {
+        const float4 B4 = read_group(cur, i, 0, perm, j), C4 = read_group(cur, i, 1, perm, j);
+        const float4 ah4 = ah_smem[(i * 4 + j) * THREADS + tid];
+        const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
+        const float ah[4] = {ah4.x, ah4.y, ah4.z, ah4.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int r = 4 * j + k;
+          const float dh = fmaf(Cv[k], g[i], q[r]);
+          const float w = dh * ah[k];  // the gradient with respect to a_s, times a_s
+          dA[r] = fmaf(w, dt[i], dA[r]);
+          sw[k & 1] = fmaf(w, A2[r], sw[k & 1]);
+          dhB[k & 1] = fmaf(dh, Bv[k], dhB[k & 1]);
+          v[r] = dh * du[i];
+          q[r] = ex2(dt[i] * A2[r]) * dh;
+        }
       }
       const float dB = channel_sum(v);
-      if (ln.writes_sums()) rs[((i * 2) * WARPS + ln.warp) * NS + 4 * ln.q + ln.m] = dB;
+      if (!(lane & 1)) rs[((i * 2) * WARPS + warp) * NS + perm] = dB;
+      const float dhBs = dhB[0] + dhB[1];
+      const float x = to_f(xx[i]) + bias, sp = x > 20.f ? 1.f : sigmoid(x);  // d delta / d(delta + bias)
+      const float ddt = (LN2 * (sw[0] + sw[1]) + dhBs * u[i]) * sp;  // d a_s / d delta_s = A a_s
+      dbias += ddt;
+      dD = fmaf(g[i], u[i], dD);
+      if (on && seg * K + i < p.L) {
+        wdu.at[i * wdu.step] = from_f<T>(dhBs * dt[i] + Dv * g[i]);
+        wddl.at[i * wddl.step] = from_f<T>(ddt);
+      }
     }
-#pragma unroll
-    for (int j = 0; j < SL; ++j) a_after[j] = a[0][j];
-    const float dhBs = quad_sum(dhB, ln.q);
-    const float ddt = (LN2 * quad_sum(sw, ln.q) + dhBs * u) * sp;  // d a_s / d delta_s = A a_s
-    dbias += ddt;
-    dD = fmaf(g_o, u, dD);
-    if (s < p.L && ln.active) {
-      *wdu.ptr(0) = from_f<T>(dhBs * dt_o + Dv * g_o);
-      *wddl.ptr(0) = from_f<T>(ddt);
-    }
-    wdu.move();
-    wddl.move();
-    if (seg > 0) store_bc<T, K>(bc[(seg - 1) & 1], r);
+    wdu.at += wdu.move;
+    wddl.at += wddl.move;
+    if (seg > 0) bcs.store(bc[(seg - 1) & 1]);
     __syncthreads();
     // The block's sums over its warps, one partial per block: (E blocks, batch, L, ND, B/C, N).
     if (tid < K * 32 && seg * K + s_i < p.L && s_n < p.N) {
@@ -614,21 +599,14 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
       *at_dBC = sum;
     }
   }
-  if (ln.active) {
+  if (on) {
 #pragma unroll
-    for (int j = 0; j < SL; ++j) {
-      const int n = ln.state(j);
-      if (n < p.N) p.dA[b * p.per_b + ((i64)d * p.E + ln.e) * p.N + n] = dA[j];
+    for (int r = 0; r < NS; ++r) {
+      const int n = r ^ perm;
+      if (n < p.N) p.dA[b * p.per_b + ((i64)d * p.E + e) * p.N + n] = dA[r];
     }
-  }
-  // the channel's sums over its owners
-  dD += __shfl_xor_sync(FULL, dD, 1);
-  dD += __shfl_xor_sync(FULL, dD, 2);
-  dbias += __shfl_xor_sync(FULL, dbias, 1);
-  dbias += __shfl_xor_sync(FULL, dbias, 2);
-  if (ln.active && ln.q == 0) {
-    p.dD[b * p.per_b + d * p.E + ln.e] = dD;
-    p.dbias[b * p.per_b + d * p.E + ln.e] = dbias;
+    p.dD[b * p.per_b + d * p.E + e] = dD;
+    p.dbias[b * p.per_b + d * p.E + e] = dbias;
   }
 }
 
@@ -636,11 +614,12 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
 // that path needs are then not held through the loop when every chunk's state is saved.
 template <typename T, typename S, int d, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p) {
-  static_assert(QUAD * 32 <= THREADS, "a segment's B and C are one value per thread");
-  __shared__ __align__(16) float bc[2][bc_floats<QUAD>()];
-  __shared__ float red[2][QUAD * 2 * (THREADS / 32) * NS];  // [step][B, C][warp][state]: per-warp channel sums
-  if (p.save_every > 1) scan_bwd<T, S, d, THREADS, true>(p, bc, red);
-  else scan_bwd<T, S, d, THREADS, false>(p, bc, red);
+  static_assert(CHUNK * 32 <= THREADS && THREADS % 32 == 0, "a chunk's dB and dC sums are one value per thread");
+  __shared__ __align__(16) float bc[2][bc_floats<CHUNK>()];
+  __shared__ float4 ah[CHUNK * NS / 4 * THREADS];                  // a_s h_{s-1}: [step][four states][thread]
+  __shared__ float red[2][CHUNK * 2 * (THREADS / 32) * NS];  // [step][B, C][warp][state]: per-warp channel sums
+  if (p.save_every > 1) scan_bwd<T, S, d, THREADS, true>(p, bc, ah, red);
+  else scan_bwd<T, S, d, THREADS, false>(p, bc, ah, red);
 }
 
 // ---- the backward pass's sums ------------------------------------------------------------------------

@@ -53,17 +53,16 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_STATES = 16  # states per channel the kernels hold (scan_cuda.cu's NS); fewer are padded
-CHUNK = 4  # steps between the states the forward pass saves (scan_cuda.cu's QUAD)
+CHUNK = 4  # steps between the states the forward pass saves (scan_cuda.cu's CHUNK)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cuda.cu")
 
-# The launch configuration, passed to the kernels as template arguments: the forward pass in
-# segments of 4 steps, 128 threads (one channel each) per block, at least 4 blocks per SM (so at
-# most 128 registers); the backward pass 256 threads per block, 2 blocks per SM (128 registers), and
-# its last partial wave of blocks, when they are at most one per SM, compiled for one block per
-# SM (no register cap, no spills).
+# The launch configuration, passed to the kernels as template arguments: one channel per thread;
+# the forward pass in segments of 4 steps, 128 threads per block, at least 4 blocks per SM (so at
+# most 128 registers); the backward pass 128 threads per block, 2 blocks per SM, and its last
+# partial wave of blocks, when they are at most one per SM, compiled for one block per SM.
 FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS = 4, 128, 4
-BWD_THREADS, BWD_MIN_BLOCKS = 256, 2
+BWD_THREADS, BWD_MIN_BLOCKS = 128, 2
 FINISH_THREADS = 256
 _C_TYPES = {torch.float32: "float", torch.bfloat16: "dis::bf16", torch.float16: "dis::f16"}
 _OPTIONS = ("-std=c++17",)  # NVRTC's defaults otherwise: fused multiply-add on, IEEE division
@@ -116,7 +115,7 @@ def _layout_checks():
                   f'another size");']
         lines += [f'static_assert(kind<decltype(dis::{name}::{f})>::id == {kinds[t]}, "{name}.{f}: another type in '
                   f'scan_cuda.py");' for f, t in layout._fields_]
-    lines += [f'static_assert(dis::QUAD == {CHUNK} && dis::NS == {MAX_STATES}, "scan_cuda.py\'s CHUNK or MAX_STATES");',
+    lines += [f'static_assert(dis::CHUNK == {CHUNK} && dis::NS == {MAX_STATES}, "scan_cuda.py\'s CHUNK or MAX_STATES");',
               "}  // namespace dis_layout", ""]
     return "\n".join(lines)
 
@@ -675,7 +674,7 @@ def _bwd_impl(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.T
         raise ValueError(f"states must be what the forward pass saved with save_every={save_every}: "
                          f"{(batch, ND, n_saved, E, MAX_STATES)} float32 or {u.dtype}, "
                          f"got {tuple(states.shape)} {states.dtype}")
-    n_blocks = _cdiv(E, BWD_THREADS // CHUNK)  # blocks of channels: the partial sums of dB and dC
+    n_blocks = _cdiv(E, BWD_THREADS)  # blocks of channels: the partial sums of dB and dC
     du, ddelta, dz = (_empty(x.shape, x.dtype, dev, poison) for x in (u, delta, z))
     dBC = _empty((n_blocks, batch, L, ND, 2, N), f32, dev, poison)
     per_channel = _empty((batch, ND * E * (N + 2)), f32, dev, poison)  # dA, dD, dbias per batch element
