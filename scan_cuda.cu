@@ -7,40 +7,29 @@
 // (one program per dtype of the inputs and of the saved states, the kernels instantiated through
 // name expressions), allocates the outputs and launches the kernels.
 //
-// The forward pass gives each lane one channel e of one batch element, its 16 states in
-// registers: the lane computes its own steps' delta (through softplus), delta u and gate, and
-// the sum over states (y) stays in the lane. A block of THREADS channels walks time in segments
-// of K steps; the segment's B and C are staged in shared memory as float32 and every lane reads
-// the same address. Each kernel computes one direction, d a template parameter: the host
-// launches direction 0, then direction 1, which adds its output (y forward, dz backward) onto
-// the first's.
+// Each thread (a lane) holds one channel e of one batch element, its 16 states in registers, and
+// computes its own steps' delta (through softplus), delta u and gated dy; the sums over states (y
+// forward; the gradients of u and delta backward) stay in the lane. A block of THREADS channels
+// walks time in chunks of 4 steps (the forward pass in segments of K steps, whole chunks); each
+// chunk's B and C are staged in shared memory as float32. Each kernel computes one direction, d a
+// template parameter: the host launches direction 0, then direction 1, which adds its output (y
+// forward, dz backward) onto the first's.
 //
-// The backward pass gives four lanes (a quad) one channel, each lane four of its 16 states, in
-// registers: a warp holds 8 channels, and a lane needs few enough registers for 16 warps per SM
-// although it keeps a chunk's intermediate values. A block of THREADS / 4 channels walks time in
-// segments of 4 steps. Per step, what is one number per channel (delta through softplus,
-// delta u, the gated dy) is computed once, by the step's owner, lane i % 4 of the quad for step
-// i of a chunk of four steps, and broadcast to the other three with a shuffle. The sums over
-// states (the gradients of u and delta, and y for dz) are partial in each lane; a chunk's four of
-// them are reduce-scattered over the quad so that each owner ends with the sum of its own step,
-// and writes it.
+// The gradients of B and C are sums over channels: per step, a reduce-scatter over the warp's 32
+// lanes, then a sum over the block's warps in shared memory, then over the blocks in a last
+// kernel, each in a fixed order (no atomics). Lane e % 32 keeps state r ^ perm(e) in its register
+// r (perm(e) = (e >> 1) & 15), so that the reduce-scatter needs no selects (channel_sum), and reads
+// B and C in that order from one of four copies of each step's values (read_group).
 //
-// The gradients of B and C are sums over channels, i.e. over the warp's 8 quads. Lane l keeps
-// state 4q + (j ^ m) in its register j (q = l & 3, m = (l >> 3) & 3), so a reduce-scatter over
-// the quads needs no selects: across lane bit 4 every lane adds its partner's registers 2, 3
-// onto its own 0, 1 (they hold the same states), across bit 3 register 1 onto 0, across bit 2
-// the last value: every lane ends with the warp's sum for state 4q + m. To read B and C in that
-// order with one 16-byte load, shared memory holds four copies of each step's B (and C), copy m
-// with element 4q + j = B[4q + (j ^ m)].
-//
-// Training: the forward pass saves the state at the start of every save_every-th chunk of four
-// steps (float32 or the inputs' 16-bit type, laid out as saved_state says), or, run again without y just before the backward pass, every chunk's (scan_cuda.py's
-// save_every = 0: no state is held between the passes). The backward pass walks the chunks last
-// to first: from the saved state it recomputes the chunk forwards, keeping a_s = exp(delta_s A)
-// and a_s h_{s-1} per step in registers and forming dC_s = sum_e g_s h_s (g = dy silu(z)) on
-// the way, then runs the adjoint dh_s = C_s g_s + a_{s+1} dh_{s+1} backwards, forming
-// dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past the end of the
-// sequence run with delta = u = g = 0, which leaves every state and sum alone.
+// Training: the forward pass saves the state at the start of every save_every-th chunk
+// ((batch, directions, saved, E, 16) in register order, float32 or the inputs' 16-bit type), or,
+// run again without y just before the backward pass, every chunk's (scan_cuda.py's save_every = 0:
+// no state is held between the passes). The backward pass walks the chunks last to first: from the
+// saved state it recomputes the chunk forwards, keeping a_s h_{s-1} (a_s = exp(delta_s A)) per
+// step in shared memory and forming dC_s = sum_e g_s h_s (g = dy silu(z)) on the way, then runs
+// the adjoint backwards, dh_s = C_s g_s + q_s with q_{s-1} = a_s dh_s, forming
+// dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past the end of the sequence
+// run with delta = u = g = 0, which leaves every state and sum alone.
 namespace dis {
 
 typedef long long i64;
@@ -244,12 +233,11 @@ __device__ __forceinline__ float4 read_group(const float* buf, int i, int kind, 
   return *reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + (perm & 3)) * COPY + 4 * (j ^ (perm >> 2)));
 }
 
-// Step i's B (kind 0) or C (kind 1) of a staged chunk in the register order of perm.
+// Step i's B (kind 0) or C (kind 1) of a staged chunk, all 16 registers, for perm.
 __device__ __forceinline__ void read_states(const float* buf, int i, int kind, int perm, float (&x)[NS]) {
-  const float* copy = buf + ((i * 2 + kind) * 4 + (perm & 3)) * COPY;
 #pragma unroll
   for (int j = 0; j < NS / 4; ++j) {
-    const float4 v = *reinterpret_cast<const float4*>(copy + 4 * (j ^ (perm >> 2)));
+    const float4 v = read_group(buf, i, kind, perm, j);
     x[4 * j] = v.x; x[4 * j + 1] = v.y; x[4 * j + 2] = v.z; x[4 * j + 3] = v.w;
   }
 }
