@@ -53,7 +53,6 @@ struct Params {
   i64 sz_b, sz_l, sy_b, sy_l;  // z; y (forward) or dy (backward)
   i64 per_b;  // backward: the batch stride of dA, dD, dbias (one buffer of partial sums)
   int batch, L, E, ND, N, save_every, n_saved;
-  int blk0;  // backward: the first block of the launch (blocks are numbered batch-major)
   bool save_states;
 };
 
@@ -438,9 +437,8 @@ template <typename T, typename S, int d, int THREADS, bool ADVANCE>
 __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<CHUNK>()], float4* ah_smem,
                                          float (*red)[CHUNK * 2 * (THREADS / 32) * NS]) {
   constexpr int K = CHUNK, WARPS = THREADS / 32;
-  // a 1-D grid, possibly split in two launches (scan_cuda.py): block (channels cb, batch b)
-  const int n_cb = (p.E + THREADS - 1) / THREADS, blk = p.blk0 + (int)blockIdx.x;
-  const int cb = blk % n_cb, b = blk / n_cb;
+  // a 1-D grid: block (channels cb, batch b), numbered batch-major
+  const int n_cb = (p.E + THREADS - 1) / THREADS, cb = (int)blockIdx.x % n_cb, b = (int)blockIdx.x / n_cb;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, e = cb * THREADS + tid, perm = perm_of(e);
   const bool on = e < p.E;
   const int last = (p.L + K - 1) / K - 1;

@@ -59,8 +59,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cuda.cu"
 
 # The launch configuration, passed to the kernels as template arguments: one channel per thread;
 # the forward pass in segments of 4 steps, 128 threads per block, at least 4 blocks per SM (so at
-# most 128 registers); the backward pass 128 threads per block, 2 blocks per SM, and its last
-# partial wave of blocks, when they are at most one per SM, compiled for one block per SM.
+# most 128 registers); the backward pass 128 threads per block, at least 2 blocks per SM.
 FWD_SEGMENT, FWD_THREADS, FWD_MIN_BLOCKS = 4, 128, 4
 BWD_THREADS, BWD_MIN_BLOCKS = 128, 2
 FINISH_THREADS = 256
@@ -80,7 +79,7 @@ class Params(ctypes.Structure):
                 + [(name, ctypes.c_int64) for name in ("su_b", "su_l", "su_d", "sd_b", "sd_l", "sd_d", "sB_b", "sB_l",
                                                         "sB_d", "sB_n", "sC_b", "sC_l", "sC_d", "sC_n", "sz_b", "sz_l",
                                                         "sy_b", "sy_l", "per_b")]
-                + [(name, ctypes.c_int) for name in ("batch", "L", "E", "ND", "N", "save_every", "n_saved", "blk0")]
+                + [(name, ctypes.c_int) for name in ("batch", "L", "E", "ND", "N", "save_every", "n_saved")]
                 + [("save_states", ctypes.c_bool)])
 
 
@@ -155,7 +154,7 @@ def _params(u, delta, A, B, C, D, z, bias, save_every, n_saved, *, y=None, dy=No
         A.data_ptr(), _ptr(D), _ptr(bias), _ptr(y), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(states), _ptr(dBC),
         dA, dA and dA + 4 * n_A, dA and dA + 4 * (n_A + n_D),  # float32 sections of one buffer
         *u.stride()[:3], *delta.stride()[:3], *B.stride(), *C.stride(), *z.stride()[:2], *out.stride()[:2],
-        n_A + 2 * n_D, batch, L, E, ND, N, save_every, n_saved, 0, states is not None))
+        n_A + 2 * n_D, batch, L, E, ND, N, save_every, n_saved, states is not None))
 
 
 _PACK_PARAMS, _PACK_SUMS = _packer(Params), _packer(Sums)
@@ -194,11 +193,10 @@ _CUDA_FUNCTIONS = {
     "cuCtxPopCurrent_v2": [ctypes.POINTER(_P)],
     "cuModuleLoadData": [ctypes.POINTER(_P), ctypes.c_char_p],
     "cuModuleGetFunction": [ctypes.POINTER(_P), _P, ctypes.c_char_p],
-    "cuOccupancyMaxActiveBlocksPerMultiprocessor": [ctypes.POINTER(_I), _P, _I, _SIZE],
     "cuLaunchKernel": [_P, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                        ctypes.c_uint, _P, ctypes.POINTER(_P), _P],
 }
-_COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR, _MULTIPROCESSOR_COUNT = 75, 76, 16  # CUdevice_attribute
+_COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR = 75, 76  # CUdevice_attribute
 
 
 def _declare(lib, functions):
@@ -292,12 +290,10 @@ class Program(NamedTuple):
 
 def name_expressions(dtype, states_dtype):
     """The kernels of one program, for inputs of `dtype` and saved states of `states_dtype`:
-    the forward pass per direction; the backward pass per direction, compiled for BWD_MIN_BLOCKS and
-    for one block per SM; the backward pass's sums."""
+    the forward pass per direction, the backward pass per direction, the backward pass's sums."""
     T, S = _C_TYPES[dtype], _C_TYPES[states_dtype]
     fwd = [f"dis::scan_fwd_kernel<{T}, {S}, {d}, {FWD_SEGMENT}, {FWD_THREADS}, {FWD_MIN_BLOCKS}>" for d in (0, 1)]
-    bwd = [f"dis::scan_bwd_kernel<{T}, {S}, {d}, {BWD_THREADS}, {blocks}>" for blocks in (BWD_MIN_BLOCKS, 1)
-           for d in (0, 1)]
+    bwd = [f"dis::scan_bwd_kernel<{T}, {S}, {d}, {BWD_THREADS}, {BWD_MIN_BLOCKS}>" for d in (0, 1)]
     return fwd + bwd + [f"dis::finish_bwd_kernel<{T}>"]
 
 
@@ -403,7 +399,6 @@ def _program(dtype, states_dtype, arch):
 # ---- loading on a device -------------------------------------------------------------------------------
 class _Device(NamedTuple):
     context: int  # the device's primary context, which PyTorch uses too
-    sms: int
     arch: str
 
 
@@ -413,12 +408,12 @@ def _device(index):
     lib, dev, ctx = _driver(), _I(), _P()
     _check(lib.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
     values = []
-    for attribute in (_COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR, _MULTIPROCESSOR_COUNT):
+    for attribute in (_COMPUTE_CAPABILITY_MAJOR, _COMPUTE_CAPABILITY_MINOR):
         v = _I()
         _check(lib.cuDeviceGetAttribute(ctypes.byref(v), attribute, dev), "cuDeviceGetAttribute")
         values.append(v.value)
     _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-    return _Device(ctx.value, values[2], _target(values[:2]))
+    return _Device(ctx.value, _target(values))
 
 
 class _Current:
@@ -471,12 +466,9 @@ def _launch(function, grid, threads, stream, args):
 class _Kernels(NamedTuple):
     """One program's kernels loaded on one device."""
     context: int
-    fwd: tuple       # per direction
-    bwd: tuple       # per direction, BWD_MIN_BLOCKS blocks per SM
-    bwd_tail: tuple  # per direction, one block per SM: the last partial wave
+    fwd: tuple  # per direction
+    bwd: tuple  # per direction
     finish: int
-    wave: tuple      # per direction, blocks of `bwd` in one wave on the device
-    sms: int
 
 
 _loaded = {}  # (device index, dtype, states dtype) -> _Kernels
@@ -496,19 +488,9 @@ def _load(index, dtype, states_dtype):
             names = name_expressions(dtype, states_dtype)
             prog = _program(dtype, states_dtype, device.arch)
             f = _load_module(index, prog.image, [prog.names[n] for n in names])
-            fwd, bwd, bwd_tail, finish = (tuple(f[prog.names[n]] for n in part)
-                                          for part in (names[0:2], names[2:4], names[4:6], names[6:7]))
-            _loaded[key] = _Kernels(device.context, fwd, bwd, bwd_tail, finish[0],
-                                    tuple(_blocks_per_sm(device.context, k) * device.sms for k in bwd), device.sms)
+            fwd, bwd = (tuple(f[prog.names[n]] for n in part) for part in (names[0:2], names[2:4]))
+            _loaded[key] = _Kernels(device.context, fwd, bwd, f[prog.names[names[4]]])
         return _loaded[key]
-
-
-def _blocks_per_sm(context, function):
-    n = _I()
-    with _Current(context):
-        _check(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), function, BWD_THREADS, 0),
-               "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-    return n.value
 
 
 # ---- availability ----------------------------------------------------------------------------------------
@@ -692,25 +674,9 @@ def _bwd_impl(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.T
     stream, args = _stream(index), _arguments(p)
     with _Current(k.context):
         for d in range(ND):  # direction 1 adds its dz onto direction 0's
-            _launch_bwd_direction(k, d, n_blocks * batch, stream, p, args)
+            _launch(k.bwd[d], (n_blocks * batch, 1), BWD_THREADS, stream, args)
         _launch(k.finish, (_cdiv(rows * 2 * N + p.per_b, FINISH_THREADS), 1), FINISH_THREADS, stream, _arguments(sums))
     return [du, ddelta, dA.to(A_dtype), dB, dC, dD, dz, dbias]
-
-
-def _launch_bwd_direction(k, d, total, stream, p, args):
-    """The backward pass of direction d over `total` blocks (channel blocks x batch, numbered
-    batch-major). A last, partial wave of blocks runs latency-bound: a block alone on an SM takes
-    most of a full wave's time. When those blocks are at most one per SM, they run as a second
-    launch, of the kernel compiled for one block per SM, without the register cap (no spills)."""
-    wave = k.wave[d]
-    tail = total % wave if wave > 0 else 0
-    p.blk0 = 0
-    if total > wave and 0 < tail <= k.sms:
-        _launch(k.bwd[d], (total - tail, 1), BWD_THREADS, stream, args)
-        p.blk0 = total - tail  # args point at p
-        _launch(k.bwd_tail[d], (tail, 1), BWD_THREADS, stream, args)
-    else:
-        _launch(k.bwd[d], (total, 1), BWD_THREADS, stream, args)
 
 
 _bwd_op = torch.library.custom_op("dis::scan_cuda_bwd", _bwd_impl, mutates_args=())

@@ -118,9 +118,8 @@ def test_gpu_recomputed_states_are_the_saved_ones(dtype):
 @needs_scan
 @pytest.mark.parametrize("batch, L, ND, E", [(6, 65, 2, 3072), (23, 70, 1, 768)])
 def test_gpu_last_partial_wave(batch, L, ND, E):
-    """Shapes whose backward ends in a partial wave of at most one block per SM on an H100 or
-    H200 (132 SMs, two blocks of 64 channels each: 288 and 276 blocks): those blocks run as a
-    second launch, of the kernel compiled for one block per SM."""
+    """Backward grids that end in a partial wave of blocks on an H100 or H200 (132 SMs, two blocks
+    of 128 channels each: 144 and 138 blocks)."""
     check(batch, L, ND, E, 16, bf16)
 
 

@@ -110,7 +110,7 @@ def test_params_hold_each_tensors_address_strides_and_sizes():
     assert (p.sd_b, p.sd_l, p.sd_d) == delta.stride()[:3]
     assert (p.sB_b, p.sB_l, p.sB_d, p.sB_n) == B.stride() and (p.sC_b, p.sC_l, p.sC_d, p.sC_n) == C.stride()
     assert (p.sz_b, p.sz_l) == (L * 2 * E, 2 * E) and (p.sy_b, p.sy_l) == (L * E, E)
-    assert (p.batch, p.L, p.E, p.ND, p.N, p.save_every, p.n_saved, p.blk0) == (batch, L, E, ND, N, save_every, 1, 0)
+    assert (p.batch, p.L, p.E, p.ND, p.N, p.save_every, p.n_saved) == (batch, L, E, ND, N, save_every, 1)
     assert p.save_states and p.dy is None and p.du is None and p.dA is None
     no_states = scan_cuda._params(u, delta, A, B, C, None, z, None, 1, 0, y=y)
     assert not no_states.save_states and no_states.states is None and no_states.D is None and no_states.bias is None
@@ -212,7 +212,7 @@ def pretend_gpu(monkeypatch, tmp_path):
 
 
 def _sm90(index):
-    return scan_cuda._Device(context=1, sms=132, arch="sm_90")
+    return scan_cuda._Device(context=1, arch="sm_90")
 
 
 def test_no_gpu_is_a_reason():
