@@ -18,18 +18,19 @@
 // The gradients of B and C are sums over channels: per step, a reduce-scatter over the warp's 32
 // lanes, then a sum over the block's warps in shared memory, then over the blocks in a last
 // kernel, each in a fixed order (no atomics). Lane e % 32 keeps state r ^ perm(e) in its register
-// r (perm(e) = (e >> 1) & 15), so that the reduce-scatter needs no selects (channel_sum), and reads
+// r (perm(e) = (e >> 1) & 15), so that the reduce-scatter needs no selects (group_sum), and reads
 // B and C in that order from one of four copies of each step's values (read_group).
 //
 // Training: the forward pass saves the state at the start of every save_every-th chunk
 // ((batch, directions, saved, E, 16) in register order, float32 or the inputs' 16-bit type), or,
 // run again without y just before the backward pass, every chunk's (scan_cuda.py's save_every = 0:
 // no state is held between the passes). The backward pass walks the chunks last to first: from the
-// saved state it recomputes the chunk forwards, keeping a_s h_{s-1} (a_s = exp(delta_s A)) per
-// step in shared memory and forming dC_s = sum_e g_s h_s (g = dy silu(z)) on the way, then runs
-// the adjoint backwards, dh_s = C_s g_s + q_s with q_{s-1} = a_s dh_s, forming
-// dB_s = sum_e dh_s delta_s u_s and the per-channel gradients. Steps past the end of the sequence
-// run with delta = u = g = 0, which leaves every state and sum alone.
+// saved state it takes the chunk four states at a time: it recomputes them forwards, keeping
+// a_s = exp(delta_s A) and a_s h_{s-1} per step in registers and forming the terms of
+// dC_s = sum_e g_s h_s (g = dy silu(z)) on the way, then runs the adjoint backwards,
+// dh_s = C_s g_s + q_s with q_{s-1} = a_s dh_s, forming the terms of dB_s = sum_e dh_s delta_s u_s
+// and the per-channel gradients. Steps past the end of the sequence run with delta = u = g = 0,
+// which leaves every state and sum alone.
 namespace dis {
 
 typedef long long i64;
@@ -140,25 +141,38 @@ __device__ __forceinline__ float softplus(float x) {
   return x > 20.f ? x : (v == 1.f ? w : goldberg);
 }
 
+// softplus(x) and its slope sigmoid(x) = w / (1 + w), from the same w = e^x (1 above the threshold).
+__device__ __forceinline__ float softplus(float x, float& slope) {
+  const float w = ex2(x * LOG2E), v = 1.f + w;
+  slope = x > 20.f ? 1.f : w * rcp(v);
+  const float goldberg = lg2(v) * LN2 * w * rcp(v - 1.f);
+  return x > 20.f ? x : (v == 1.f ? w : goldberg);
+}
+
 // ---- which lane holds what ------------------------------------------------------------------------
 // Lane e % 32 of a warp holds channel e with its 16 states in registers, register r holding
 // state r ^ perm(e): a reduce-scatter over the warp's channels then needs no selects (see
-// channel_sum), and B and C are read in that order from one of 4 copies in shared memory.
+// group_sum), and B and C are read in that order from one of 4 copies in shared memory.
 __device__ __forceinline__ int perm_of(int e) { return (e >> 1) & 15; }
 
-// The sum over the warp's 32 channels of state perm(e) (in both lanes of a pair); v is clobbered.
-// Across lane bit 4 the partner's registers 8..15 hold this lane's states 0..7 (perm differs by
-// 8), across bit 3 registers 4..7 hold 0..3, and so on down to register 0; lane bit 0 does not
-// change perm, so the last step adds the pair's two halves.
-__device__ __forceinline__ float channel_sum(float (&v)[NS]) {
-#pragma unroll
-  for (int r = 0; r < 8; ++r) v[r] += __shfl_xor_sync(FULL, v[r + 8], 16);
-#pragma unroll
-  for (int r = 0; r < 4; ++r) v[r] += __shfl_xor_sync(FULL, v[r + 4], 8);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) v[r] += __shfl_xor_sync(FULL, v[r + 2], 4);
+// The sum over the warp's 32 channels of state perm(e) (in both lanes of a pair), in two parts
+// for code that holds one group of four registers (4 j .. 4 j + 3) at a time. A lane's partner
+// across lane bit k + 1 has perm bit k flipped, so its register r ^ (1 << k) holds the state of
+// this lane's register r: each step adds a partner's register to one of its own, with no selects. group_sum
+// sums a group across lane bits 2 and 1 (register bits 1 and 0) into one value, and, for the
+// groups in the order 0, 2, 1, 3 (jj = 0..3), pairs groups j and j + 2 across lane bit 4 into
+// p[0] (groups 0 and 2) and p[1] (1 and 3); groups_sum ends with lane bit 3 (p[0] and p[1]) and
+// lane bit 0, which does not change perm: it adds the pair's two halves. v is clobbered.
+__device__ __forceinline__ void group_sum(float (&v)[4], float (&p)[2], int jj) {
+  v[0] += __shfl_xor_sync(FULL, v[2], 4);
+  v[1] += __shfl_xor_sync(FULL, v[3], 4);
   v[0] += __shfl_xor_sync(FULL, v[1], 2);
-  return v[0] + __shfl_xor_sync(FULL, v[0], 1);
+  if (jj == 0 || jj == 2) p[jj >> 1] = v[0];
+  else p[jj >> 1] += __shfl_xor_sync(FULL, v[0], 16);
+}
+__device__ __forceinline__ float groups_sum(float (&p)[2]) {
+  p[0] += __shfl_xor_sync(FULL, p[1], 8);
+  return p[0] + __shfl_xor_sync(FULL, p[0], 1);
 }
 
 // ---- B and C of a chunk, staged in shared memory ------------------------------------------------
@@ -434,7 +448,7 @@ __device__ void advance(const Params& p, int b, int d, int c, int e, bool on, fl
 // THREADS channels of one batch element. Direction 1 adds its dz onto direction 0's.
 // ADVANCE: with the recomputation of the chunks between two saved states (save_every > 1).
 template <typename T, typename S, int d, int THREADS, bool ADVANCE>
-__device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<CHUNK>()], float4* ah_smem,
+__device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<CHUNK>()],
                                          float (*red)[CHUNK * 2 * (THREADS / 32) * NS]) {
   constexpr int K = CHUNK, WARPS = THREADS / 32;
   // a 1-D grid: block (channels cb, batch b), numbered batch-major
@@ -501,78 +515,78 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
       for (int c = first; c < seg; ++c) advance<T>(p, b, d, c, e, on, bias, A2, h);
     const float* cur = bc[seg & 1];
     float* rs = red[seg & 1];
-    // Per step: delta, delta u, g = dy silu(z), u.
-    float dt[K], du[K], g[K], u[K];
+    // Per step: delta and its slope d delta / d(delta + bias), delta u, g = dy silu(z), u, and
+    // dy silu'(z), which dz_s is y_s's (C_s h_s + D u_s) multiple of.
+    float dt[K], sp[K], du[K], g[K], u[K], dsilu[K];
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      const float z = to_f(zz[i]);
+      const float z = to_f(zz[i]), sig = sigmoid(z), dy = to_f(gy[i]);
       u[i] = to_f(uu[i]);
-      dt[i] = softplus(to_f(xx[i]) + bias) * (seg * K + i < p.L ? 1.f : 0.f);
+      dt[i] = softplus(to_f(xx[i]) + bias, sp[i]) * (seg * K + i < p.L ? 1.f : 0.f);
       du[i] = dt[i] * u[i];
-      g[i] = to_f(gy[i]) * z * sigmoid(z);
+      g[i] = dy * z * sig;
+      dsilu[i] = dy * sig * (1.f + z * (1.f - sig));
     }
-    // Forward through the chunk: keep a_s h_{s-1} per step in shared memory (this thread's own
-    // slots), form dC_s = sum_e g_s h_s, and dz_s from C_s h_s.
+    // The chunk four states at a time (a group: registers 4 j .. 4 j + 3), forwards then backwards,
+    // with the group's a_s and a_s h_{s-1} in registers. Forwards: h_s, dC's terms g_s h_s and
+    // y's C_s h_s. Backwards: dh_s = C_s g_s + q_s, q_{s-1} = a_s dh_s, dB's terms dh_s delta_s u_s,
+    // dA, and the sums over states for ddelta_s and du_s. The sums of dB and dC over the warp's
+    // channels start within each group (group_sum) and end once all groups are done (groups_sum).
+    float yc[K], sw[K], dhB[K], pC[K][2], pB[K][2];
 #pragma unroll
-    for (int i = 0; i < K; ++i) {
-      float v[NS], acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < K; ++i) yc[i] = sw[i] = dhB[i] = 0.f;
 #pragma unroll
-      for (int j = 0; j < NS / 4; ++j) {
+    for (int jj = 0; jj < NS / 4; ++jj) {
+      const int j = (jj >> 1) | ((jj & 1) << 1);  // groups 0, 2, 1, 3: pairs across lane bit 4 first
+      float a[K][4], ah[K][4], v[4];
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
         const float4 B4 = read_group(cur, i, 0, perm, j), C4 = read_group(cur, i, 1, perm, j);
         const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
-        float ah[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int r = 4 * j + k;
-          ah[k] = ex2(dt[i] * A2[r]) * h[r];
-          h[r] = fmaf(du[i], Bv[k], ah[k]);
-          v[r] = h[r] * g[i];
-          acc[k] = fmaf(Cv[k], h[r], acc[k]);
+          a[i][k] = ex2(dt[i] * A2[r]);
+          ah[i][k] = a[i][k] * h[r];
+          h[r] = fmaf(du[i], Bv[k], ah[i][k]);
+          v[k] = h[r] * g[i];
+          yc[i] = fmaf(Cv[k], h[r], yc[i]);
         }
-        ah_smem[(i * 4 + j) * THREADS + tid] = make_float4(ah[0], ah[1], ah[2], ah[3]);
+        group_sum(v, pC[i], jj);
       }
-      const float dC = channel_sum(v);
-      if (lane & 1) rs[((i * 2 + 1) * WARPS + warp) * NS + perm] = dC;
-      const float yssm = (acc[0] + acc[1]) + (acc[2] + acc[3]) + Dv * u[i], z = to_f(zz[i]), sig = sigmoid(z);
-      if (on && seg * K + i < p.L)
-        wdz.at[i * wdz.step] = from_f<T>(to_f(gy[i]) * yssm * sig * (1.f + z * (1.f - sig)) + to_f(dzp[i]));
-    }
-    wdz.at += wdz.move;
-    // Backward through the chunk: dh_s = C_s g_s + q_s, q_{s-1} = a_s dh_s; dB_s, dA, and the sums
-    // over states for ddelta_s and du_s.
 #pragma unroll
-    for (int i = K - 1; i >= 0; --i) {
-      float v[NS], sw[2] = {0.f, 0.f}, dhB[2] = {0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < NS / 4; ++j) {
+      for (int i = K - 1; i >= 0; --i) {
         const float4 B4 = read_group(cur, i, 0, perm, j), C4 = read_group(cur, i, 1, perm, j);
-        const float4 ah4 = ah_smem[(i * 4 + j) * THREADS + tid];
         const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
-        const float ah[4] = {ah4.x, ah4.y, ah4.z, ah4.w};
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int r = 4 * j + k;
           const float dh = fmaf(Cv[k], g[i], q[r]);
-          const float w = dh * ah[k];  // the gradient with respect to a_s, times a_s
+          const float w = dh * ah[i][k];  // the gradient with respect to a_s, times a_s
           dA[r] = fmaf(w, dt[i], dA[r]);
-          sw[k & 1] = fmaf(w, A2[r], sw[k & 1]);
-          dhB[k & 1] = fmaf(dh, Bv[k], dhB[k & 1]);
-          v[r] = dh * du[i];
-          q[r] = ex2(dt[i] * A2[r]) * dh;
+          sw[i] = fmaf(w, A2[r], sw[i]);
+          dhB[i] = fmaf(dh, Bv[k], dhB[i]);
+          v[k] = dh * du[i];
+          q[r] = a[i][k] * dh;
         }
+        group_sum(v, pB[i], jj);
       }
-      const float dB = channel_sum(v);
-      if (!(lane & 1)) rs[((i * 2) * WARPS + warp) * NS + perm] = dB;
-      const float dhBs = dhB[0] + dhB[1];
-      const float x = to_f(xx[i]) + bias, sp = x > 20.f ? 1.f : sigmoid(x);  // d delta / d(delta + bias)
-      const float ddt = (LN2 * (sw[0] + sw[1]) + dhBs * u[i]) * sp;  // d a_s / d delta_s = A a_s
+    }
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const float dC = groups_sum(pC[i]), dB = groups_sum(pB[i]);
+      rs[((i * 2 + (lane & 1)) * WARPS + warp) * NS + perm] = lane & 1 ? dC : dB;
+      const bool inside = on && seg * K + i < p.L;
+      if (inside) wdz.at[i * wdz.step] = from_f<T>(dsilu[i] * (yc[i] + Dv * u[i]) + to_f(dzp[i]));
+      const float ddt = (LN2 * sw[i] + dhB[i] * u[i]) * sp[i];  // d a_s / d delta_s = A a_s
       dbias += ddt;
       dD = fmaf(g[i], u[i], dD);
-      if (on && seg * K + i < p.L) {
-        wdu.at[i * wdu.step] = from_f<T>(dhBs * dt[i] + Dv * g[i]);
+      if (inside) {
+        wdu.at[i * wdu.step] = from_f<T>(dhB[i] * dt[i] + Dv * g[i]);
         wddl.at[i * wddl.step] = from_f<T>(ddt);
       }
     }
+    wdz.at += wdz.move;
     wdu.at += wdu.move;
     wddl.at += wddl.move;
     if (seg > 0) bcs.store(bc[(seg - 1) & 1]);
@@ -602,10 +616,9 @@ template <typename T, typename S, int d, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_bwd_kernel(Params p) {
   static_assert(CHUNK * 32 <= THREADS && THREADS % 32 == 0, "a chunk's dB and dC sums are one value per thread");
   __shared__ __align__(16) float bc[2][bc_floats<CHUNK>()];
-  __shared__ float4 ah[CHUNK * NS / 4 * THREADS];                  // a_s h_{s-1}: [step][four states][thread]
   __shared__ float red[2][CHUNK * 2 * (THREADS / 32) * NS];  // [step][B, C][warp][state]: per-warp channel sums
-  if (p.save_every > 1) scan_bwd<T, S, d, THREADS, true>(p, bc, ah, red);
-  else scan_bwd<T, S, d, THREADS, false>(p, bc, ah, red);
+  if (p.save_every > 1) scan_bwd<T, S, d, THREADS, true>(p, bc, red);
+  else scan_bwd<T, S, d, THREADS, false>(p, bc, red);
 }
 
 // ---- the backward pass's sums ------------------------------------------------------------------------
