@@ -241,16 +241,27 @@ struct BCStage {
   }
 };
 
-// Registers 4 j .. 4 j + 3 of step i's B (kind 0) or C (kind 1) of a staged chunk, for perm.
-__device__ __forceinline__ float4 read_group(const float* buf, int i, int kind, int perm, int j) {
-  return *reinterpret_cast<const float4*>(buf + ((i * 2 + kind) * 4 + (perm & 3)) * COPY + 4 * (j ^ (perm >> 2)));
+// Where the lane with perm reads its registers 4 j .. 4 j + 3 in a staged step's B or C: copy
+// perm & 3, element 4 (j ^ (perm >> 2)). Formed once per thread, so that a read's address is a
+// register plus a constant.
+struct GroupsAt {
+  int at[NS / 4];
+  __device__ explicit GroupsAt(int perm) {
+#pragma unroll
+    for (int j = 0; j < NS / 4; ++j) at[j] = (perm & 3) * COPY + 4 * (j ^ (perm >> 2));
+  }
+};
+
+// Registers 4 j .. 4 j + 3 of step i's B (kind 0) or C (kind 1) of a staged chunk.
+__device__ __forceinline__ float4 read_group(const float* buf, int i, int kind, const GroupsAt& g, int j) {
+  return *reinterpret_cast<const float4*>(buf + (i * 2 + kind) * 4 * COPY + g.at[j]);
 }
 
-// Step i's B (kind 0) or C (kind 1) of a staged chunk, all 16 registers, for perm.
-__device__ __forceinline__ void read_states(const float* buf, int i, int kind, int perm, float (&x)[NS]) {
+// Step i's B (kind 0) or C (kind 1) of a staged chunk, all 16 registers.
+__device__ __forceinline__ void read_states(const float* buf, int i, int kind, const GroupsAt& g, float (&x)[NS]) {
 #pragma unroll
   for (int j = 0; j < NS / 4; ++j) {
-    const float4 v = read_group(buf, i, kind, perm, j);
+    const float4 v = read_group(buf, i, kind, g, j);
     x[4 * j] = v.x; x[4 * j + 1] = v.y; x[4 * j + 2] = v.z; x[4 * j + 3] = v.w;
   }
 }
@@ -345,6 +356,7 @@ __device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<
   static_assert(K % CHUNK == 0, "a segment is whole chunks (the steps between saved states)");
   const int e = blockIdx.x * THREADS + threadIdx.x, b = blockIdx.y, n_seg = (p.L + K - 1) / K, perm = perm_of(e);
   const bool on = e < p.E;
+  const GroupsAt groups(perm);
   float A2[NS];
   direction_A2(p, d, e, on, A2);
   const float bias = p.bias && on ? p.bias[d * p.E + e] : 0.f;
@@ -395,12 +407,12 @@ __device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<
       }
       const float dt = softplus(to_f(xx[i]) + bias) * (s < p.L ? 1.f : 0.f), du = dt * to_f(uu[i]);
       float Bv[NS];
-      read_states(cur, i, 0, perm, Bv);
+      read_states(cur, i, 0, groups, Bv);
 #pragma unroll
       for (int r = 0; r < NS; ++r) h[r] = fmaf(ex2(dt * A2[r]), h[r], du * Bv[r]);
       if (WITH_Y) {
         float Cv[NS], acc[4];
-        read_states(cur, i, 1, perm, Cv);
+        read_states(cur, i, 1, groups, Cv);
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[j] = Cv[j] * h[j];
 #pragma unroll
@@ -455,6 +467,7 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
   const int n_cb = (p.E + THREADS - 1) / THREADS, cb = (int)blockIdx.x % n_cb, b = (int)blockIdx.x / n_cb;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, e = cb * THREADS + tid, perm = perm_of(e);
   const bool on = e < p.E;
+  const GroupsAt groups(perm);
   const int last = (p.L + K - 1) / K - 1;
   float A2[NS];
   direction_A2(p, d, e, on, A2);
@@ -541,7 +554,7 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
       float a[K][4], ah[K][4], v[4];
 #pragma unroll
       for (int i = 0; i < K; ++i) {
-        const float4 B4 = read_group(cur, i, 0, perm, j), C4 = read_group(cur, i, 1, perm, j);
+        const float4 B4 = read_group(cur, i, 0, groups, j), C4 = read_group(cur, i, 1, groups, j);
         const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -556,7 +569,7 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
       }
 #pragma unroll
       for (int i = K - 1; i >= 0; --i) {
-        const float4 B4 = read_group(cur, i, 0, perm, j), C4 = read_group(cur, i, 1, perm, j);
+        const float4 B4 = read_group(cur, i, 0, groups, j), C4 = read_group(cur, i, 1, groups, j);
         const float Bv[4] = {B4.x, B4.y, B4.z, B4.w}, Cv[4] = {C4.x, C4.y, C4.z, C4.w};
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
