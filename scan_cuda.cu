@@ -349,8 +349,9 @@ template <typename S> __device__ __forceinline__ void put_states(S* at, const fl
 
 // ---- forward ----------------------------------------------------------------------------------------------
 // Direction d; grid (E / THREADS, batch). Direction 1 adds its gated output onto direction 0's.
-// T: the type of u, delta, B, C, z and y; S: the type of the saved states. Without y (p.y null)
-// the pass only saves the states: the backward pass's recomputation of them (save_every = 0).
+// T: the type of u, delta, B, C, z and y; S: the type of the saved states. Without y (WITH_Y
+// false, scan_states_kernel) the pass only saves the states: the backward pass's recomputation of
+// them (save_every = 0).
 template <typename T, typename S, int d, int K, int THREADS, bool WITH_Y>
 __device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<K>()]) {
   static_assert(K % CHUNK == 0, "a segment is whole chunks (the steps between saved states)");
@@ -431,8 +432,17 @@ __device__ __forceinline__ void scan_fwd(const Params& p, float (*bc)[bc_floats<
 template <typename T, typename S, int d, int K, int THREADS, int MIN_BLOCKS>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_fwd_kernel(Params p) {
   __shared__ __align__(16) float bc[2][bc_floats<K>()];
-  if (p.y) scan_fwd<T, S, d, K, THREADS, true>(p, bc);
-  else scan_fwd<T, S, d, K, THREADS, false>(p, bc);
+  scan_fwd<T, S, d, K, THREADS, true>(p, bc);
+}
+
+// The states only (no y), of both directions in one launch: grid (E / THREADS, batch, ND). With
+// no output shared by the directions they need no order, and one launch of twice the blocks
+// leaves less of the GPU idle in its last wave than two.
+template <typename T, typename S, int K, int THREADS, int MIN_BLOCKS>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) scan_states_kernel(Params p) {
+  __shared__ __align__(16) float bc[2][bc_floats<K>()];
+  if (blockIdx.z == 0) scan_fwd<T, S, 0, K, THREADS, false>(p, bc);
+  else scan_fwd<T, S, 1, K, THREADS, false>(p, bc);
 }
 
 // ---- backward ---------------------------------------------------------------------------------------------

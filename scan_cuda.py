@@ -290,11 +290,13 @@ class Program(NamedTuple):
 
 def name_expressions(dtype, states_dtype):
     """The kernels of one program, for inputs of `dtype` and saved states of `states_dtype`:
-    the forward pass per direction, the backward pass per direction, the backward pass's sums."""
+    the forward pass per direction, the backward pass per direction, the states alone (both
+    directions), the backward pass's sums."""
     T, S = _C_TYPES[dtype], _C_TYPES[states_dtype]
     fwd = [f"dis::scan_fwd_kernel<{T}, {S}, {d}, {FWD_SEGMENT}, {FWD_THREADS}, {FWD_MIN_BLOCKS}>" for d in (0, 1)]
     bwd = [f"dis::scan_bwd_kernel<{T}, {S}, {d}, {BWD_THREADS}, {BWD_MIN_BLOCKS}>" for d in (0, 1)]
-    return fwd + bwd + [f"dis::finish_bwd_kernel<{T}>"]
+    states = f"dis::scan_states_kernel<{T}, {S}, {FWD_SEGMENT}, {FWD_THREADS}, {FWD_MIN_BLOCKS}>"
+    return fwd + bwd + [states, f"dis::finish_bwd_kernel<{T}>"]
 
 
 @functools.cache
@@ -457,8 +459,9 @@ def _arguments(*structs):
 
 def _launch(function, grid, threads, stream, args):
     """Queue `function` on `stream` with the parameters `args` (from `_arguments`), copied at the
-    launch: the Structures may change afterwards."""
-    rc = _driver().cuLaunchKernel(function, grid[0], grid[1], 1, threads, 1, 1, 0, stream, args, None)
+    launch: the Structures may change afterwards. grid: (x, y) or (x, y, z) blocks."""
+    gx, gy, gz = (*grid, 1)[:3]
+    rc = _driver().cuLaunchKernel(function, gx, gy, gz, threads, 1, 1, 0, stream, args, None)
     if rc:
         _check(rc, "cuLaunchKernel")
 
@@ -468,6 +471,7 @@ class _Kernels(NamedTuple):
     context: int
     fwd: tuple  # per direction
     bwd: tuple  # per direction
+    states: int
     finish: int
 
 
@@ -489,7 +493,7 @@ def _load(index, dtype, states_dtype):
             prog = _program(dtype, states_dtype, device.arch)
             f = _load_module(index, prog.image, [prog.names[n] for n in names])
             fwd, bwd = (tuple(f[prog.names[n]] for n in part) for part in (names[0:2], names[2:4]))
-            _loaded[key] = _Kernels(device.context, fwd, bwd, f[prog.names[names[4]]])
+            _loaded[key] = _Kernels(device.context, fwd, bwd, f[prog.names[names[4]]], f[prog.names[names[5]]])
         return _loaded[key]
 
 
@@ -609,8 +613,11 @@ def _run_forward(u, delta, A, B, C, D, z, delta_bias, save_states, save_every, s
     p = _params(u, delta, A, B, C, D, z, delta_bias, save_every, n_saved, y=y, states=states if save_states else None)
     grid, stream, args = (_cdiv(E, FWD_THREADS), batch), _stream(index), _arguments(p)
     with _Current(k.context):
-        for d in range(ND):  # direction 1 adds its output onto direction 0's
-            _launch(k.fwd[d], grid, FWD_THREADS, stream, args)
+        if y is None:  # the states alone: both directions in one launch
+            _launch(k.states, (*grid, ND), FWD_THREADS, stream, args)
+        else:
+            for d in range(ND):  # direction 1 adds its output onto direction 0's
+                _launch(k.fwd[d], grid, FWD_THREADS, stream, args)
     return states
 
 
