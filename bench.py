@@ -391,11 +391,11 @@ def throughput_row(name, label, model, img, ch, classes, batch, device):
     """One table row: parameters (M), train and forward img/s, peak GB, and the GPU's time in the
     kernels of a training step (ms; kernel_time), the figure that moves least between runs. A
     compiled model's steps are not captured in a graph of ours (torch.compile has its own)."""
-    train, train_run, gpu_ms, graphed, fwd, peak = throughput(model, img, ch, classes, batch, device,
-                                                              graph=not hasattr(model, "_orig_mod"))
+    train, train_run, gpu_ms, graphed, fwd, fwd_gpu_ms, peak = throughput(model, img, ch, classes, batch, device,
+                                                                          graph=not hasattr(model, "_orig_mod"))
     return {"model": name, "input": label, "params_M": params(model), "train_img_s": train,
             "train_back_to_back_img_s": train_run, "train_gpu_ms": gpu_ms, "train_graphed_img_s": graphed,
-            "fwd_img_s": fwd, "peak_GB": peak}
+            "fwd_img_s": fwd, "fwd_gpu_ms": fwd_gpu_ms, "peak_GB": peak}
 
 
 def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
@@ -486,12 +486,14 @@ def mean_row(runs):
 
 def model_summary(pairs):
     """DiS / DiT ratios of training img/s (eager and CUDA-graphed steps; also as DiT's GPU time per
-    step over DiS's), sampling-forward img/s and peak memory, per input."""
+    step over DiS's), sampling-forward img/s (op by op; also as DiT's GPU time per forward over
+    DiS's) and peak memory, per input."""
     return [{"models": f"{dis['model']} / {dit['model']}", "input": dis["input"],
              "train_img_s_ratio": dis["train_img_s"] / dit["train_img_s"],
              "train_graphed_img_s_ratio": dis["train_graphed_img_s"] / dit["train_graphed_img_s"],
              "train_gpu_time_ratio": dit["train_gpu_ms"] / dis["train_gpu_ms"],
              "sampling_fwd_img_s_ratio": dis["fwd_img_s"] / dit["fwd_img_s"],
+             "sampling_fwd_gpu_time_ratio": dit["fwd_gpu_ms"] / dis["fwd_gpu_ms"],
              "peak_memory_ratio": dis["peak_GB"] / dit["peak_GB"]} for dis, dit in pairs]
 
 
@@ -640,8 +642,8 @@ def main(argv=None):
             report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles)]
         raw["model_summary"] = model_summary(pairs)
         summary += [f"\nDiS ({default} scan; the model's defaults, and with train.py's options) against DiT: "
-                    "training img/s (eager, with CUDA graphs, and GPU time per step), sampling forward img/s, "
-                    "peak memory:\n",
+                    "training img/s (eager, with CUDA graphs, and GPU time per step), sampling forward img/s "
+                    "(op by op, and GPU time per forward), peak memory:\n",
                     table(raw["model_summary"])]
         write_report(args.out, report, raw)
     if "fid" in parts:

@@ -117,11 +117,13 @@ def graphed_train_step(model, img, ch, classes, batch, device):
 
 def throughput(model, img, ch, classes, batch, device, run=5, graph=True):
     """(train img/s, train img/s back to back, GPU ms per training step, train img/s with CUDA
-    graphs, forward img/s, peak GB) with bf16 autocast on CUDA, fused AdamW. The first times each
-    step alone (synchronised after it, as train.py's steps are); the second times `run` steps
-    launched back to back, the host running ahead of the GPU; the third is the time in the
-    step's kernels (kernel_time); the fourth times each step alone with its passes replayed as a
-    CUDA graph (graphed_train_step; nan without CUDA or `graph`). The peak is of the eager steps."""
+    graphs, forward img/s, GPU ms per forward, peak GB) with bf16 autocast on CUDA, fused AdamW.
+    The first times each step alone (synchronised after it, as train.py's steps are); the second
+    times `run` steps launched back to back, the host running ahead of the GPU; the third is the
+    time in the step's kernels (kernel_time); the fourth times each step alone with its passes
+    replayed as a CUDA graph (graphed_train_step; nan without CUDA or `graph`). The forward is
+    one no-grad call (a sampling step), timed alone and, as the time in its kernels, the figure
+    that sampling from CUDA graphs (sample.py) approaches. The peak is of the eager steps."""
     train_step, forward = step_functions(model, img, ch, classes, batch, device)
     cuda = device.type == "cuda"
     if cuda:
@@ -139,7 +141,8 @@ def throughput(model, img, ch, classes, batch, device, run=5, graph=True):
         torch.cuda.empty_cache()
     model.eval()
     t_fwd = measure(forward, device, warmup=2, repeat=10)
-    return batch / t_train, batch / t_run, 1e3 * t_kernels, batch / t_graphed, batch / t_fwd, peak
+    t_fwd_kernels = kernel_time(forward, device, calls=3)
+    return batch / t_train, batch / t_run, 1e3 * t_kernels, batch / t_graphed, batch / t_fwd, 1e3 * t_fwd_kernels, peak
 
 
 def kernel_time(fn, device, calls=10):

@@ -31,6 +31,7 @@ def test_quick_run_writes_tables(tmp_path):
     assert pair["sampling_fwd_img_s_ratio"] > 0
     dis, dit = (next(r for r in raw["model"] if r["model"] == m) for m in ("DiS-tiny (ref scan)", "DiT-tiny"))
     assert pair["train_gpu_time_ratio"] == dit["train_gpu_ms"] / dis["train_gpu_ms"] and dis["train_gpu_ms"] > 0
+    assert pair["sampling_fwd_gpu_time_ratio"] == dit["fwd_gpu_ms"] / dis["fwd_gpu_ms"] and dis["fwd_gpu_ms"] > 0
     assert [p["models"] for p in options] == [f"DiS-tiny (ref scan, {label}) / DiT-tiny" for label, _ in
                                               bench.MEMORY_OPTIONS]
     assert [r["backend"] for r in raw["scan_summary"]] == ["ref bidirectional"]
