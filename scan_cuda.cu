@@ -11,9 +11,10 @@
 // computes its own steps' delta (through softplus), delta u and gated dy; the sums over states (y
 // forward; the gradients of u and delta backward) stay in the lane. A block of THREADS channels
 // walks time in chunks of 4 steps (the forward pass in segments of K steps, whole chunks); each
-// chunk's B and C are staged in shared memory as float32. Each kernel computes one direction, d a
-// template parameter: the host launches direction 0, then direction 1, which adds its output (y
-// forward, dz backward) onto the first's.
+// chunk's B and C are staged in shared memory as float32. The forward and backward kernels
+// compute one direction, d a template parameter: the host launches direction 0, then direction 1,
+// which adds its output (y forward, dz backward) onto the first's. The states-only forward pass,
+// with no output the directions share, runs both in one launch.
 //
 // The gradients of B and C are sums over channels: per step, a reduce-scatter over the warp's 32
 // lanes, then a sum over the block's warps in shared memory, then over the blocks in a last
