@@ -136,18 +136,16 @@ __device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LO
 
 // torch's softplus (threshold 20); log1p(w) by Goldberg's trick on the fast log. Both sides of
 // the selects are computed, so that no branch splits a segment's steps (see the kernels).
-__device__ __forceinline__ float softplus(float x) {
-  const float w = ex2(x * LOG2E), v = 1.f + w;
-  const float goldberg = lg2(v) * LN2 * w * rcp(v - 1.f);
-  return x > 20.f ? x : (v == 1.f ? w : goldberg);
-}
-
-// softplus(x) and its slope sigmoid(x) = w / (1 + w), from the same w = e^x (1 above the threshold).
+// slope: its derivative sigmoid(x) = w / (1 + w), from the same w = e^x (1 above the threshold).
 __device__ __forceinline__ float softplus(float x, float& slope) {
   const float w = ex2(x * LOG2E), v = 1.f + w;
   slope = x > 20.f ? 1.f : w * rcp(v);
   const float goldberg = lg2(v) * LN2 * w * rcp(v - 1.f);
   return x > 20.f ? x : (v == 1.f ? w : goldberg);
+}
+__device__ __forceinline__ float softplus(float x) {
+  float unused;
+  return softplus(x, unused);
 }
 
 // ---- which lane holds what ------------------------------------------------------------------------
@@ -159,11 +157,12 @@ __device__ __forceinline__ int perm_of(int e) { return (e >> 1) & 15; }
 // The sum over the warp's 32 channels of state perm(e) (in both lanes of a pair), in two parts
 // for code that holds one group of four registers (4 j .. 4 j + 3) at a time. A lane's partner
 // across lane bit k + 1 has perm bit k flipped, so its register r ^ (1 << k) holds the state of
-// this lane's register r: each step adds a partner's register to one of its own, with no selects. group_sum
-// sums a group across lane bits 2 and 1 (register bits 1 and 0) into one value, and, for the
-// groups in the order 0, 2, 1, 3 (jj = 0..3), pairs groups j and j + 2 across lane bit 4 into
-// p[0] (groups 0 and 2) and p[1] (1 and 3); groups_sum ends with lane bit 3 (p[0] and p[1]) and
-// lane bit 0, which does not change perm: it adds the pair's two halves. v is clobbered.
+// this lane's register r: each step adds a partner's register to one of its own, with no
+// selects. group_sum sums a group across lane bits 2 and 1 (register bits 1 and 0) into one
+// value, and, for the groups in the order 0, 2, 1, 3 (jj = 0..3), pairs groups j and j + 2 across
+// lane bit 4 into p[0] (groups 0 and 2) and p[1] (1 and 3); groups_sum ends with lane bit 3 (p[0]
+// and p[1]) and lane bit 0, which does not change perm: it adds the pair's two halves. v is
+// clobbered.
 __device__ __forceinline__ void group_sum(float (&v)[4], float (&p)[2], int jj) {
   v[0] += __shfl_xor_sync(FULL, v[2], 4);
   v[1] += __shfl_xor_sync(FULL, v[3], 4);
@@ -540,7 +539,7 @@ __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<
     const float* cur = bc[seg & 1];
     float* rs = red[seg & 1];
     // Per step: delta and its slope d delta / d(delta + bias), delta u, g = dy silu(z), u, and
-    // dy silu'(z), which dz_s is y_s's (C_s h_s + D u_s) multiple of.
+    // dy silu'(z), the factor dz_s takes of C_s h_s + D u_s.
     float dt[K], sp[K], du[K], g[K], u[K], dsilu[K];
 #pragma unroll
     for (int i = 0; i < K; ++i) {
