@@ -492,8 +492,8 @@ def _load(index, dtype, states_dtype):
             names = name_expressions(dtype, states_dtype)
             prog = _program(dtype, states_dtype, device.arch)
             f = _load_module(index, prog.image, [prog.names[n] for n in names])
-            fwd, bwd = (tuple(f[prog.names[n]] for n in part) for part in (names[0:2], names[2:4]))
-            _loaded[key] = _Kernels(device.context, fwd, bwd, f[prog.names[names[4]]], f[prog.names[names[5]]])
+            fwd0, fwd1, bwd0, bwd1, states, finish = (f[prog.names[n]] for n in names)  # name_expressions' order
+            _loaded[key] = _Kernels(device.context, (fwd0, fwd1), (bwd0, bwd1), states, finish)
         return _loaded[key]
 
 
