@@ -139,13 +139,12 @@ class BiMamba(nn.Module):
         also run on our Triton kernels (norm_triton.py), as the conv does (scan.biconv_silu)."""
         return self.backend(device) in scan.OUR_KERNELS
 
-    def conv_and_x_proj(self, x):
-        """x (B, L, E) -> u (B, L, 2, E), x_dbl (B, L, 2 Rp + 4N): both directions' conv + SiLU, then
-        x_proj. x_dbl holds Delta's R ranks of direction 0, then of direction 1 (each padded with
-        zeros to Rp, a multiple of 8), then B and C (N each) of direction 0, then of direction 1."""
-        R, N = self.dt_rank, self.d_state
-        u = scan.biconv_silu(x, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
-                             torch.stack([self.conv1d.bias, self.conv1d_b.bias]), backend=self.backend(x.device))
+    def conv_and_x_proj(self, xz):
+        """xz (B, L, 2E), in_proj's output -> u (B, L, 2, E), x_dbl (B, L, 2 Rp + 4N), z (B, L, E):
+        both directions' conv + SiLU of x (xz's first half), then x_proj; z is xz's second half.
+        x_dbl holds Delta's R ranks of direction 0, then of direction 1 (each padded with zeros to
+        Rp, a multiple of 8), then B and C (N each) of direction 0, then of direction 1."""
+        R = self.dt_rank
         # x_proj (and dt_proj, in dt_proj_of) of both directions as one GEMM each, with
         # block-diagonal weights: the zero blocks double these small GEMMs' FLOPs, but a GEMM batched
         # over the two directions gets slow cuBLAS kernels for its weight gradients (a reduction
@@ -155,7 +154,9 @@ class BiMamba(nn.Module):
         pad = lambda w: F.pad(w, (0, 0, 0, self.dt_rank_padded() - R))  # noqa: E731  zero rows after Delta's
         w, w_b = self.x_proj.weight, self.x_proj_b.weight
         weight = torch.cat([torch.block_diag(pad(w[:R]), pad(w_b[:R])), torch.block_diag(w[R:], w_b[R:])])
-        return u, F.linear(u.flatten(2), weight)
+        return scan.mixer_input(xz, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
+                                torch.stack([self.conv1d.bias, self.conv1d_b.bias]), weight,
+                                backend=self.backend(xz.device))
 
     def dt_rank_padded(self):
         """Rp: Delta's rank R rounded up to a multiple of 8 (see conv_and_x_proj)."""
@@ -169,18 +170,18 @@ class BiMamba(nn.Module):
         return delta.unflatten(-1, (2, self.D.shape[0])),
 
     def forward(self, h):
-        E, N = self.D.shape[0], self.d_state
-        x, z = self.in_proj(h).split(E, dim=-1)  # (B, L, E) each
-        # Delta is recomputed from x_dbl in the backward pass rather than kept, and u from x when
+        N = self.d_state
+        xz = self.in_proj(h)  # (B, L, 2E): x, then the gate z
+        # Delta is recomputed from x_dbl in the backward pass rather than kept, and u from xz when
         # asked (recompute.py): less memory
         with Recomputed() as saved:
-            u, x_dbl = saved.compute(self.conv_and_x_proj, x, drop=(0,) if self.recompute_scan_inputs else ())
+            u, x_dbl, z = saved.compute(self.conv_and_x_proj, xz, drop=(0,) if self.recompute_scan_inputs else ())
             delta, = saved.compute(self.dt_proj_of, x_dbl, drop=(0,))
             BC = x_dbl[..., 2 * self.dt_rank_padded():].unflatten(-1, (2, 2 * N))  # (B, L, 2, 2N)
             y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
                                   BC[..., :N], BC[..., N:], torch.stack([self.D, self.D_b]).float(),
                                   z, torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
-                                  delta_softplus=True, backend=self.backend(x.device),
+                                  delta_softplus=True, backend=self.backend(xz.device),
                                   save_every=self.scan_save_every)  # (B, L, E)
         return self.out_proj(y)
 

@@ -20,8 +20,9 @@ tests compare every other implementation against. Four backends compute it:
            other calls, and `selective_scan`'s one direction, run on the Triton kernels.
 `resolve_backend(device, name)` turns "auto" into the fastest that runs on the device (cuda,
 triton, mamba, then ref) and checks a forced name; the entry points `selective_scan` (one
-direction, mamba-ssm's layout), `bimamba_scan` (DiS's two directions, token-major) and
-`biconv_silu` take the backend as an argument.
+direction, mamba-ssm's layout), `bimamba_scan` (DiS's two directions, token-major),
+`biconv_silu` and `mixer_input` (the convolutions and x_proj as one backward pass) take the
+backend as an argument.
 """
 import importlib.util
 import logging
@@ -400,9 +401,7 @@ def biconv_silu(x, weight, bias, backend="auto"):
     Mamba's causal conv1d (output t sees inputs t-W+1..t, zero padding before the start);
     direction 1 is the same on the flipped sequence, flipped back (anti-causal).
     """
-    if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[2]) or tuple(bias.shape) != (2, x.shape[2]):
-        raise ValueError(f"biconv_silu needs x (batch, L, E), weight (2, E, W), bias (2, E); got x "
-                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
+    _check_conv(x, weight, bias)
     choice = resolve_backend(x.device, backend)
     if choice in OUR_KERNELS:
         import scan_triton
@@ -412,6 +411,28 @@ def biconv_silu(x, weight, bias, backend="auto"):
     u = [_causal_conv1d_silu(x, weight[0], bias[0], fused),
          _causal_conv1d_silu(x.flip(-1), weight[1], bias[1], fused).flip(-1)]
     return torch.stack([u_d.transpose(1, 2) for u_d in u], dim=2)  # contiguous (batch, L, 2, E)
+
+
+def mixer_input(xz, weight, bias, proj, backend="auto"):
+    """The mixer's input side: x, z = the halves of xz; u = biconv_silu(x); x_dbl = x_proj(u).
+
+    xz: (batch, L, 2E), in_proj's output; weight: (2, E, W); bias: (2, E); proj: (P, 2E), x_proj's
+    weight over both directions' u -> u (batch, L, 2, E), x_dbl (batch, L, P), z (batch, L, E).
+    On our kernels one backward pass takes all of it (scan_triton.mixer_input): it sums u's two
+    gradients (the scan's and x_proj's) in the convolution's kernel and writes x's gradient beside
+    z's, where autograd would add and concatenate (B, L, 2E) tensors.
+    """
+    E = xz.shape[-1] // 2
+    if xz.dim() != 3 or xz.shape[-1] != 2 * E or proj.dim() != 2 or proj.shape[1] != 2 * E:
+        raise ValueError(f"mixer_input needs xz (batch, L, 2E) and proj (P, 2E); got xz {tuple(xz.shape)}, "
+                         f"proj {tuple(proj.shape)}")
+    if resolve_backend(xz.device, backend) in OUR_KERNELS:
+        _check_conv(xz[..., :E], weight, bias)
+        import scan_triton
+        return scan_triton.mixer_input(xz, weight, bias, proj)
+    x, z = xz.split(E, dim=-1)
+    u = biconv_silu(x, weight, bias, backend)
+    return u, F.linear(u.flatten(2), proj), z
 
 
 def _causal_conv1d_silu(x, weight, bias, fused):
@@ -426,6 +447,12 @@ def _causal_conv1d_silu(x, weight, bias, fused):
 # ---------------------------------------------------------------------------------------------
 # Argument checks: one line naming the argument and what it accepts
 # ---------------------------------------------------------------------------------------------
+def _check_conv(x, weight, bias):
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[2]) or tuple(bias.shape) != (2, x.shape[2]):
+        raise ValueError(f"biconv_silu needs x (batch, L, E), weight (2, E, W), bias (2, E); got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
+
+
 def _check_shapes(expected, origin):
     for name, x, shape in expected:
         if x is not None and tuple(x.shape) != tuple(shape):

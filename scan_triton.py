@@ -649,6 +649,15 @@ def _conv_rows(ptrs, t0, emask, L, stride_t, N: tl.constexpr, ACC: tl.constexpr)
 
 
 @triton.jit
+def _add_rows(a, b, N: tl.constexpr):
+    """Two tuples of N rows added row by row."""
+    out = ()
+    for i in tl.static_range(N):
+        out = out + (a[i] + b[i],)
+    return out
+
+
+@triton.jit
 def _conv_filter(w_ptr, b_ptr, e, emask, E, D: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
     """Direction D's filter as a tuple of W (BLOCK_E,) taps, and its bias."""
     taps = ()
@@ -710,11 +719,15 @@ def _silu_grad(du, pre):
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E, span,
-                     sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e, W: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, du2_ptr, dz_ptr, dx_ptr, part_ptr, L, E, span,
+                     sx_b, sx_l, sx_e, sdu_b, sdu_l, sdu_d, sdu_e, sdz_b, sdz_l, sdx_b, sdx_l, W: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr, HAS_DU2: tl.constexpr,
+                     HAS_DZ: tl.constexpr):
     """dx[t] for t in this program's span (lead row s writes dx[s-W+1]), and the span's sums over
-    time of dw and dbias, written to (batch, spans, 2, E, W) and (batch, spans, 2, E)."""
+    time of dw and dbias, written to (batch, spans, 2, E, W + 1): the W taps' then the bias's.
+    HAS_DU2: u's gradient is du + du2 (du2 laid out as du), summed here as the rows are loaded.
+    HAS_DZ: dx is the first half of rows of 2E values (xz's gradient); dz (batch, L, E), unit
+    channel stride, is copied into their second half, row t beside dx[t]."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     t0 = tl.program_id(1) * span
     t1 = tl.minimum(t0 + span, L)
@@ -722,7 +735,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E, 
     emask = e < E
     x_ptrs = x_ptr + b * sx_b + e * sx_e
     du_ptrs = du_ptr + b * sdu_b + e * sdu_e
-    dx_ptrs = dx_ptr + b * L * E + e
+    du2_ptrs = du2_ptr + b * sdu_b + e * sdu_e
+    dx_ptrs = dx_ptr + b * sdx_b + e
+    dz_ptrs = dz_ptr + b * sdz_b + e
     w0, b0 = _conv_filter(w_ptr, b_ptr, e, emask, E, 0, W, ACC)
     w1, b1 = _conv_filter(w_ptr, b_ptr, e, emask, E, 1, W, ACC)
     xs = _conv_rows(x_ptrs, t0 - (W - 1), emask, L, sx_l, W - 1, ACC)  # the window before lead row t0
@@ -745,6 +760,12 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E, 
         x_rows = _conv_rows(x_ptrs, s0, emask, L, sx_l, BLOCK_T, ACC)
         du0_rows = _conv_rows(du_ptrs, s0, emask, L, sdu_l, BLOCK_T, ACC)
         du1_rows = _conv_rows(du_ptrs + sdu_d, s0 - (W - 1), emask, L, sdu_l, BLOCK_T, ACC)
+        if HAS_DU2:
+            du0_rows = _add_rows(du0_rows, _conv_rows(du2_ptrs, s0, emask, L, sdu_l, BLOCK_T, ACC), BLOCK_T)
+            du1_rows = _add_rows(du1_rows, _conv_rows(du2_ptrs + sdu_d, s0 - (W - 1), emask, L, sdu_l, BLOCK_T, ACC),
+                                  BLOCK_T)
+        if HAS_DZ:
+            dz_rows = _conv_rows(dz_ptrs, s0 - (W - 1), emask, L, sdz_l, BLOCK_T, ACC)  # beside dx's rows
         for i in tl.static_range(BLOCK_T):
             s = s0 + i
             r = s - (W - 1)
@@ -760,7 +781,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E, 
                 if k > 0:
                     dx += w1[k] * g1s[k]
             own1 = (r >= t0) & (r < t1)
-            tl.store(dx_ptrs + r * E, dx.to(dx_ptr.dtype.element_ty), mask=emask & own1)
+            tl.store(dx_ptrs + r * sdx_l, dx.to(dx_ptr.dtype.element_ty), mask=emask & own1)
+            if HAS_DZ:
+                tl.store(dx_ptrs + r * sdx_l + E, dz_rows[i].to(dx_ptr.dtype.element_ty), mask=emask & own1)
             g0 = tl.where(s < t1, g0, 0.0)  # g0[s] for s >= t1 is summed by the next span
             g1 = tl.where(own1, g1, 0.0)
             db0 += g0
@@ -775,12 +798,12 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, dx_ptr, dw_ptr, db_ptr, L, E, 
             xs = xs[1:]
             g0s = g0s[1:]
             g1s = g1s[1:]
-    pe = (b * tl.num_programs(1) + tl.program_id(1)) * 2 * E + e
-    tl.store(db_ptr + pe, db0, mask=emask)
-    tl.store(db_ptr + pe + E, db1, mask=emask)
+    pe = ((b * tl.num_programs(1) + tl.program_id(1)) * 2 * E + e) * (W + 1)
     for k in tl.static_range(W):
-        tl.store(dw_ptr + pe * W + k, dw0[k], mask=emask)
-        tl.store(dw_ptr + (pe + E) * W + k, dw1[k], mask=emask)
+        tl.store(part_ptr + pe + k, dw0[k], mask=emask)
+        tl.store(part_ptr + pe + E * (W + 1) + k, dw1[k], mask=emask)
+    tl.store(part_ptr + pe + W, db0, mask=emask)
+    tl.store(part_ptr + pe + E * (W + 1) + W, db1, mask=emask)
 
 
 def _conv_meta(x, W):
@@ -793,30 +816,73 @@ def _conv_meta(x, W):
     return span, n_spans, be, dict(W=W, BLOCK_T=bt, BLOCK_E=be, ACC=_acc_dtype(x), num_warps=nw)
 
 
+def _conv_forward(x, weight, bias):
+    """u (batch, L, 2, E) from x (batch, L, E), any strides."""
+    batch, L, E = x.shape
+    u = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
+    span, n_spans, be, meta = _conv_meta(x, weight.shape[-1])
+    _conv_fwd_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, u, L, E, span, *x.stride(), **meta)
+    return u
+
+
+def _conv_backward(x, weight, bias, du, dx, du2=None, dz=None):
+    """The convolutions' backward pass for u's gradient du (+ du2, laid out as du): writes dx (a
+    (batch, L, E) view with unit channel stride; with dz, the first half of rows of 2E values, dz
+    copied into the second) and returns the filters' gradients (dw, dbias)."""
+    batch, L, E = x.shape
+    W = weight.shape[-1]
+    span, n_spans, be, meta = _conv_meta(x, W)
+    part = torch.empty(batch, n_spans, 2, E, W + 1, device=x.device, dtype=_acc_torch_dtype(x))
+    dz_in = dx if dz is None else dz
+    _conv_bwd_kernel[(triton.cdiv(E, be), n_spans, batch)](
+        x, weight, bias, du, du if du2 is None else du2, dz_in, dx, part, L, E, span, *x.stride(), *du.stride(),
+        dz_in.stride(0), dz_in.stride(1), dx.stride(0), dx.stride(1), HAS_DU2=du2 is not None,
+        HAS_DZ=dz is not None, **meta)
+    part = part.sum((0, 1))  # (2, E, W + 1): the taps', then the bias's gradient
+    return part[..., :W].to(weight.dtype), part[..., W].to(bias.dtype)
+
+
 class _BiConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        batch, L, E = x.shape
         weight, bias = weight.contiguous(), bias.contiguous()
-        u = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
-        span, n_spans, be, meta = _conv_meta(x, weight.shape[-1])
-        _conv_fwd_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, u, L, E, span, *x.stride(), **meta)
         ctx.save_for_backward(x, weight, bias)
-        return u
+        return _conv_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, du):
         x, weight, bias = ctx.saved_tensors
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        dw, db = _conv_backward(x, weight, bias, du, dx)
+        return dx, dw, db
+
+
+class _MixerInput(torch.autograd.Function):
+    """xz -> (u, x_dbl, z), see mixer_input. u has two consumers (the scan and x_proj) and xz two
+    halves, each with its own gradient: autograd would add u's two gradients and concatenate x's
+    and z's, two more passes over (batch, L, 2E) tensors. Here the convolution's backward kernel
+    reads both of u's gradients and writes x's straight into xz's gradient, copying z's beside it."""
+
+    @staticmethod
+    def forward(ctx, xz, weight, bias, proj):
+        E = xz.shape[-1] // 2
+        x, z = xz[..., :E], xz[..., E:]
+        weight, bias = weight.contiguous(), bias.contiguous()
+        u = _conv_forward(x, weight, bias)
+        proj = proj.to(u.dtype)
+        x_dbl = u.flatten(2) @ proj.t()
+        ctx.save_for_backward(x, weight, bias, u, proj)
+        return u, x_dbl, z
+
+    @staticmethod
+    def backward(ctx, du, dx_dbl, dz):
+        x, weight, bias, u, proj = ctx.saved_tensors
         batch, L, E = x.shape
-        W = weight.shape[-1]
-        span, n_spans, be, meta = _conv_meta(x, W)
-        acc = _acc_torch_dtype(x)
-        dx = torch.empty(batch, L, E, device=x.device, dtype=x.dtype)
-        dw = torch.empty(batch, n_spans, 2, E, W, device=x.device, dtype=acc)
-        db = torch.empty(batch, n_spans, 2, E, device=x.device, dtype=acc)
-        _conv_bwd_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, du, dx, dw, db, L, E, span,
-                                                               *x.stride(), *du.stride(), **meta)
-        return dx, dw.sum((0, 1)).to(weight.dtype), db.sum((0, 1)).to(bias.dtype)
+        dxz = torch.empty(batch, L, 2 * E, device=x.device, dtype=x.dtype)
+        du_proj = (dx_dbl @ proj).view(u.shape)  # x_proj's share of u's gradient
+        dw, db = _conv_backward(x, weight, bias, du.contiguous(), dxz[..., :E], du_proj, dz.contiguous())
+        dproj = dx_dbl.flatten(0, 1).t() @ u.flatten(0, 1).flatten(1)
+        return dxz, dw, db, dproj
 
 
 def biconv_silu(x, weight, bias):
@@ -828,3 +894,14 @@ def biconv_silu(x, weight, bias):
     The shapes are those scan.biconv_silu, the dispatcher, has checked.
     """
     return _BiConvSiLU.apply(x, weight, bias)
+
+
+def mixer_input(xz, weight, bias, proj):
+    """The mixer's input side up to the scan, with one backward pass for all of it.
+
+    xz: (batch, L, 2E), in_proj's output, x then z; weight: (2, E, W); bias: (2, E); proj:
+    (P, 2E), x_proj's weight over both directions. Returns u = biconv_silu(x) (batch, L, 2, E),
+    x_dbl = u.flatten(2) @ proj^T (batch, L, P) in u's dtype, and z (batch, L, E), a view of xz.
+    The shapes are those scan.mixer_input, the dispatcher, has checked.
+    """
+    return _MixerInput.apply(xz, weight, bias, proj)

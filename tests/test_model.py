@@ -296,8 +296,9 @@ def test_padded_x_proj_and_dt_proj_are_the_plain_projections():
     each direction's plain Linear layers, with zeros in the padding."""
     torch.manual_seed(0)
     mixer = model_lib.BiMamba(368).double()
-    x = torch.randn(2, 5, 736, dtype=torch.float64)
-    u, x_dbl = mixer.conv_and_x_proj(x)
+    xz = torch.randn(2, 5, 2 * 736, dtype=torch.float64)
+    u, x_dbl, z = mixer.conv_and_x_proj(xz)
+    assert torch.equal(z, xz[..., 736:])
     delta, = mixer.dt_proj_of(x_dbl)
     R, N, Rp = mixer.dt_rank, mixer.d_state, mixer.dt_rank_padded()
     assert (R, Rp) == (23, 24) and x_dbl.shape[-1] % 8 == 0

@@ -17,7 +17,7 @@ import triton.language as tl
 import scan_triton
 from scan import selective_scan_ref
 from conftest import run_interpreter_suite
-from scan_triton import biconv_silu, bimamba_scan, selective_scan
+from scan_triton import biconv_silu, bimamba_scan, mixer_input, selective_scan
 from test_scan import bimamba_oracle, loop_biconv, rel_err
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -130,6 +130,34 @@ def check_biconv(batch, L, E, dtype, device, tol, W=4):
         assert rel_err(gr, rg) < tol, (name, rel_err(gr, rg))
 
 
+def check_mixer_input(batch, L, E, P, dtype, device, tol, W=4, proj_dtype=None):
+    """mixer_input's outputs and the gradients of xz, the filters and proj, with gradients arriving
+    at all three outputs (u's from the scan and from x_proj), against loop_biconv and a matmul."""
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
+    xz = r(batch, L, 2 * E).to(dtype).requires_grad_(True)
+    weight = (r(2, E, W) * 0.5).to(dtype).requires_grad_(True)
+    bias = r(2, E).to(dtype).requires_grad_(True)
+    proj = (r(P, 2 * E) * 0.3).to(proj_dtype or dtype).requires_grad_(True)
+    u, x_dbl, z = mixer_input(xz, weight, bias, proj)
+    assert (u.shape, x_dbl.shape, z.shape) == ((batch, L, 2, E), (batch, L, P), (batch, L, E))
+    assert u.dtype == x_dbl.dtype == z.dtype == dtype
+    du, dx_dbl, dz = r(*u.shape).to(dtype), r(*x_dbl.shape).to(dtype), r(*z.shape).to(dtype)
+    leaves = (xz, weight, bias, proj)
+    grads = torch.autograd.grad((u, x_dbl, z), leaves, (du, dx_dbl, dz))
+    assert [gr.dtype for gr in grads] == [t.dtype for t in leaves]
+    ref_in = [t.detach().double().requires_grad_(True) for t in leaves]
+    u_ref = loop_biconv(ref_in[0][..., :E], ref_in[1], ref_in[2])
+    outs_ref = (u_ref, u_ref.flatten(2) @ ref_in[3].t(), ref_in[0][..., E:])
+    ref_grads = torch.autograd.grad(outs_ref, ref_in, (du.double(), dx_dbl.double(), dz.double()))
+    for name, out, ref in zip(("u", "x_dbl", "z"), (u, x_dbl, z), outs_ref):
+        assert rel_err(out, ref) < tol, (name, rel_err(out, ref))
+    for name, gr, rg in zip(("xz", "weight", "bias", "proj"), grads, ref_grads):
+        assert rel_err(gr, rg) < tol, (name, rel_err(gr, rg))
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: the kernels under Triton's interpreter (tiny sizes)
 # ------------------------------------------------------------------------------------------------
@@ -209,19 +237,34 @@ def test_interp_biconv_cuda_tile(poisoned_empty, monkeypatch):
     check_biconv(1, scan_triton.CONV_SPAN + 13, scan_triton.CONV_BLOCK_E + 2, torch.float64, "cpu", 1e-10)
 
 
+@interp_only
+@pytest.mark.parametrize("batch, L, E, P, W", [(2, 13, 5, 8, 4), (1, 3, 6, 16, 4), (1, 1, 3, 8, 3)])
+def test_interp_mixer_input(poisoned_empty, batch, L, E, P, W):
+    check_mixer_input(batch, L, E, P, torch.float64, "cpu", 1e-10, W)
+
+
+@interp_only
+def test_interp_mixer_input_bf16_with_float32_proj(poisoned_empty):
+    """As in DiS under autocast: xz in bf16, x_proj's weight in float32 (used in bf16, its gradient
+    returned in float32)."""
+    check_mixer_input(1, 11, 6, 16, torch.bfloat16, "cpu", 1e-2, proj_dtype=torch.float32)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles the kernels; the interpreter runs them instead")
-@pytest.mark.parametrize("kernel", ["_conv_fwd_kernel", "_conv_bwd_kernel"])
-def test_conv_kernels_compile_for_cuda(kernel):
+@pytest.mark.parametrize("kernel, options", [("_conv_fwd_kernel", {}),
+                                             ("_conv_bwd_kernel", dict(HAS_DU2=False, HAS_DZ=False)),
+                                             ("_conv_bwd_kernel", dict(HAS_DU2=True, HAS_DZ=True))])
+def test_conv_kernels_compile_for_cuda(kernel, options):
     """Triton compiles the conv kernels to a cubin for the H100/H200 (sm_90) without a GPU, with the
     CUDA tile, bf16 data, W = 4 and x's channel stride 1 as in DiS: the interpreter runs code that
     the compiler may still refuse (loop-carried tuples, dtypes of values carried through loops)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = getattr(scan_triton, kernel)
-    data = {"x_ptr", "u_ptr", "du_ptr", "dx_ptr"}
+    data = {"x_ptr", "u_ptr", "du_ptr", "du2_ptr", "dz_ptr", "dx_ptr"}
     signature = {a: ("*bf16" if a in data else "*fp32") if a.endswith("_ptr") else "i32" for a in fn.arg_names}
     constexprs = dict(W=4, BLOCK_T=scan_triton.CONV_BLOCK_T, BLOCK_E=scan_triton.CONV_BLOCK_E, ACC=tl.float32,
-                      sx_e=1, sdu_e=1)
+                      sx_e=1, sdu_e=1, **options)
     constexprs = {k: v for k, v in constexprs.items() if k in signature}
     signature.update({k: "constexpr" for k in constexprs})
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
@@ -302,3 +345,10 @@ def test_gpu_gradcheck_float64():
 @pytest.mark.parametrize("batch, L, E, W", [(4, 257, 300, 4), (2, 130, 736, 3), (3, 2, 40, 4)])
 def test_gpu_biconv(poisoned_empty, dtype, tol, batch, L, E, W):
     check_biconv(batch, L, E, dtype, "cuda", tol, W)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("batch, L, E, P", [(4, 257, 736, 112), (3, 2, 40, 16)])
+def test_gpu_mixer_input(poisoned_empty, dtype, tol, batch, L, E, P):
+    check_mixer_input(batch, L, E, P, dtype, "cuda", tol, proj_dtype=torch.float32)
