@@ -41,12 +41,15 @@ SCAN_CHUNK = {"cuda": 4, "cpu": 8}  # by device type; a power of two
 SCAN_FWD_CONFIGS = [(16, 1, None), (32, 1, None), (8, 1, None), (16, 1, 128), (32, 1, 168)]
 SCAN_BWD_CONFIGS = [(8, 1, None), (16, 1, None), (8, 1, 168)]
 SCAN_CPU_BLOCK_E = 16  # interpreter: small blocks keep the CPU tests fast
-# The convolutions: BLOCK_E channels per program (num_warps warps), time cut into spans of about
-# CONV_SPAN steps (one program each), walked CONV_BLOCK_T rows per loop step (their loads issued
-# together). Shorter spans make more programs; each span re-reads 2(W-1) rows at its ends.
-CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS = 8, 128, 4
-CONV_SPAN = 64
-CONV_CPU_TILE = (2, 8, 1, 4)  # interpreter: (BLOCK_T, BLOCK_E, num_warps, span), small so tests cross every edge
+# The convolutions' tiles, (BLOCK_T, BLOCK_E, num_warps, span): BLOCK_E channels per program
+# (num_warps warps), time cut into spans of about `span` steps (one program each), walked BLOCK_T
+# rows per loop step (their loads issued together). Shorter spans make more programs; each span
+# re-reads 2(W-1) rows at its ends. The backward pass, which streams four inputs in the mixer
+# (x, u's two gradients, z's), runs fastest on longer spans than the forward pass (H200, DiS-S/2 and
+# DiS-H/2 shapes).
+CONV_FWD_TILE = (8, 128, 2, 32)
+CONV_BWD_TILE = (8, 128, 2, 128)
+CONV_CPU_TILE = (2, 8, 1, 4)  # interpreter: small, so that the tests cross every edge
 # The backward pass leaves a chunk's T channel sums in T columns of a channel block (_channel_sums).
 if SCAN_CHUNK["cuda"] > min(be for be, _, _ in SCAN_BWD_CONFIGS) or SCAN_CHUNK["cpu"] > SCAN_CPU_BLOCK_E:
     raise ValueError("the scan's chunk length must not exceed its smallest backward channel block")
@@ -806,10 +809,11 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, du2_ptr, dz_ptr, dx_ptr, part_
     tl.store(part_ptr + pe + E * (W + 1) + W, db1, mask=emask)
 
 
-def _conv_meta(x, W):
-    """Span length, number of spans, channel block and launch keywords of the conv kernels. The
-    spans are of equal length (up to rounding), so that none is a short tail."""
-    bt, be, nw, span = (CONV_BLOCK_T, CONV_BLOCK_E, CONV_WARPS, CONV_SPAN) if x.is_cuda else CONV_CPU_TILE
+def _conv_meta(x, W, tile):
+    """Span length, number of spans, channel block and launch keywords of a conv kernel with `tile`
+    (CPU tensors: CONV_CPU_TILE). The spans are of equal length (up to rounding), so that none is a
+    short tail."""
+    bt, be, nw, span = tile if x.is_cuda else CONV_CPU_TILE
     L = x.shape[1]
     n_spans = triton.cdiv(L, span)
     span = triton.cdiv(L, n_spans)
@@ -820,7 +824,7 @@ def _conv_forward(x, weight, bias):
     """u (batch, L, 2, E) from x (batch, L, E), any strides."""
     batch, L, E = x.shape
     u = torch.empty(batch, L, 2, E, device=x.device, dtype=x.dtype)
-    span, n_spans, be, meta = _conv_meta(x, weight.shape[-1])
+    span, n_spans, be, meta = _conv_meta(x, weight.shape[-1], CONV_FWD_TILE)
     _conv_fwd_kernel[(triton.cdiv(E, be), n_spans, batch)](x, weight, bias, u, L, E, span, *x.stride(), **meta)
     return u
 
@@ -831,7 +835,7 @@ def _conv_backward(x, weight, bias, du, dx, du2=None, dz=None):
     copied into the second) and returns the filters' gradients (dw, dbias)."""
     batch, L, E = x.shape
     W = weight.shape[-1]
-    span, n_spans, be, meta = _conv_meta(x, W)
+    span, n_spans, be, meta = _conv_meta(x, W, CONV_BWD_TILE)
     part = torch.empty(batch, n_spans, 2, E, W + 1, device=x.device, dtype=_acc_torch_dtype(x))
     dz_in = dx if dz is None else dz
     _conv_bwd_kernel[(triton.cdiv(E, be), n_spans, batch)](

@@ -228,13 +228,14 @@ def test_interp_biconv_bf16(poisoned_empty):
 
 
 @interp_only
-def test_interp_biconv_cuda_tile(poisoned_empty, monkeypatch):
-    """The CUDA tile (BLOCK_T rows per step, BLOCK_E channels, spans of about CONV_SPAN steps):
-    L = CONV_SPAN + 13 is two spans whose lead rows are not a multiple of BLOCK_T, and
+@pytest.mark.parametrize("tile", ["CONV_FWD_TILE", "CONV_BWD_TILE"])
+def test_interp_biconv_cuda_tile(poisoned_empty, monkeypatch, tile):
+    """A CUDA tile (BLOCK_T rows per step, BLOCK_E channels, spans of about `span` steps):
+    L = span + 13 is two spans whose lead rows are not a multiple of BLOCK_T, and
     E = BLOCK_E + 2 ends in a partial channel block."""
-    tile = (scan_triton.CONV_BLOCK_T, scan_triton.CONV_BLOCK_E, scan_triton.CONV_WARPS, scan_triton.CONV_SPAN)
-    monkeypatch.setattr(scan_triton, "CONV_CPU_TILE", tile)
-    check_biconv(1, scan_triton.CONV_SPAN + 13, scan_triton.CONV_BLOCK_E + 2, torch.float64, "cpu", 1e-10)
+    _, block_e, _, span = getattr(scan_triton, tile)
+    monkeypatch.setattr(scan_triton, "CONV_CPU_TILE", getattr(scan_triton, tile))
+    check_biconv(1, span + 13, block_e + 2, torch.float64, "cpu", 1e-10)
 
 
 @interp_only
@@ -263,12 +264,12 @@ def test_conv_kernels_compile_for_cuda(kernel, options):
     fn = getattr(scan_triton, kernel)
     data = {"x_ptr", "u_ptr", "du_ptr", "du2_ptr", "dz_ptr", "dx_ptr"}
     signature = {a: ("*bf16" if a in data else "*fp32") if a.endswith("_ptr") else "i32" for a in fn.arg_names}
-    constexprs = dict(W=4, BLOCK_T=scan_triton.CONV_BLOCK_T, BLOCK_E=scan_triton.CONV_BLOCK_E, ACC=tl.float32,
-                      sx_e=1, sdu_e=1, **options)
+    block_t, block_e, warps, _ = scan_triton.CONV_FWD_TILE if kernel == "_conv_fwd_kernel" else scan_triton.CONV_BWD_TILE
+    constexprs = dict(W=4, BLOCK_T=block_t, BLOCK_E=block_e, ACC=tl.float32, sx_e=1, sdu_e=1, **options)
     constexprs = {k: v for k, v in constexprs.items() if k in signature}
     signature.update({k: "constexpr" for k in constexprs})
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=scan_triton.CONV_WARPS))
+                              options=dict(num_warps=warps))
     assert compiled.asm["cubin"][:4] == b"\x7fELF"
 
 
