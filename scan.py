@@ -401,7 +401,7 @@ def biconv_silu(x, weight, bias, backend="auto"):
     Mamba's causal conv1d (output t sees inputs t-W+1..t, zero padding before the start);
     direction 1 is the same on the flipped sequence, flipped back (anti-causal).
     """
-    _check_conv(x, weight, bias)
+    _check_conv(x, weight, bias, "biconv_silu")
     choice = resolve_backend(x.device, backend)
     if choice in OUR_KERNELS:
         import scan_triton
@@ -426,8 +426,8 @@ def mixer_input(xz, weight, bias, proj, backend="auto"):
     if xz.dim() != 3 or xz.shape[-1] != 2 * E or proj.dim() != 2 or proj.shape[1] != 2 * E:
         raise ValueError(f"mixer_input needs xz (batch, L, 2E) and proj (P, 2E); got xz {tuple(xz.shape)}, "
                          f"proj {tuple(proj.shape)}")
+    _check_conv(xz[..., :E], weight, bias, "mixer_input")
     if resolve_backend(xz.device, backend) in OUR_KERNELS:
-        _check_conv(xz[..., :E], weight, bias)
         import scan_triton
         return scan_triton.mixer_input(xz, weight, bias, proj)
     x, z = xz.split(E, dim=-1)
@@ -447,9 +447,9 @@ def _causal_conv1d_silu(x, weight, bias, fused):
 # ---------------------------------------------------------------------------------------------
 # Argument checks: one line naming the argument and what it accepts
 # ---------------------------------------------------------------------------------------------
-def _check_conv(x, weight, bias):
+def _check_conv(x, weight, bias, origin):
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[2]) or tuple(bias.shape) != (2, x.shape[2]):
-        raise ValueError(f"biconv_silu needs x (batch, L, E), weight (2, E, W), bias (2, E); got x "
+        raise ValueError(f"{origin} needs x (batch, L, E), weight (2, E, W), bias (2, E); got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
 
 

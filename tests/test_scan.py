@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import scan
-from scan import biconv_silu, bimamba_scan, resolve_backend, selective_scan, selective_scan_ref
+from scan import biconv_silu, bimamba_scan, mixer_input, resolve_backend, selective_scan, selective_scan_ref
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,6 +258,18 @@ def test_biconv_silu_matches_loop(W):
         assert rel_err(a, e) < 1e-12
 
 
+def test_mixer_input_ref_is_the_conv_then_x_proj():
+    """The reference path: u the convolutions of xz's first half, x_dbl u @ proj^T, z xz's second half."""
+    g = torch.Generator().manual_seed(1)
+    xz = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    w, b = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    proj = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    u, x_dbl, z = mixer_input(xz, w, b, proj, backend="ref")
+    expected = loop_biconv(xz[..., :3], w, b)
+    assert rel_err(u, expected) < 1e-12 and rel_err(x_dbl, expected.flatten(2) @ proj.T) < 1e-12
+    assert torch.equal(z, xz[..., 3:])
+
+
 # ------------------------------------------------------------------------------------------------
 # Backends and bad input
 # ------------------------------------------------------------------------------------------------
@@ -304,6 +316,12 @@ BAD_INPUTS = [  # (function, keyword arguments, message)
      r"biconv_silu needs x \(batch, L, E\), weight \(2, E, W\), bias \(2, E\)"),
     (biconv_silu, dict(x=torch.zeros(1, 5, 3), weight=torch.zeros(1, 3, 4), bias=torch.zeros(2, 3)),
      r"got x \(1, 5, 3\), weight \(1, 3, 4\)"),
+    (mixer_input, dict(xz=torch.zeros(1, 5, 7), weight=torch.zeros(2, 3, 4), bias=torch.zeros(2, 3),
+                       proj=torch.zeros(8, 6)), r"mixer_input needs xz \(batch, L, 2E\) and proj \(P, 2E\)"),
+    (mixer_input, dict(xz=torch.zeros(1, 5, 6), weight=torch.zeros(2, 3, 4), bias=torch.zeros(2, 3),
+                       proj=torch.zeros(8, 4)), r"got xz \(1, 5, 6\), proj \(8, 4\)"),
+    (mixer_input, dict(xz=torch.zeros(1, 5, 6), weight=torch.zeros(2, 4, 4), bias=torch.zeros(2, 3),
+                       proj=torch.zeros(8, 6)), r"mixer_input needs x \(batch, L, E\), weight \(2, E, W\)"),
 ]
 
 
