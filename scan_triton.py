@@ -729,8 +729,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, du_ptr, du2_ptr, dz_ptr, dx_ptr, part_
     """dx[t] for t in this program's span (lead row s writes dx[s-W+1]), and the span's sums over
     time of dw and dbias, written to (batch, spans, 2, E, W + 1): the W taps' then the bias's.
     HAS_DU2: u's gradient is du + du2 (du2 laid out as du), summed here as the rows are loaded.
-    HAS_DZ: dx is the first half of rows of 2E values (xz's gradient); dz (batch, L, E), unit
-    channel stride, is copied into their second half, row t beside dx[t]."""
+    HAS_DZ: dx has rows of 2E values (xz's gradient), x's gradient in their first half; dz
+    (batch, L, E), unit channel stride, is copied into their second half, row t beside dx[t]."""
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     t0 = tl.program_id(1) * span
     t1 = tl.minimum(t0 + span, L)
@@ -829,21 +829,22 @@ def _conv_forward(x, weight, bias):
     return u
 
 
-def _conv_backward(x, weight, bias, du, dx, du2=None, dz=None):
-    """The convolutions' backward pass for u's gradient du (+ du2, laid out as du): writes dx (a
-    (batch, L, E) view with unit channel stride; with dz, the first half of rows of 2E values, dz
-    copied into the second) and returns the filters' gradients (dw, dbias)."""
+def _conv_backward(x, weight, bias, du, du2=None, dz=None):
+    """The convolutions' backward pass for u's gradient du (+ du2, laid out as du): x's gradient
+    (batch, L, E), or with dz (batch, L, E) the gradient of xz (batch, L, 2E), x's beside dz; and
+    the filters' gradients (dw, dbias)."""
     batch, L, E = x.shape
     W = weight.shape[-1]
     span, n_spans, be, meta = _conv_meta(x, W, CONV_BWD_TILE)
+    dx = torch.empty(batch, L, E if dz is None else 2 * E, device=x.device, dtype=x.dtype)
     part = torch.empty(batch, n_spans, 2, E, W + 1, device=x.device, dtype=_acc_torch_dtype(x))
-    dz_in = dx if dz is None else dz
+    du2_in, dz_in = (du if du2 is None else du2), (dx if dz is None else dz)  # unread where absent
     _conv_bwd_kernel[(triton.cdiv(E, be), n_spans, batch)](
-        x, weight, bias, du, du if du2 is None else du2, dz_in, dx, part, L, E, span, *x.stride(), *du.stride(),
+        x, weight, bias, du, du2_in, dz_in, dx, part, L, E, span, *x.stride(), *du.stride(),
         dz_in.stride(0), dz_in.stride(1), dx.stride(0), dx.stride(1), HAS_DU2=du2 is not None,
         HAS_DZ=dz is not None, **meta)
     part = part.sum((0, 1))  # (2, E, W + 1): the taps', then the bias's gradient
-    return part[..., :W].to(weight.dtype), part[..., W].to(bias.dtype)
+    return dx, part[..., :W].to(weight.dtype), part[..., W].to(bias.dtype)
 
 
 class _BiConvSiLU(torch.autograd.Function):
@@ -856,9 +857,7 @@ class _BiConvSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, du):
         x, weight, bias = ctx.saved_tensors
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        dw, db = _conv_backward(x, weight, bias, du, dx)
-        return dx, dw, db
+        return _conv_backward(x, weight, bias, du)
 
 
 class _MixerInput(torch.autograd.Function):
@@ -881,10 +880,8 @@ class _MixerInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, du, dx_dbl, dz):
         x, weight, bias, u, proj = ctx.saved_tensors
-        batch, L, E = x.shape
-        dxz = torch.empty(batch, L, 2 * E, device=x.device, dtype=x.dtype)
         du_proj = (dx_dbl @ proj).view(u.shape)  # x_proj's share of u's gradient
-        dw, db = _conv_backward(x, weight, bias, du.contiguous(), dxz[..., :E], du_proj, dz.contiguous())
+        dxz, dw, db = _conv_backward(x, weight, bias, du.contiguous(), du_proj, dz.contiguous())
         dproj = dx_dbl.flatten(0, 1).t() @ u.flatten(0, 1).flatten(1)
         return dxz, dw, db, dproj
 
