@@ -17,6 +17,15 @@ from model import BiMamba
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def tf32_restored():
+    """bench.main turns TF32 on for its GPU runs, process-wide: put back after each test, so that
+    the float32 checks of the test modules after this one run in full precision."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_quick_run_writes_tables(tmp_path):
     bench.main(["--device", "cpu", "--quick", "--only", "scan,model", "--profile", "--out", str(tmp_path)])
     raw = json.loads((tmp_path / "bench.json").read_text())
