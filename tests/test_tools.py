@@ -34,10 +34,9 @@ def test_triton_versions_stops_on_a_kernel_scan_triton_lacks():
         tool.kernels_named(["_scan_fwd_kernel", "_conv_dx_kernel"])
 
 
-def test_kernel_stats_counts_the_backward_loop_by_source_line():
-    """--cuda --lines: every instruction of the backward kernel's segment loop (the nested
-    `advance` loop left out) is counted once, under a line of scan_cuda.cu; the exp2 of the
-    recurrence is there as MUFU instructions."""
+@pytest.fixture(scope="module")
+def backward_sass():
+    """(kernel_stats, SASS with source lines) of the bf16 backward kernel of direction 0, sm_90."""
     import torch
 
     import scan_cuda
@@ -48,8 +47,15 @@ def test_kernel_stats_counts_the_backward_loop_by_source_line():
     tool = load_tool("kernel_stats")
     program = scan_cuda.compile_program(torch.bfloat16, torch.bfloat16, "sm_90", options=("-lineinfo",))
     name = next(n for n in program.names if "scan_bwd_kernel<dis::bf16, dis::bf16, 0" in n)
-    sass = re.search(rf"\.text\.{program.names[name]}:\n(.*?)(?=\n\s*\.section|\Z)",
-                     tool.disassemble(program.image, line_info=True), re.S).group(1)
+    return tool, re.search(rf"\.text\.{program.names[name]}:\n(.*?)(?=\n\s*\.section|\Z)",
+                           tool.disassemble(program.image, line_info=True), re.S).group(1)
+
+
+def test_kernel_stats_counts_the_backward_loop_by_source_line(backward_sass):
+    """--cuda --lines: every instruction of the backward kernel's segment loop (the nested
+    `advance` loop left out) is counted once, under a line of scan_cuda.cu; the exp2 of the
+    recurrence is there as MUFU instructions."""
+    tool, sass = backward_sass
     counts = tool.instructions_per_source_line(sass)
     lines = sass.splitlines()
     spans = tool.loop_spans(lines)
@@ -62,6 +68,17 @@ def test_kernel_stats_counts_the_backward_loop_by_source_line():
     source = open(os.path.join(REPO, "scan_cuda.cu")).read().splitlines()
     ex2 = next(i + 1 for i, text in enumerate(source) if "ex2.approx.ftz.f32" in text)
     assert counts[ex2]["MUFU"] > 0 and None not in counts
+
+
+def test_kernel_stats_breaks_down_the_loop_asked_for(backward_sass):
+    """--loop N: loop N of those listed. The backward kernel's first loop is the chunk loop with
+    every chunk's state saved (no loop nested in it), shorter than the save_every > 1 path's."""
+    tool, sass = backward_sass
+    lengths = tool.loop_lengths(sass)
+    first = tool.instructions_per_source_line(sass, loop=0)
+    assert sum(sum(c.values()) for c in first.values()) == lengths[0] < max(lengths)
+    with pytest.raises(SystemExit, match=f"--loop must be 0..{len(lengths) - 1}"):
+        tool.instructions_per_source_line(sass, loop=len(lengths))
 
 
 def test_scan_variants_reads_a_variant_as_a_file_and_launch_constants(tmp_path):

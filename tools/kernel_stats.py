@@ -8,6 +8,7 @@ machine (SASS) instructions by opcode, from the nvdisasm that ships with Triton.
     python tools/kernel_stats.py --save-every 2            # the states of every other chunk only
     python tools/kernel_stats.py --cuda                    # scan_cuda.cu's kernels instead (NVRTC; a minute)
     python tools/kernel_stats.py --cuda --lines "bwd_kernel<dis::bf16, dis::bf16, 0"   # its loop by source line
+    python tools/kernel_stats.py --cuda --lines "bwd_kernel<dis::bf16, dis::bf16, 0" --loop 0   # another loop
 
 With --cuda it compiles scan_cuda.cu as scan_cuda.py does (NVRTC, for the H100/H200's sm_90), every
 program (input dtype, saved states' dtype), and also counts the global loads whose result an
@@ -100,19 +101,27 @@ def loop_spans(lines):
     return spans
 
 
+def loops(lines):
+    """(first, last, instructions) of the SASS loops of more than one instruction, in order."""
+    spans = [(a, b, sum(1 for x in lines[a:b + 1] if SASS_LINE.match(x))) for a, b in loop_spans(lines)]
+    return [span for span in spans if span[2] > 1]
+
+
 def loop_lengths(sass):
     """Instruction counts of the SASS loops, in order."""
-    lines = sass.splitlines()
-    lengths = [sum(1 for x in lines[a:b + 1] if SASS_LINE.match(x)) for a, b in loop_spans(lines)]
-    return [n for n in lengths if n > 1]
+    return [n for _, _, n in loops(sass.splitlines())]
 
 
-def instructions_per_source_line(sass):
-    """{source line: Counter of opcodes} of the instructions in a kernel's longest loop, those of
-    loops nested in it left out (SASS from disassemble(..., line_info=True))."""
+def instructions_per_source_line(sass, loop=None):
+    """{source line: Counter of opcodes} of the instructions in a kernel's loop number `loop` (in
+    loop_lengths' order; None: the longest), those of loops nested in it left out (SASS from
+    disassemble(..., line_info=True))."""
     lines = sass.splitlines()
     spans = loop_spans(lines)
-    first, last = max(spans, key=lambda span: span[1] - span[0])
+    found = loops(lines)
+    if loop is not None and not 0 <= loop < len(found):
+        raise SystemExit(f"--loop must be 0..{len(found) - 1} (the kernel has {len(found)} loops), not {loop}")
+    first, last, _ = max(found, key=lambda span: span[1] - span[0]) if loop is None else found[loop]
     nested = [(a, b) for a, b in spans if first < a and b < last]
     counts, source = collections.defaultdict(collections.Counter), None
     for i in range(first, last + 1):
@@ -171,7 +180,7 @@ def loads_used_at_once(sass, within=8):
     return count
 
 
-def main_cuda(lines_of=None, top=40):
+def main_cuda(lines_of=None, loop=None, top=40):
     kernels = cuda_kernels(line_info=lines_of is not None)
     if lines_of is not None:
         source = open(os.path.join(ROOT, "scan_cuda.cu")).read().splitlines()
@@ -179,9 +188,11 @@ def main_cuda(lines_of=None, top=40):
         if not chosen:
             raise SystemExit(f"--lines {lines_of!r} is in no kernel's name; the kernels: {', '.join(kernels)}")
         for name in chosen:
-            counts = instructions_per_source_line(kernels[name][1])
-            print(f"{name}: its longest loop, {sum(sum(c.values()) for c in counts.values())} instructions "
-                  f"(nested loops left out), by scan_cuda.cu line")
+            counts = instructions_per_source_line(kernels[name][1], loop)
+            which = "its longest loop" if loop is None else f"its loop {loop}"
+            print(f"{name}: loops {loop_lengths(kernels[name][1])}; {which}, "
+                  f"{sum(sum(c.values()) for c in counts.values())} instructions (nested loops left out), "
+                  f"by scan_cuda.cu line")
             for line, ops in sorted(counts.items(), key=lambda kv: -sum(kv[1].values()))[:top]:
                 text = source[line - 1].strip()[:70] if line else "?"
                 print(f"{sum(ops.values()):5d}  {line}: {text:70s} {dict(ops.most_common(4))}")
@@ -200,6 +211,10 @@ def parse_args(argv=None):
     parser.add_argument("--lines", default=None, metavar="NAME",
                         help="with --cuda: the instructions of the main loop of each kernel whose name contains "
                              "NAME (e.g. 'bwd_kernel<dis::bf16, dis::bf16, 0'), by source line")
+    parser.add_argument("--loop", type=int, default=None, metavar="N",
+                        help="with --lines: loop N (from 0, in the order the loops are listed) instead of the "
+                             "longest, e.g. 0 for the backward kernel's loop with every chunk's state saved, the "
+                             "path training takes (its longest is the save_every > 1 path's)")
     parser.add_argument("--chunk", type=int, default=scan_triton.SCAN_CHUNK["cuda"], metavar="T",
                         help="Triton: steps per chunk")
     parser.add_argument("--block-e", default="8,16", help="Triton: comma list of BLOCK_E (channels per program)")
@@ -216,8 +231,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.lines is not None and not args.cuda:
         raise SystemExit("--lines applies to scan_cuda.cu's kernels: add --cuda")
+    if args.loop is not None and args.lines is None:
+        raise SystemExit("--loop chooses the loop --lines breaks down: add --cuda --lines NAME")
     if args.cuda:
-        return main_cuda(args.lines)
+        return main_cuda(args.lines, args.loop)
     T = args.chunk
     common = dict(ND=2, N=16, NP=16, T=T, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACC=tl.float32,
                   SAVE_EVERY=args.save_every)
