@@ -209,8 +209,8 @@ def parse_args(argv=None):
                                                  "compiled for the H100 without a GPU.")
     parser.add_argument("--cuda", action="store_true", help="scan_cuda.cu's kernels instead of scan_triton's")
     parser.add_argument("--lines", default=None, metavar="NAME",
-                        help="with --cuda: the instructions of the main loop of each kernel whose name contains "
-                             "NAME (e.g. 'bwd_kernel<dis::bf16, dis::bf16, 0'), by source line")
+                        help="with --cuda: the instructions of the longest loop (or --loop N) of each kernel whose "
+                             "name contains NAME (e.g. 'bwd_kernel<dis::bf16, dis::bf16, 0'), by source line")
     parser.add_argument("--loop", type=int, default=None, metavar="N",
                         help="with --lines: loop N (from 0, in the order the loops are listed) instead of the "
                              "longest, e.g. 0 for the backward kernel's loop with every chunk's state saved, the "
