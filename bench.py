@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import scan
 from model import BiMamba, DiS_models, RMSNorm, add_norm, timestep_embedding
 from storage import write_text
-from timing import kernel_time, leaves_of, measure, scan_inputs, step_functions, throughput, token_major
+from timing import (kernel_time, leaves_of, measure, random_batch, scan_inputs, step_functions, throughput,
+                    token_major)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -389,13 +390,27 @@ def original_mixer_forward(mixer, h):
 
 def throughput_row(name, label, model, img, ch, classes, batch, device):
     """One table row: parameters (M), train and forward img/s, peak GB, and the GPU's time in the
-    kernels of a training step (ms; kernel_time), the figure that moves least between runs. A
-    compiled model's steps are not captured in a graph of ours (torch.compile has its own)."""
+    kernels of a training step (ms; kernel_time), the figure that moves least between runs; the
+    forward pass's matmul GFLOPs per image and the TFLOP/s of them a training step achieves in its
+    kernels (counting a step as 3 forward passes). A compiled model's steps are not captured in a
+    graph of ours (torch.compile has its own)."""
     train, train_run, gpu_ms, graphed, fwd, fwd_gpu_ms, peak = throughput(model, img, ch, classes, batch, device,
                                                                           graph=not hasattr(model, "_orig_mod"))
-    return {"model": name, "input": label, "params_M": params(model), "train_img_s": train,
+    gflops = matmul_gflops(getattr(model, "_orig_mod", model), img, ch, classes, device)
+    return {"model": name, "input": label, "params_M": params(model), "fwd_gflops": gflops, "train_img_s": train,
             "train_back_to_back_img_s": train_run, "train_gpu_ms": gpu_ms, "train_graphed_img_s": graphed,
-            "fwd_img_s": fwd, "fwd_gpu_ms": fwd_gpu_ms, "peak_GB": peak}
+            "train_tflops": 3 * gflops * batch / gpu_ms, "fwd_img_s": fwd, "fwd_gpu_ms": fwd_gpu_ms, "peak_GB": peak}
+
+
+def matmul_gflops(model, img, ch, classes, device):
+    """GFLOPs of one image's forward pass in matrix products, convolutions and attention, as
+    PyTorch's FlopCounterMode counts them (2 per multiply-add). The scan is not among them: it is
+    elementwise work, about 7% of a DiS model's true count (model.true_gflops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, t, y = random_batch(img, ch, classes, 1, device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    return counter.get_total_flops() / 1e9
 
 
 def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
@@ -487,8 +502,12 @@ def mean_row(runs):
 def model_summary(pairs):
     """DiS / DiT ratios of training img/s (eager and CUDA-graphed steps; also as DiT's GPU time per
     step over DiS's), sampling-forward img/s (op by op; also as DiT's GPU time per forward over
-    DiS's) and peak memory, per input."""
+    DiS's) and peak memory, per input; and of the matmul GFLOPs per image and the matmul TFLOP/s a
+    training step achieves: img/s ratios compare models of unequal work, these say how much of
+    a gap that work accounts for."""
     return [{"models": f"{dis['model']} / {dit['model']}", "input": dis["input"],
+             "fwd_gflops_ratio": dis["fwd_gflops"] / dit["fwd_gflops"],
+             "train_tflops_ratio": dis["train_tflops"] / dit["train_tflops"],
              "train_img_s_ratio": dis["train_img_s"] / dit["train_img_s"],
              "train_graphed_img_s_ratio": dis["train_graphed_img_s"] / dit["train_graphed_img_s"],
              "train_gpu_time_ratio": dit["train_gpu_ms"] / dis["train_gpu_ms"],
@@ -642,8 +661,9 @@ def main(argv=None):
             report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles)]
         raw["model_summary"] = model_summary(pairs)
         summary += [f"\nDiS ({default} scan; the model's defaults, and with train.py's options) against DiT: "
-                    "training img/s (eager, with CUDA graphs, and GPU time per step), sampling forward img/s "
-                    "(op by op, and GPU time per forward), peak memory:\n",
+                    "matmul GFLOPs per image and the matmul TFLOP/s of a training step's GPU time, training "
+                    "img/s (eager, with CUDA graphs, and GPU time per step), sampling forward img/s (op by op, "
+                    "and GPU time per forward), peak memory:\n",
                     table(raw["model_summary"])]
         write_report(args.out, report, raw)
     if "fid" in parts:

@@ -41,6 +41,10 @@ def test_quick_run_writes_tables(tmp_path):
     dis, dit = (next(r for r in raw["model"] if r["model"] == m) for m in ("DiS-tiny (ref scan)", "DiT-tiny"))
     assert pair["train_gpu_time_ratio"] == dit["train_gpu_ms"] / dis["train_gpu_ms"] and dis["train_gpu_ms"] > 0
     assert pair["sampling_fwd_gpu_time_ratio"] == dit["fwd_gpu_ms"] / dis["fwd_gpu_ms"] and dis["fwd_gpu_ms"] > 0
+    assert pair["fwd_gflops_ratio"] == dis["fwd_gflops"] / dit["fwd_gflops"] and dit["fwd_gflops"] > 0
+    batch = bench.QUICK_MODEL_CASES[0][-1]
+    assert dis["train_tflops"] == 3 * dis["fwd_gflops"] * batch / dis["train_gpu_ms"]
+    assert pair["train_tflops_ratio"] == pytest.approx(pair["fwd_gflops_ratio"] * pair["train_gpu_time_ratio"])
     assert [p["models"] for p in options] == [f"DiS-tiny (ref scan, {label}) / DiT-tiny" for label, _ in
                                               bench.MEMORY_OPTIONS]
     assert [r["backend"] for r in raw["scan_summary"]] == ["ref bidirectional"]
@@ -71,6 +75,21 @@ def inner_fn_standin(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_w
     y = scan.selective_scan_ref(x, delta, A, x_dbl[..., rank:rank + n].transpose(1, 2),
                                 x_dbl[..., rank + n:].transpose(1, 2), D, z, delta_bias, delta_softplus)
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+class TwoLinears(torch.nn.Module):
+    """A model with bench's forward signature whose work is known: (x flattened) @ (48, 20) then
+    @ (20, 5), per image 2 * (48 * 20 + 20 * 5) = 2,120 flops."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(48, 20), torch.nn.Linear(20, 5)
+
+    def forward(self, x, t, y):
+        return self.b(self.a(x.flatten(1)))
+
+
+def test_matmul_gflops_counts_two_flops_per_multiply_add():
+    assert bench.matmul_gflops(TwoLinears(), 4, 3, 10, torch.device("cpu")) == 2 * (48 * 20 + 20 * 5) / 1e9
 
 
 def test_original_structure_is_bimamba(monkeypatch):
