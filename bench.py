@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 from unittest import mock
 
 import torch
@@ -413,9 +414,9 @@ def matmul_gflops(model, img, ch, classes, device):
     return counter.get_total_flops() / 1e9
 
 
-def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
-    """Where one training step of `model` spends its time: the `top` kernels (CUDA) or operators
-    (CPU) by self time over `steps` profiled steps after warm-up, as table rows."""
+def profile_events(model, img, ch, classes, batch, device, steps=3):
+    """(name, calls per step, ms per step) of the kernels (CUDA) or operators (CPU) of a training
+    step of `model`, by self time over `steps` profiled steps after warm-up, largest first."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     train_step, _ = step_functions(model, img, ch, classes, batch, device)
@@ -428,17 +429,48 @@ def profile_step(model, img, ch, classes, batch, device, steps=3, top=25):
             torch.cuda.synchronize(device)
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(prof.key_averages(), key=self_us, reverse=True)
-    total = sum(self_us(e) for e in events) or 1.0
-    return [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "ms_per_step": self_us(e) / steps / 1e3,
-             "share": self_us(e) / total} for e in events[:top]]
+    return [(e.key, e.count / steps, self_us(e) / steps / 1e3) for e in events]
+
+
+def profile_step(events, top=25):
+    """The `top` kernels of profile_events, as table rows with their share of the step."""
+    total = sum(ms for *_, ms in events) or 1.0
+    return [{"kernel": name[:90], "calls_per_step": calls, "ms_per_step": ms, "share": ms / total}
+            for name, calls, ms in events[:top]]
+
+
+# What a kernel (or, on CPU, an operator) computes, by its name: the first pattern that matches.
+KERNEL_KINDS = [("GEMM", r"nvjet|gemm|cutlass|xmma|^aten::(mm|addmm|bmm|matmul)$"),
+                ("scan", r"dis::|scan|selective"),
+                ("convolution", r"conv"),
+                ("norm", r"norm"),
+                ("attention", r"flash|fmha|attention"),
+                ("optimizer", r"FusedOptim|adam"),
+                ("other", r"")]
+
+
+def kernel_kind(name):
+    return next(kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE))
+
+
+def step_kinds(events):
+    """profile_events summed by kernel_kind: table rows in KERNEL_KINDS's order."""
+    total = sum(ms for *_, ms in events) or 1.0
+    sums = {kind: [0.0, 0.0] for kind, _ in KERNEL_KINDS}
+    for name, calls, ms in events:
+        sums[kernel_kind(name)][0] += calls
+        sums[kernel_kind(name)][1] += ms
+    return [{"kind": kind, "kernels_per_step": calls, "ms_per_step": ms, "share": ms / total}
+            for kind, (calls, ms) in sums.items()]
 
 
 def bench_models(device, cases, compile_too=False, profile_too=False, compile_mode="default", rounds=1):
-    """Rows of throughput and peak memory, parity checks, profile rows, and per case the DiS row
-    on the default ("auto") scan backend with its DiT row: (rows, checks, profiles, pairs).
+    """Rows of throughput and peak memory, parity checks, profile rows (the DiS step's top kernels;
+    DiS's and DiT's GPU time by kind of kernel), and per case the DiS row on the default ("auto")
+    scan backend with its DiT row: (rows, checks, profiles, kinds, pairs).
     rounds > 1 times a case's models that many times in turn and gives the mean of each figure:
     on a GPU, the order of the runs moves single figures by several percent."""
-    rows, checks, profiles, pairs = [], [], [], []
+    rows, checks, profiles, kinds, pairs = [], [], [], [], []
     available = scan.available_backends(device)
     backends = [b for b in ("mamba", "triton", "cuda") if b in available] or ["ref"]
     default = scan.resolve_backend(device)
@@ -483,15 +515,20 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
         dis.to(device)
         use_scan(dis, default)
         if profile_too:
-            for r in profile_step(dis, img, ch, classes, batch, device):
-                profiles.append({"model": f"{dis_name} ({default} scan), {label}", **r})
+            events = profile_events(dis, img, ch, classes, batch, device)
+            dis_label = f"{dis_name} ({default} scan), {label}"
+            profiles += [{"model": dis_label, **r} for r in profile_step(events)]
+            kinds += [{"model": dis_label, **r} for r in step_kinds(events)]
+            dis.cpu()
+            kinds += [{"model": f"{dit_name}, {label}", **r}
+                      for r in step_kinds(profile_events(dit.to(device), img, ch, classes, batch, device))]
         dis_row = case_rows[f"{dis_name} ({default} scan)"]
         option_rows = [case_rows[f"{dis_name} ({default} scan, {o})"] for o, _ in MEMORY_OPTIONS]
         pairs += [(r, case_rows[dit_name]) for r in (dis_row, *option_rows)]
         del dis, dit, timed, runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, checks, profiles, pairs
+    return rows, checks, profiles, kinds, pairs
 
 
 def mean_row(runs):
@@ -604,7 +641,8 @@ def main(argv=None):
     extra.add_argument("--rounds", type=int, default=1,
                        help="time each case's models this many times in turn; the tables give the means")
     extra.add_argument("--profile", action="store_true",
-                       help="also list the kernels a DiS training step spends its time in (torch.profiler)")
+                       help="also list the kernels a DiS training step spends its time in, and DiS's and "
+                            "DiT's steps by kind of kernel (torch.profiler)")
     where = parser.add_argument_group("device and output")
     where.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     where.add_argument("--out", default=None, help="also write the tables (markdown) and raw numbers (JSON) here")
@@ -648,9 +686,9 @@ def main(argv=None):
         report += ["\n## A block's add and RMSNorm, the GPU's time in its kernels per call\n", table(raw["norm"])]
         write_report(args.out, report, raw)
     if "model" in parts:
-        rows, checks, profiles, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode,
+        rows, checks, profiles, kinds, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode,
                                                      args.rounds)
-        raw.update(model=rows, model_checks=checks, model_profile=profiles)
+        raw.update(model=rows, model_checks=checks, model_profile=profiles, model_profile_kinds=kinds)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n",
                    "train_img_s times each step alone, synchronised after it (as train.py runs); "
                    "train_back_to_back_img_s times steps launched one after another; train_graphed_img_s "
@@ -658,7 +696,8 @@ def main(argv=None):
                    "(train.py's default on one GPU).\n", table(rows),
                    "\nDiS forward+backward (bf16 autocast, batch 2) against the reference scan path:\n", table(checks)]
         if profiles:
-            report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles)]
+            report += ["\n## Where a DiS training step goes (self time per step, top kernels)\n", table(profiles),
+                       "\n## DiS and DiT training steps by kind of kernel (self time per step)\n", table(kinds)]
         raw["model_summary"] = model_summary(pairs)
         summary += [f"\nDiS ({default} scan; the model's defaults, and with train.py's options) against DiT: "
                     "matmul GFLOPs per image and the matmul TFLOP/s of a training step's GPU time, training "

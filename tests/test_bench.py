@@ -1,4 +1,4 @@
-"""bench.py on CPU: its smoke run writes the tables, the --profile breakdown and the summary's
+"""bench.py on CPU: its smoke run writes the tables, the --profile breakdowns and the summary's
 ratios (on a GPU also of CUDA-graphed steps), and the original-structure row computes BiMamba's
 function (checked with a stand-in for mamba-ssm's mamba_inner_fn)."""
 import json
@@ -35,6 +35,13 @@ def test_quick_run_writes_tables(tmp_path):
     assert all(math.isnan(r["train_graphed_img_s"]) for r in raw["model"])  # CUDA graphs need CUDA
     shares = [r["share"] for r in raw["model_profile"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    kinds = raw["model_profile_kinds"]
+    assert [r["model"] for r in kinds] == (["DiS-tiny (ref scan), 8x8x3, batch 4"] * len(bench.KERNEL_KINDS)
+                                           + ["DiT-tiny, 8x8x3, batch 4"] * len(bench.KERNEL_KINDS))
+    for model in ("DiS-tiny", "DiT-tiny"):
+        of_model = {r["kind"]: r for r in kinds if r["model"].startswith(model)}
+        assert sum(r["share"] for r in of_model.values()) == pytest.approx(1.0)
+        assert of_model["GEMM"]["ms_per_step"] > 0  # CPU operators: aten::mm, aten::addmm
     pair, *options = raw["model_summary"]  # the model's defaults, then train.py's options
     assert pair["models"] == "DiS-tiny (ref scan) / DiT-tiny" and pair["train_img_s_ratio"] > 0
     assert pair["sampling_fwd_img_s_ratio"] > 0
@@ -126,12 +133,31 @@ def test_rounds_alternate_the_models_and_average(monkeypatch):
         return {"model": name, "input": label, "params_M": 0.1, "train_img_s": 10 * k,
                 "train_back_to_back_img_s": k, "fwd_img_s": 3 * k, "peak_GB": 1.0}
     monkeypatch.setattr(bench, "throughput_row", fake_row)
-    rows, _, _, pairs = bench.bench_models(torch.device("cpu"), bench.QUICK_MODEL_CASES, rounds=2)
+    rows, _, _, _, pairs = bench.bench_models(torch.device("cpu"), bench.QUICK_MODEL_CASES, rounds=2)
     names = [r["model"] for r in rows]
     assert order == names + names  # every model once per round, in the same order
     assert names[-1] == "DiT-tiny" and len(pairs) == 1 + len(bench.MEMORY_OPTIONS)
     assert all(r["train_img_s"] == 15 and r["train_back_to_back_img_s"] == 1.5 and r["fwd_img_s"] == 4.5
                for r in rows)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
+    ("void dis::scan_bwd_kernel<dis::bf16, dis::bf16, 1, 128, 2>(dis::Params)", "scan"),
+    ("void dis::finish_bwd_kernel<dis::bf16>(dis::Sums)", "scan"),
+    ("_scan_bwd_kernel", "scan"),
+    ("_conv_bwd_kernel", "convolution"),
+    ("_add_norm_fwd_kernel", "norm"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, true>", "norm"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>", "attention"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>",
+     "optimizer"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<>>", "other"),
+    ("aten::addmm", "GEMM"),
+    ("aten::add", "other"),
+])
+def test_kernel_kinds(name, kind):
+    assert bench.kernel_kind(name) == kind
 
 
 def test_rounds_must_be_positive(capsys):
