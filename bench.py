@@ -391,16 +391,13 @@ def original_mixer_forward(mixer, h):
 
 def throughput_row(name, label, model, img, ch, classes, batch, device):
     """One table row: parameters (M), train and forward img/s, peak GB, and the GPU's time in the
-    kernels of a training step (ms; kernel_time), the figure that moves least between runs; the
-    forward pass's matmul GFLOPs per image and the TFLOP/s of them a training step achieves in its
-    kernels (counting a step as 3 forward passes). A compiled model's steps are not captured in a
-    graph of ours (torch.compile has its own)."""
+    kernels of a training step (ms; kernel_time), the figure that moves least between runs. A
+    compiled model's steps are not captured in a graph of ours (torch.compile has its own)."""
     train, train_run, gpu_ms, graphed, fwd, fwd_gpu_ms, peak = throughput(model, img, ch, classes, batch, device,
                                                                           graph=not hasattr(model, "_orig_mod"))
-    gflops = matmul_gflops(getattr(model, "_orig_mod", model), img, ch, classes, device)
-    return {"model": name, "input": label, "params_M": params(model), "fwd_gflops": gflops, "train_img_s": train,
+    return {"model": name, "input": label, "params_M": params(model), "train_img_s": train,
             "train_back_to_back_img_s": train_run, "train_gpu_ms": gpu_ms, "train_graphed_img_s": graphed,
-            "train_tflops": 3 * gflops * batch / gpu_ms, "fwd_img_s": fwd, "fwd_gpu_ms": fwd_gpu_ms, "peak_GB": peak}
+            "fwd_img_s": fwd, "fwd_gpu_ms": fwd_gpu_ms, "peak_GB": peak}
 
 
 def matmul_gflops(model, img, ch, classes, device):
@@ -432,7 +429,7 @@ def profile_events(model, img, ch, classes, batch, device, steps=3):
     return [(e.key, e.count / steps, self_us(e) / steps / 1e3) for e in events]
 
 
-def profile_step(events, top=25):
+def top_kernels(events, top=25):
     """The `top` kernels of profile_events, as table rows with their share of the step."""
     total = sum(ms for *_, ms in events) or 1.0
     return [{"kernel": name[:90], "calls_per_step": calls, "ms_per_step": ms, "share": ms / total}
@@ -458,8 +455,9 @@ def step_kinds(events):
     total = sum(ms for *_, ms in events) or 1.0
     sums = {kind: [0.0, 0.0] for kind, _ in KERNEL_KINDS}
     for name, calls, ms in events:
-        sums[kernel_kind(name)][0] += calls
-        sums[kernel_kind(name)][1] += ms
+        kind = sums[kernel_kind(name)]
+        kind[0] += calls
+        kind[1] += ms
     return [{"kind": kind, "kernels_per_step": calls, "ms_per_step": ms, "share": ms / total}
             for kind, (calls, ms) in sums.items()]
 
@@ -511,13 +509,20 @@ def bench_models(device, cases, compile_too=False, profile_too=False, compile_mo
                 with mixer_replaced(mixer_forward):
                     runs[name].append(throughput_row(name, label, model, img, ch, classes, batch, device))
         case_rows = {name: mean_row(r) for name, r in runs.items()}
-        rows += case_rows.values()
         dis.to(device)
         use_scan(dis, default)
+        # each model's work, the same whichever scan or options run it: GFLOPs per image, and the
+        # TFLOP/s of a training step's GPU time (a step counted as 3 forward passes)
+        work = {dit_name: matmul_gflops(dit, img, ch, classes, device),
+                dis_name: matmul_gflops(dis, img, ch, classes, device)}
+        for name, row in case_rows.items():
+            row["fwd_gflops"] = work[dit_name if name == dit_name else dis_name]
+            row["train_tflops"] = 3 * row["fwd_gflops"] * batch / row["train_gpu_ms"]
+        rows += case_rows.values()
         if profile_too:
             events = profile_events(dis, img, ch, classes, batch, device)
             dis_label = f"{dis_name} ({default} scan), {label}"
-            profiles += [{"model": dis_label, **r} for r in profile_step(events)]
+            profiles += [{"model": dis_label, **r} for r in top_kernels(events)]
             kinds += [{"model": dis_label, **r} for r in step_kinds(events)]
             dis.cpu()
             kinds += [{"model": f"{dit_name}, {label}", **r}

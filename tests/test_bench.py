@@ -131,7 +131,7 @@ def test_rounds_alternate_the_models_and_average(monkeypatch):
         order.append(name)
         k = float(order.count(name))  # 1 in the first round, 2 in the second
         return {"model": name, "input": label, "params_M": 0.1, "train_img_s": 10 * k,
-                "train_back_to_back_img_s": k, "fwd_img_s": 3 * k, "peak_GB": 1.0}
+                "train_back_to_back_img_s": k, "train_gpu_ms": 1.0, "fwd_img_s": 3 * k, "peak_GB": 1.0}
     monkeypatch.setattr(bench, "throughput_row", fake_row)
     rows, _, _, _, pairs = bench.bench_models(torch.device("cpu"), bench.QUICK_MODEL_CASES, rounds=2)
     names = [r["model"] for r in rows]
