@@ -3,12 +3,12 @@
     python bench.py                       # everything, on the first CUDA device
     python bench.py --only scan           # scan backends only (also: model, fid)
     python bench.py --device cpu --quick  # a smoke run of the script itself
-    python bench.py --only model --cases 0 --profile   # + where a DiS-S/2 training step goes
+    python bench.py --only model --cases 0 --profile   # + where DiS-S/2's and DiT-S/2's training steps go
 
 bench.md and bench.json (--out) are rewritten after each part, so a run stopped by a time
 limit keeps the parts it finished. The summary at the end gives the ratios of DiS to DiT
-(training and sampling throughput, peak memory) and of the scan to its memory floor, each
-from this run.
+(training and sampling throughput, peak memory, matmul work per image and the rate a training
+step does it at) and of the scan to its memory floor, each from this run.
 
 Every backend is checked against the reference (selective_scan_ref) in the same run before
 it is timed. Times are medians over repeated runs measured with CUDA events after warm-up.
