@@ -118,14 +118,8 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// The approximate log2 and reciprocal, flushing denormals to zero like ex2 above: the intrinsics
-// __expf, __logf and __fdividef keep denormals, at a few instructions each to rescale them.
-__device__ __forceinline__ float lg2(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
+// The approximate reciprocal, flushing denormals to zero like ex2 above: the intrinsics __expf and
+// __fdividef keep denormals, at a few instructions each to rescale them.
 __device__ __forceinline__ float rcp(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -134,19 +128,27 @@ __device__ __forceinline__ float rcp(float x) {
 
 __device__ __forceinline__ float sigmoid(float x) { return rcp(1.f + ex2(-x * LOG2E)); }
 
-// torch's softplus (threshold 20); log1p(w) by Goldberg's trick on the fast log. Both sides of
-// the selects are computed, so that no branch splits a segment's steps (see the kernels).
-// slope: its derivative sigmoid(x) = w / (1 + w), from the same w = e^x (1 above the threshold).
+// torch's softplus, log(1 + e^x) (x itself above the threshold 20, which this formula rounds to),
+// as max(x, 0) + log1p(w) with w = e^-|x| in (0, 1], and log1p(w) = w Q(w) with Q a polynomial
+// fitted to log1p(w) / w on [0, 1] (relative error 1.3e-7 at most): one exponential, where
+// a logarithm and a reciprocal would take two more turns of the special-function unit, whose
+// rate bounds the scan (BENCHMARKS.md). slope: its derivative sigmoid(x), 1 / (1 + w) for x >= 0
+// and w / (1 + w) below.
+__device__ __forceinline__ float log1p_unit(float w) {
+  constexpr float Q[] = {0.9999998807907104f, -0.4999889135360718f, 0.333092600107193f, -0.2477501779794693f,
+                         0.18863964080810547f, -0.1318223625421524f, 0.07283879071474075f,
+                         -0.026326842606067657f, 0.004464552737772465f};  // Q(w) = sum Q[k] w^k
+  float q = Q[8];
+#pragma unroll
+  for (int k = 7; k >= 0; --k) q = fmaf(q, w, Q[k]);
+  return w * q;
+}
 __device__ __forceinline__ float softplus(float x, float& slope) {
-  const float w = ex2(x * LOG2E), v = 1.f + w;
-  slope = x > 20.f ? 1.f : w * rcp(v);
-  const float goldberg = lg2(v) * LN2 * w * rcp(v - 1.f);
-  return x > 20.f ? x : (v == 1.f ? w : goldberg);
+  const float w = ex2(-fabsf(x) * LOG2E), r = rcp(1.f + w);
+  slope = x >= 0.f ? r : w * r;
+  return fmaxf(x, 0.f) + log1p_unit(w);
 }
-__device__ __forceinline__ float softplus(float x) {
-  float unused;
-  return softplus(x, unused);
-}
+__device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.f) + log1p_unit(ex2(-fabsf(x) * LOG2E)); }
 
 // ---- which lane holds what ------------------------------------------------------------------------
 // Lane e % 32 of a warp holds channel e with its 16 states in registers, register r holding

@@ -5,7 +5,9 @@ only where NVRTC cannot be loaded."""
 import ctypes
 import logging
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +136,26 @@ def test_saved_states_count():
     assert scan_cuda.CHUNK == 4
     assert [scan_cuda._n_saved(L, 1) for L in (1, 4, 5, 256)] == [1, 1, 2, 64]
     assert [scan_cuda._n_saved(L, 3) for L in (4, 12, 13, 256)] == [1, 1, 2, 22]
+
+
+def test_softplus_polynomial_is_log1p_to_float32_precision():
+    """scan_cuda.cu's softplus is max(x, 0) + log1p(w), w = e^-|x|, with log1p(w) = w Q(w): Q's
+    coefficients, read from the source, against numpy's log1p (float64) on (0, 1]; then softplus
+    as the kernel evaluates it in float32 (fused multiply-adds: exact products, one rounding)
+    against log(1 + e^x), and x itself above torch's threshold of 20."""
+    text = re.search(r"constexpr float Q\[\] = \{(.*?)\};", open(scan_cuda.SOURCE).read(), re.S).group(1)
+    Q = np.array([float(c.strip().rstrip("f")) for c in text.split(",")], dtype=np.float32)
+    w = np.linspace(0.0, 1.0, 100_001)[1:]
+    assert np.abs(w * np.polyval(Q[::-1].astype(np.float64), w) / np.log1p(w) - 1).max() < 2e-7
+
+    x = np.linspace(-30, 30, 600_001).astype(np.float32)
+    w = np.exp(-np.abs(x.astype(np.float64))).astype(np.float32)
+    q = Q[-1]
+    for c in Q[-2::-1]:
+        q = (q.astype(np.float64) * w + c).astype(np.float32)
+    softplus = np.maximum(x, np.float32(0)) + w * q
+    assert np.abs(softplus / np.logaddexp(0.0, x.astype(np.float64)) - 1).max() < 4e-7
+    assert np.array_equal(softplus[x > 20], x[x > 20])
 
 
 # ---- the disk cache ------------------------------------------------------------------------------------
