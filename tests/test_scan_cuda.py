@@ -16,7 +16,7 @@ needs_scan = pytest.mark.skipif(torch.cuda.is_available() and not scan_cuda.avai
 bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
 # Relative errors (norm of the difference over the norm of the float64 reference) of y and of
 # every gradient. The kernels compute in float32; what differs from the reference is float32's
-# rounding (1e-4 leaves room for the ex2/lg2 approximations) and, for 16-bit inputs, the rounding
+# rounding (1e-4 leaves room for the approximate ex2 and rcp) and, for 16-bit inputs, the rounding
 # of y and of the gradients to the inputs' type: half a unit in the last place is 2^-9 = 0.2% for
 # bfloat16, 2^-12 = 0.02% for float16, and norm-wise errors are smaller still. Saved states in 16
 # bits add one such rounding of the state that the backward pass recomputes each chunk from; the
