@@ -40,7 +40,6 @@ constexpr int NS = 16;       // states per channel, padded with zero states
 constexpr int CHUNK = 4;     // steps between the states the forward pass saves
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
 
 // The arguments of the scan kernels, passed by value; scan_cuda.py's Params mirrors this layout
 // (and appends static_asserts on it to this source when it compiles it).
@@ -475,6 +474,7 @@ template <typename T, typename S, int d, int THREADS, bool ADVANCE>
 __device__ __forceinline__ void scan_bwd(const Params& p, float (*bc)[bc_floats<CHUNK>()],
                                          float (*red)[CHUNK * 2 * (THREADS / 32) * NS]) {
   constexpr int K = CHUNK, WARPS = THREADS / 32;
+  constexpr float LN2 = 0.6931471805599453f;  // sw sums w A2 = w A log2(e)
   // a 1-D grid: block (channels cb, batch b), numbered batch-major
   const int n_cb = (p.E + THREADS - 1) / THREADS, cb = (int)blockIdx.x % n_cb, b = (int)blockIdx.x / n_cb;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, e = cb * THREADS + tid, perm = perm_of(e);
