@@ -691,8 +691,8 @@ def main(argv=None):
         report += ["\n## A block's add and RMSNorm, the GPU's time in its kernels per call\n", table(raw["norm"])]
         write_report(args.out, report, raw)
     if "model" in parts:
-        rows, checks, profiles, kinds, pairs = bench_models(device, cases, args.compile, args.profile, args.compile_mode,
-                                                     args.rounds)
+        rows, checks, profiles, kinds, pairs = bench_models(device, cases, args.compile, args.profile,
+                                                            args.compile_mode, args.rounds)
         raw.update(model=rows, model_checks=checks, model_profile=profiles, model_profile_kinds=kinds)
         report += ["\n## Training step (bf16 autocast, fused AdamW) and forward throughput\n",
                    "train_img_s times each step alone, synchronised after it (as train.py runs); "
