@@ -139,48 +139,56 @@ class BiMamba(nn.Module):
         also run on our Triton kernels (norm_triton.py), as the conv does (scan.biconv_silu)."""
         return self.backend(device) in scan.OUR_KERNELS
 
-    def conv_and_x_proj(self, xz):
-        """xz (B, L, 2E), in_proj's output -> u (B, L, 2, E), x_dbl (B, L, 2 Rp + 4N), z (B, L, E):
-        both directions' conv + SiLU of x (xz's first half), then x_proj; z is xz's second half.
-        x_dbl holds Delta's R ranks of direction 0, then of direction 1 (each padded with zeros to
-        Rp, a multiple of 8), then B and C (N each) of direction 0, then of direction 1."""
-        R = self.dt_rank
-        # x_proj (and dt_proj, in dt_proj_of) of both directions as one GEMM each, with
-        # block-diagonal weights: the zero blocks double these small GEMMs' FLOPs, but a GEMM batched
-        # over the two directions gets slow cuBLAS kernels for its weight gradients (a reduction
-        # over all B*L tokens). The zero padding gives every operand of these GEMMs and of their
-        # gradients rows of a multiple of 8 values (16 bytes in 16 bits), without which cuBLAS runs
-        # them on kernels for unaligned data, several times slower.
-        pad = lambda w: F.pad(w, (0, 0, 0, self.dt_rank_padded() - R))  # noqa: E731  zero rows after Delta's
+    def projection_weights(self, dtype):
+        """x_proj's and dt_proj's weights of both directions as one matrix each, in `dtype`: x_proj
+        (2 Rp + 4N, 2E), rows Delta's R ranks of direction 0 (then zeros to Rp), of direction 1, then
+        B and C (N each) of direction 0, of direction 1; dt_proj (2E, 2 Rp), the transpose's layout.
+
+        Each is one GEMM with block-diagonal weights: the zero blocks double these small GEMMs'
+        FLOPs, but a GEMM batched over the two directions gets slow cuBLAS kernels for its weight
+        gradients (a reduction over all B*L tokens). The zero padding gives every operand of these
+        GEMMs and of their gradients rows of a multiple of 8 values (16 bytes in 16 bits), without
+        which cuBLAS runs them on kernels for unaligned data, several times slower."""
+        R, N, E, Rp = self.dt_rank, self.d_state, self.D.shape[0], self.dt_rank_padded()
         w, w_b = self.x_proj.weight, self.x_proj_b.weight
-        weight = torch.cat([torch.block_diag(pad(w[:R]), pad(w_b[:R])), torch.block_diag(w[R:], w_b[R:])])
-        return scan.mixer_input(xz, torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
-                                torch.stack([self.conv1d.bias, self.conv1d_b.bias]), weight,
+        x_proj = placed((2 * Rp + 4 * N, 2 * E), dtype, [(w, 0, R, 0, 0), (w_b, 0, R, Rp, E),
+                                                          (w, R, R + 2 * N, 2 * Rp, 0),
+                                                          (w_b, R, R + 2 * N, 2 * Rp + 2 * N, E)])
+        dt, dt_b = self.dt_proj.weight, self.dt_proj_b.weight
+        dt_proj = placed((2 * E, 2 * Rp), dtype, [(dt, 0, E, 0, 0), (dt_b, 0, E, E, Rp)])
+        return x_proj, dt_proj
+
+    def conv_and_x_proj(self, xz, x_proj):
+        """xz (B, L, 2E), in_proj's output; x_proj (2 Rp + 4N, 2E) (projection_weights) -> u (B, L, 2, E),
+        x_dbl (B, L, 2 Rp + 4N), z (B, L, E): both directions' conv + SiLU of x (xz's first half),
+        then x_proj; z is xz's second half."""
+        E = self.D.shape[0]
+        weight = torch.stack([self.conv1d.weight.view(E, -1), self.conv1d_b.weight.view(E, -1)])  # (2, E, W)
+        return scan.mixer_input(xz, weight, torch.stack([self.conv1d.bias, self.conv1d_b.bias]), x_proj,
                                 backend=self.backend(xz.device))
 
     def dt_rank_padded(self):
-        """Rp: Delta's rank R rounded up to a multiple of 8 (see conv_and_x_proj)."""
+        """Rp: Delta's rank R rounded up to a multiple of 8 (see projection_weights)."""
         return -(-self.dt_rank // 8) * 8
 
-    def dt_proj_of(self, x_dbl):
-        """x_dbl (B, L, 2 Rp + 4N) -> (Delta (B, L, 2, E),) before dt_proj's bias (added in the scan)."""
-        Rp = self.dt_rank_padded()
-        pad = lambda w: F.pad(w, (0, Rp - self.dt_rank))  # noqa: E731  zero columns for the padding
-        delta = F.linear(x_dbl[..., :2 * Rp], torch.block_diag(pad(self.dt_proj.weight), pad(self.dt_proj_b.weight)))
-        return delta.unflatten(-1, (2, self.D.shape[0])),
+    def dt_proj_of(self, ranks, dt_proj):
+        """Both directions' ranks (B, L, 2 Rp), dt_proj (2E, 2 Rp) -> (Delta (B, L, 2, E),) before
+        dt_proj's bias (added in the scan)."""
+        return F.linear(ranks, dt_proj).unflatten(-1, (2, self.D.shape[0])),
 
     def forward(self, h):
-        N = self.d_state
         xz = self.in_proj(h)  # (B, L, 2E): x, then the gate z
+        x_proj, dt_proj = self.projection_weights(compute_dtype(xz))
         # Delta is recomputed from x_dbl in the backward pass rather than kept, and u from xz when
         # asked (recompute.py): less memory
         with Recomputed() as saved:
-            u, x_dbl, z = saved.compute(self.conv_and_x_proj, xz, drop=(0,) if self.recompute_scan_inputs else ())
-            delta, = saved.compute(self.dt_proj_of, x_dbl, drop=(0,))
-            BC = x_dbl[..., 2 * self.dt_rank_padded():].unflatten(-1, (2, 2 * N))  # (B, L, 2, 2N)
-            y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
-                                  BC[..., :N], BC[..., N:], torch.stack([self.D, self.D_b]).float(),
-                                  z, torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            u, x_dbl, z = saved.compute(self.conv_and_x_proj, xz, x_proj,
+                                        drop=(0,) if self.recompute_scan_inputs else ())
+            ranks, B, C = x_dbl_parts(x_dbl, self.dt_rank_padded(), self.d_state)
+            delta, = saved.compute(self.dt_proj_of, ranks, dt_proj, drop=(0,))
+            y = scan.bimamba_scan(u, delta, -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()), B, C,
+                                  torch.stack([self.D, self.D_b]).float(), z,
+                                  torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
                                   delta_softplus=True, backend=self.backend(xz.device),
                                   save_every=self.scan_save_every)  # (B, L, E)
         return self.out_proj(y)
@@ -385,6 +393,78 @@ class DiS(nn.Module):
         cond_eps, uncond_eps = eps.chunk(2)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+# ---- the mixer's weights and x_dbl's parts as single autograd operations (fewer small kernels) ----
+
+def compute_dtype(x):
+    """The dtype matrix products of x run in: autocast's where it is on for x's device, else x's."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _Placed(torch.autograd.Function):
+    """See placed: one fill and one copy per block forwards, one copy per block backwards, where
+    slicing, F.pad, torch.block_diag and torch.cat launch several kernels per block each way and
+    zero-fill a gradient for every slice of a weight."""
+
+    @staticmethod
+    def forward(ctx, shape, dtype, blocks, *sources):
+        out = sources[0].new_zeros(shape, dtype=dtype)
+        for s, first, last, row, col in blocks:
+            out[row:row + last - first, col:col + sources[s].shape[1]].copy_(sources[s][first:last])
+        ctx.blocks, ctx.sources = blocks, [(x.shape, x.dtype) for x in sources]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [grad.new_empty(shape, dtype=dtype) for shape, dtype in ctx.sources]
+        for s, first, last, row, col in ctx.blocks:
+            grads[s][first:last].copy_(grad[row:row + last - first, col:col + grads[s].shape[1]])
+        return (None, None, None, *grads)
+
+
+def placed(shape, dtype, blocks):
+    """A matrix of `shape` in `dtype`, zero but for the blocks (x, first, last, row, col): rows
+    first:last of the matrix x placed at (row, col). Differentiable in each x; every row of each
+    x must be placed once."""
+    sources = list({id(x): x for x, *_ in blocks}.values())
+    index = {id(x): i for i, x in enumerate(sources)}
+    for x in sources:
+        ends = [end for _, first, last, _, _ in sorted((b for b in blocks if b[0] is x), key=lambda b: b[1])
+                for end in (first, last)]
+        if ends[0] != 0 or ends[-1] != x.shape[0] or ends[1:-1:2] != ends[2:-1:2]:
+            raise ValueError(f"placed: the blocks must take every row of each matrix once, got rows "
+                             f"{list(zip(ends[::2], ends[1::2]))} of a matrix of {x.shape[0]}")
+    return _Placed.apply(shape, dtype, [(index[id(x)], first, last, row, col) for x, first, last, row, col in blocks],
+                         *sources)
+
+
+class _XdblParts(torch.autograd.Function):
+    """See x_dbl_parts: the parts are views; their gradients go into one tensor, one copy each,
+    where autograd would zero-fill and add a tensor of x_dbl's size per part."""
+
+    @staticmethod
+    def forward(ctx, x_dbl, Rp, N):
+        BC = x_dbl[..., 2 * Rp:].unflatten(-1, (2, 2 * N))  # (B, L, 2, 2N)
+        ctx.shape, ctx.dtype, ctx.Rp, ctx.N = x_dbl.shape, x_dbl.dtype, Rp, N
+        return x_dbl[..., :2 * Rp], BC[..., :N], BC[..., N:]
+
+    @staticmethod
+    def backward(ctx, d_ranks, dB, dC):
+        Rp, N = ctx.Rp, ctx.N
+        grad = d_ranks.new_empty(ctx.shape, dtype=ctx.dtype)  # autograd gives zeros for a part not used
+        BC = grad[..., 2 * Rp:].unflatten(-1, (2, 2 * N))
+        for part, g in ((grad[..., :2 * Rp], d_ranks), (BC[..., :N], dB), (BC[..., N:], dC)):
+            part.copy_(g)
+        return grad, None, None
+
+
+def x_dbl_parts(x_dbl, Rp, N):
+    """x_dbl (B, L, 2 Rp + 4N) -> Delta's ranks of both directions (B, L, 2 Rp), B and C (B, L, 2, N)."""
+    return _XdblParts.apply(x_dbl, Rp, N)
 
 
 def _check_config(img_size, patch_size, channels, embed_dim, depth, num_classes, drop_path_rate, class_dropout_prob,

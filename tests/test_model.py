@@ -297,10 +297,11 @@ def test_padded_x_proj_and_dt_proj_are_the_plain_projections():
     torch.manual_seed(0)
     mixer = model_lib.BiMamba(368).double()
     xz = torch.randn(2, 5, 2 * 736, dtype=torch.float64)
-    u, x_dbl, z = mixer.conv_and_x_proj(xz)
+    x_proj_w, dt_proj_w = mixer.projection_weights(torch.float64)
+    u, x_dbl, z = mixer.conv_and_x_proj(xz, x_proj_w)
     assert torch.equal(z, xz[..., 736:])
-    delta, = mixer.dt_proj_of(x_dbl)
     R, N, Rp = mixer.dt_rank, mixer.d_state, mixer.dt_rank_padded()
+    delta, = mixer.dt_proj_of(x_dbl[..., :2 * Rp], dt_proj_w)
     assert (R, Rp) == (23, 24) and x_dbl.shape[-1] % 8 == 0
     directions = [(mixer.x_proj, mixer.dt_proj), (mixer.x_proj_b, mixer.dt_proj_b)]
     for d, (x_proj, dt_proj) in enumerate(directions):
@@ -309,3 +310,53 @@ def test_padded_x_proj_and_dt_proj_are_the_plain_projections():
         assert (x_dbl[..., d * Rp + R:(d + 1) * Rp] == 0).all()
         torch.testing.assert_close(x_dbl[..., 2 * Rp + 2 * N * d:2 * Rp + 2 * N * (d + 1)], plain[..., R:])
         torch.testing.assert_close(delta[:, :, d], plain[..., :R] @ dt_proj.weight.T)
+
+
+def test_placed_projection_weights_match_block_diag_and_pad_with_their_gradients():
+    """projection_weights builds x_proj's and dt_proj's block-diagonal, zero-padded matrices with
+    one custom autograd op (model.placed); the same matrices from slicing, F.pad, torch.block_diag
+    and torch.cat, and the gradients autograd gives those, are the reference."""
+    torch.manual_seed(0)
+    mixer = model_lib.BiMamba(368).double()
+    R, N, Rp = mixer.dt_rank, mixer.d_state, mixer.dt_rank_padded()
+    w, w_b = mixer.x_proj.weight, mixer.x_proj_b.weight
+    dt, dt_b = mixer.dt_proj.weight, mixer.dt_proj_b.weight
+    rows = lambda m: torch.nn.functional.pad(m, (0, 0, 0, Rp - R))  # noqa: E731
+    cols = lambda m: torch.nn.functional.pad(m, (0, Rp - R))  # noqa: E731
+    reference = (torch.cat([torch.block_diag(rows(w[:R]), rows(w_b[:R])), torch.block_diag(w[R:], w_b[R:])]),
+                 torch.block_diag(cols(dt), cols(dt_b)))
+    placed = mixer.projection_weights(torch.float64)
+    params = [w, w_b, dt, dt_b]
+    upstream = [torch.randn_like(m) for m in reference]
+    grads = [torch.autograd.grad(sum((m * g).sum() for m, g in zip(ms, upstream)), params)
+             for ms in (reference, placed)]
+    for a, b in zip(placed, reference):
+        assert torch.equal(a, b)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    low, = mixer.projection_weights(torch.bfloat16)[:1]
+    assert low.dtype == torch.bfloat16 and torch.equal(low, reference[0].detach().to(torch.bfloat16))
+
+
+def test_placed_refuses_blocks_that_miss_or_repeat_rows():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="every row of each matrix once"):
+        model_lib.placed((8, 3), x.dtype, [(x, 0, 2, 0, 0)])
+    with pytest.raises(ValueError, match="every row of each matrix once"):
+        model_lib.placed((8, 3), x.dtype, [(x, 0, 3, 0, 0), (x, 2, 4, 4, 0)])
+
+
+def test_x_dbl_parts_are_views_with_the_gradients_of_plain_slicing():
+    torch.manual_seed(0)
+    Rp, N = 8, 4
+    x_dbl = torch.randn(2, 5, 2 * Rp + 4 * N, dtype=torch.float64, requires_grad=True)
+    parts = model_lib.x_dbl_parts(x_dbl, Rp, N)
+    BC = x_dbl[..., 2 * Rp:].unflatten(-1, (2, 2 * N))
+    plain = (x_dbl[..., :2 * Rp], BC[..., :N], BC[..., N:])
+    upstream = [torch.randn_like(p) for p in plain]
+    for a, b in zip(parts, plain):
+        assert torch.equal(a, b) and a.data_ptr() == b.data_ptr()
+    for used in ([0, 1, 2], [1, 2], [0]):  # a part without a gradient counts as zeros
+        grads = [torch.autograd.grad(sum((ps[i] * upstream[i]).sum() for i in used), x_dbl)[0]
+                 for ps in (model_lib.x_dbl_parts(x_dbl, Rp, N), plain)]
+        assert torch.equal(*grads)
