@@ -360,3 +360,29 @@ def test_x_dbl_parts_are_views_with_the_gradients_of_plain_slicing():
         grads = [torch.autograd.grad(sum((ps[i] * upstream[i]).sum() for i in used), x_dbl)[0]
                  for ps in (model_lib.x_dbl_parts(x_dbl, Rp, N), plain)]
         assert torch.equal(*grads)
+
+
+def test_placed_and_x_dbl_parts_trace_whole_under_torch_compile():
+    """train.py --compile: the mixer's two custom autograd ops trace without a graph break, with
+    the eager values and gradients."""
+    torch.manual_seed(0)
+    mixer = model_lib.BiMamba(64)
+    Rp, N = mixer.dt_rank_padded(), mixer.d_state
+    x_dbl = torch.randn(2, 5, 2 * Rp + 4 * N, requires_grad=True)
+
+    def loss(x_dbl):
+        x_proj, dt_proj = mixer.projection_weights(torch.float32)
+        parts = model_lib.x_dbl_parts(x_dbl, Rp, N)
+        return sum((k + 1) * m.square().sum() for k, m in enumerate((x_proj, dt_proj, *parts)))
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        torch._dynamo.reset()
+        value = fn(x_dbl)
+        inputs = [x_dbl, *mixer.parameters()]
+        grads = torch.autograd.grad(value, inputs, allow_unused=True)
+        results.append((value, [g for g in grads if g is not None]))
+    (v0, g0), (v1, g1) = results
+    assert torch.equal(v0, v1) and len(g0) == len(g1) == 5
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
