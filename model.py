@@ -179,8 +179,8 @@ class BiMamba(nn.Module):
     def forward(self, h):
         xz = self.in_proj(h)  # (B, L, 2E): x, then the gate z
         x_proj, dt_proj = self.projection_weights(compute_dtype(xz))
-        # Delta is recomputed from x_dbl in the backward pass rather than kept, and u from xz when
-        # asked (recompute.py): less memory
+        # Delta is recomputed from its ranks (part of x_dbl) in the backward pass rather than kept,
+        # and u from xz when asked (recompute.py): less memory
         with Recomputed() as saved:
             u, x_dbl, z = saved.compute(self.conv_and_x_proj, xz, x_proj,
                                         drop=(0,) if self.recompute_scan_inputs else ())
