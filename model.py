@@ -178,7 +178,7 @@ class BiMamba(nn.Module):
 
     def forward(self, h):
         xz = self.in_proj(h)  # (B, L, 2E): x, then the gate z
-        x_proj, dt_proj = self.projection_weights(compute_dtype(xz))
+        x_proj, dt_proj = self.projection_weights(autocast_dtype(xz.device) or xz.dtype)
         # Delta is recomputed from its ranks (part of x_dbl) in the backward pass rather than kept,
         # and u from xz when asked (recompute.py): less memory
         with Recomputed() as saved:
@@ -219,9 +219,8 @@ class Block(nn.Module):
         elif self.skip == "add":
             hidden = hidden + skip
         # normed straight in the autocast dtype, which the mixer's in_proj would cast it to
-        device = hidden.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        out_dtype = torch.get_autocast_dtype(device) if autocast and c is None else torch.float32
+        autocast = autocast_dtype(hidden.device)
+        out_dtype = autocast if autocast is not None and c is None else torch.float32
         normed, residual = add_norm(self.norm, hidden, residual, drop_path_scale(hidden, self.drop_path, self.training),
                                     self.mixer.triton_kernels(hidden.device), out_dtype)
         if c is not None:
@@ -255,6 +254,14 @@ def drop_path_scale(x, p, training):
     if p == 0.0 or not training:
         return None
     return torch.empty(x.shape[0], device=x.device).bernoulli_(1 - p) / (1 - p)
+
+
+def autocast_dtype(device):
+    """The dtype autocast runs matrix products in on `device`'s type, or None where it is off."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
 
 class FinalLayer(nn.Module):
@@ -396,14 +403,6 @@ class DiS(nn.Module):
 
 
 # ---- the mixer's weights and x_dbl's parts as single autograd operations (fewer small kernels) ----
-
-def compute_dtype(x):
-    """The dtype matrix products of x run in: autocast's where it is on for x's device, else x's."""
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
 
 class _Placed(torch.autograd.Function):
     """See placed: one fill and one copy per block forwards, one copy per block backwards, where
