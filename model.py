@@ -432,11 +432,11 @@ def placed(shape, dtype, blocks):
     sources = list({id(x): x for x, *_ in blocks}.values())
     index = {id(x): i for i, x in enumerate(sources)}
     for x in sources:
-        ends = [end for _, first, last, _, _ in sorted((b for b in blocks if b[0] is x), key=lambda b: b[1])
-                for end in (first, last)]
-        if ends[0] != 0 or ends[-1] != x.shape[0] or ends[1:-1:2] != ends[2:-1:2]:
-            raise ValueError(f"placed: the blocks must take every row of each matrix once, got rows "
-                             f"{list(zip(ends[::2], ends[1::2]))} of a matrix of {x.shape[0]}")
+        rows = sorted((first, last) for y, first, last, _, _ in blocks if y is x)
+        starts = [0] + [last for _, last in rows[:-1]]  # each block starts where the one before ends
+        if [first for first, _ in rows] != starts or rows[-1][1] != x.shape[0]:
+            raise ValueError(f"placed: the blocks must take every row of each matrix once, got rows {rows} "
+                             f"of a matrix of {x.shape[0]}")
     return _Placed.apply(shape, dtype, [(index[id(x)], first, last, row, col) for x, first, last, row, col in blocks],
                          *sources)
 
