@@ -3,13 +3,14 @@
 Autograd keeps every tensor a backward formula needs until the backward pass. In DiS's mixer
 the largest of them, once the scan keeps no chunk states, are the scan's inputs u and Delta
 ((B, L, 2, E) each, kept by the scan and by x_proj). Delta is dt_proj's output, a GEMM of rank
-R from x_proj's output (kept anyway: B and C are views of it), so recomputing it costs little;
-u is the convolution's output, recomputed from in_proj's output xz (kept anyway for the
-convolution's backward pass) at the cost of the convolution and x_proj again:
+R from its ranks, part of x_proj's output (kept anyway: B and C are views of it), so
+recomputing it costs little; u is the convolution's output, recomputed from in_proj's output xz
+(kept anyway for the convolution's backward pass) at the cost of the convolution and x_proj
+again:
 
     with Recomputed() as saved:
         u, x_dbl, z = saved.compute(conv_and_x_proj, xz, drop=(0,))  # only when asked
-        delta, = saved.compute(dt_proj, x_dbl, drop=(0,))
+        delta, = saved.compute(dt_proj, x_dbl[..., :R], drop=(0,))
         y = scan(u, delta, ...)
 
 Inside the block, a tensor autograd saves that shares memory with a dropped output of a
